@@ -1,0 +1,1 @@
+"""sdi-pipeline: Step-Decomposed Influence for looped transformers."""

@@ -1,0 +1,111 @@
+"""Loading checkpoints safely and reading their TracIn weight eta."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdi_pipeline.errors import SDIError
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A checkpoint file and its TracIn weight eta (``None``: read it from the file)."""
+
+    path: str | Path
+    eta: float | None = None
+
+
+def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU.
+
+    By default with ``weights_only=True`` (tensors and plain containers only). Pass
+    ``trust=True`` only for files you trust: it unpickles arbitrary objects.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SDIError(f"checkpoint not found: {p}")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as err:
+        raise SDIError(
+            f"checkpoint {p} holds objects other than tensors and plain containers, which "
+            f"weights_only loading refuses ({str(err).splitlines()[0]}). If you trust the "
+            "file, allow full unpickling (trust_checkpoints=true)."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise SDIError(f"cannot read checkpoint {p}: {err}") from err
+    if not isinstance(data, Mapping):
+        raise SDIError(f"checkpoint {p} holds a {type(data).__name__}, not a dict")
+    return dict(data)
+
+
+def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The model state dict: ``model_state_dict``, ``state_dict`` or the checkpoint itself."""
+    for key in ("model_state_dict", "state_dict"):
+        if key in checkpoint:
+            return checkpoint[key]
+    return checkpoint
+
+
+def eta_of(checkpoint: Mapping[str, Any], default: float = 1.0) -> float:
+    """eta from the checkpoint: the optimizer's first learning rate, else ``lr``, else default."""
+    opt = checkpoint.get("optimizer_state_dict")
+    if isinstance(opt, Mapping):
+        groups = opt.get("param_groups")
+        if isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], Mapping):
+            lr = groups[0].get("lr")
+            if isinstance(lr, (int, float, torch.Tensor)):
+                return float(lr)
+    lr = checkpoint.get("lr")
+    if isinstance(lr, (int, float)):
+        return float(lr)
+    return float(default)
+
+
+def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path) -> None:
+    """Load the checkpoint's state dict into ``model``; a mismatch is one clear error."""
+    state = state_dict_of(checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
+        raise SDIError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def resolve_eta(spec: CheckpointSpec, checkpoint: Mapping[str, Any]) -> float:
+    """The spec's eta if set, else the checkpoint's; must be finite."""
+    eta = spec.eta if spec.eta is not None else eta_of(checkpoint)
+    if not math.isfinite(eta):
+        raise SDIError(f"checkpoint {spec.path}: eta must be finite, got {eta}")
+    return float(eta)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, for provenance."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

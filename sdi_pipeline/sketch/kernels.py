@@ -1,0 +1,136 @@
+"""Per-example sketch kernels: CountSketch, TensorSketch (rFFT) and its dense equivalent.
+
+All kernels take per-example tensors with the batch on dim 0 and return a (B, m) float32
+sketch. For an ``nn.Linear`` weight the per-example gradient is ``sum_t delta_t x_t^T``;
+its TensorSketch is ``sum_t CS_out(delta_t) (*) CS_in(x_t)`` (circular convolution), which
+the FFT kernel computes without forming the d_out x d_in matrix. The dense kernel forms that
+matrix with one batched matmul and CountSketches it under the *induced* hash
+``(h_out(i) + h_in(j)) mod m`` with sign ``s_out(i) s_in(j)``: the same linear map, so both
+kernels agree up to float rounding and the choice between them is only a matter of cost.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from sdi_pipeline.sketch.hashing import CountSketchHash, InducedHash
+
+LinearKernel = Literal["fft", "dense"]
+
+# Costs in units of one batched-matmul multiply-add, fitted on a 2-core x86 CPU with
+# tools/bench/calibrate_kernels.py: a scattered add into the sketch costs about
+# SCATTER_COST units, and one token through the FFT path (two CountSketches, two rFFTs of
+# length m, the spectral product) about FFT_COST * m * log2(m). Matmuls are so much more
+# efficient than FFTs that the dense kernel wins unless d_out * d_in is large against m.
+SCATTER_COST = 100.0
+FFT_COST = 60.0
+# Largest per-chunk intermediate (elements) the kernels allocate before splitting work.
+MAX_CHUNK_ELEMENTS = 1 << 25
+
+
+def count_sketch(values: torch.Tensor, h: CountSketchHash) -> torch.Tensor:
+    """CountSketch each row of ``values`` (N, d) into (N, m)."""
+    out = values.new_zeros(values.shape[0], h.m)
+    out.index_add_(1, h.buckets, values * h.signs)
+    return out
+
+
+def count_sketch_induced(values: torch.Tensor, h: InducedHash, m: int) -> torch.Tensor:
+    """CountSketch each row of ``values`` (N, rows*cols) with an induced matrix hash."""
+    out = values.new_zeros(values.shape[0], m)
+    out.index_add_(1, h.buckets, values * h.signs)
+    return out
+
+
+def linear_weight_dense(
+    delta: torch.Tensor, x: torch.Tensor, h: InducedHash, m: int
+) -> torch.Tensor:
+    """Sketch of per-example ``delta^T x`` (B, d_out, d_in) via one batched matmul.
+
+    ``delta`` is (B, T, d_out), ``x`` is (B, T, d_in). Examples are processed in chunks so
+    the materialised gradients never exceed ``MAX_CHUNK_ELEMENTS``.
+    """
+    b, _, d_out = delta.shape
+    d_in = x.shape[2]
+    per_example = d_out * d_in
+    step = max(1, MAX_CHUNK_ELEMENTS // per_example)
+    if step >= b:
+        grads = torch.bmm(delta.transpose(1, 2), x).reshape(b, per_example)
+        return count_sketch_induced(grads, h, m)
+    parts = []
+    for start in range(0, b, step):
+        stop = min(b, start + step)
+        grads = torch.bmm(delta[start:stop].transpose(1, 2), x[start:stop])
+        parts.append(count_sketch_induced(grads.reshape(stop - start, per_example), h, m))
+    return torch.cat(parts)
+
+
+def linear_weight_fft(
+    delta: torch.Tensor, x: torch.Tensor, h_out: CountSketchHash, h_in: CountSketchHash
+) -> torch.Tensor:
+    """TensorSketch of per-example ``sum_t delta_t x_t^T`` via rFFT, tokens in chunks.
+
+    Per token, CS_out(delta_t) and CS_in(x_t) are transformed; their spectra are
+    multiplied, summed over tokens (linearity) and transformed back once per example.
+    """
+    b, t, d_out = delta.shape
+    d_in = x.shape[2]
+    m = h_out.m
+    n_freq = m // 2 + 1
+    tokens_per_chunk = max(1, MAX_CHUNK_ELEMENTS // max(1, b * m))
+    spectrum = torch.zeros(b, n_freq, dtype=torch.complex64, device=delta.device)
+    for start in range(0, t, tokens_per_chunk):
+        stop = min(t, start + tokens_per_chunk)
+        n = stop - start
+        cs_d = count_sketch(delta[:, start:stop].reshape(b * n, d_out), h_out)
+        cs_x = count_sketch(x[:, start:stop].reshape(b * n, d_in), h_in)
+        f_d = torch.fft.rfft(cs_d, n=m).reshape(b, n, n_freq)
+        f_x = torch.fft.rfft(cs_x, n=m).reshape(b, n, n_freq)
+        spectrum += (f_d * f_x).sum(dim=1)
+    return torch.fft.irfft(spectrum, n=m)
+
+
+def embedding_weight(
+    ids: torch.Tensor,
+    delta: torch.Tensor,
+    h_row: CountSketchHash,
+    h_col: CountSketchHash,
+    padding_idx: int | None,
+) -> torch.Tensor:
+    """TensorSketch of the per-example embedding gradient ``sum_t e_{id_t} delta_t^T``.
+
+    CS_row of a one-hot row is a signed unit vector, and convolving with it is a signed
+    cyclic shift, so the TensorSketch reduces to scattering each ``delta_t[j]`` into bucket
+    ``(h_row(id_t) + h_col(j)) mod m``: exact, with no FFT and no (vocab x d) matrix.
+    ``ids`` is (B, T) int64, ``delta`` (B, T, d).
+    """
+    b = delta.shape[0]
+    m = h_row.m
+    row_bucket = h_row.buckets[ids]  # (B, T)
+    row_sign = h_row.signs[ids]
+    if padding_idx is not None:
+        # The padding row never receives gradient in nn.Embedding.
+        row_sign = row_sign * (ids != padding_idx).to(row_sign.dtype)
+    buckets = (row_bucket[:, :, None] + h_col.buckets[None, None, :]) % m  # (B, T, d)
+    values = delta * (row_sign[:, :, None] * h_col.signs[None, None, :])
+    offsets = torch.arange(b, device=delta.device)[:, None, None] * m
+    out = delta.new_zeros(b * m)
+    out.index_add_(0, (buckets + offsets).reshape(-1), values.reshape(-1))
+    return out.reshape(b, m)
+
+
+def linear_kernel_costs(tokens: int, d_out: int, d_in: int, m: int) -> dict[str, float]:
+    """Estimated per-example cost of each Linear-weight kernel, in matmul multiply-adds."""
+    dense = tokens * d_out * d_in + SCATTER_COST * d_out * d_in
+    transform = FFT_COST * m * math.log2(max(m, 2))
+    fft = tokens * (transform + SCATTER_COST * (d_out + d_in)) + transform
+    return {"dense": dense, "fft": fft}
+
+
+def choose_linear_kernel(tokens: int, d_out: int, d_in: int, m: int) -> LinearKernel:
+    """The cheaper kernel for these shapes; depends on shapes only, so it is reproducible."""
+    costs = linear_kernel_costs(tokens, d_out, d_in, m)
+    return "dense" if costs["dense"] <= costs["fft"] else "fft"
