@@ -20,13 +20,9 @@ import torch
 from torch import nn
 
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.sketch.hashing import (
-    CountSketchHash,
-    InducedHash,
-    induced_hash,
-    make_count_sketch_hash,
-)
+from sdi_pipeline.sketch.hashing import CountSketchHash, induced_buckets, make_count_sketch_hash
 from sdi_pipeline.sketch.kernels import (
+    Workspace,
     choose_linear_kernel,
     count_sketch,
     embedding_weight,
@@ -64,11 +60,13 @@ class ModuleHandler:
         params: Sequence[TargetParam],
         spec: SketchSpec | None,
         offsets: dict[str, int] | None,
+        workspace: Workspace | None = None,
     ) -> None:
         self.module = module
         self.params = {p.role: p for p in params}
         self.spec = spec
         self.offsets = offsets or {}
+        self.workspace = workspace or Workspace()
 
     def contribute(
         self, activations: list[torch.Tensor], grad: torch.Tensor, out: torch.Tensor
@@ -83,8 +81,8 @@ class ModuleHandler:
 class LinearHandler(ModuleHandler):
     """``nn.Linear``: weight by TensorSketch (FFT or dense kernel), bias analytically."""
 
-    def __init__(self, module: nn.Module, params: Sequence[TargetParam], spec, offsets) -> None:
-        super().__init__(module, params, spec, offsets)
+    def __init__(self, module, params, spec, offsets, workspace=None) -> None:
+        super().__init__(module, params, spec, offsets, workspace)
         tables: dict[str, CountSketchHash] = {}
         if spec is not None:
             if w := self.params.get("linear_weight"):
@@ -94,12 +92,12 @@ class LinearHandler(ModuleHandler):
             if b := self.params.get("linear_bias"):
                 tables["vec"] = make_count_sketch_hash(spec.seed, b.name, "vec", b.numel, spec.m)
         self._hashes = _Hashes(tables)
-        self._induced: dict[torch.device, InducedHash] = {}
+        self._induced: dict[torch.device, torch.Tensor] = {}
 
-    def _induced_on(self, device: torch.device, h: dict[str, CountSketchHash]) -> InducedHash:
+    def _induced_on(self, device: torch.device, h: dict[str, CountSketchHash]) -> torch.Tensor:
         # Built lazily: only the dense kernel needs the (d_out * d_in) table.
         if device not in self._induced:
-            self._induced[device] = induced_hash(h["row"], h["col"])
+            self._induced[device] = induced_buckets(h["row"], h["col"])
         return self._induced[device]
 
     def contribute(self, activations, grad, out) -> None:
@@ -120,7 +118,8 @@ class LinearHandler(ModuleHandler):
             if kernel == "auto":
                 kernel = choose_linear_kernel(delta.shape[1], d_out, x.shape[2], self.spec.m)
             if kernel == "dense":
-                out += linear_weight_dense(delta, x, self._induced_on(grad.device, h), self.spec.m)
+                induced = self._induced_on(grad.device, h)
+                linear_weight_dense(delta, x, h["row"], h["col"], induced, out, self.workspace)
             else:
                 out += linear_weight_fft(delta, x, h["row"], h["col"])
         if b is not None:
@@ -130,8 +129,8 @@ class LinearHandler(ModuleHandler):
 class EmbeddingHandler(ModuleHandler):
     """``nn.Embedding``: weight by TensorSketch of (one-hot row) x (output gradient)."""
 
-    def __init__(self, module: nn.Module, params: Sequence[TargetParam], spec, offsets) -> None:
-        super().__init__(module, params, spec, offsets)
+    def __init__(self, module, params, spec, offsets, workspace=None) -> None:
+        super().__init__(module, params, spec, offsets, workspace)
         tables: dict[str, CountSketchHash] = {}
         w = self.params["embedding_weight"]
         if spec is not None:
@@ -164,8 +163,8 @@ class EmbeddingHandler(ModuleHandler):
 class GradSamplerHandler(ModuleHandler):
     """Any module type with an Opacus grad sampler (LayerNorm, RMSNorm, ...): CountSketch."""
 
-    def __init__(self, module: nn.Module, params: Sequence[TargetParam], spec, offsets) -> None:
-        super().__init__(module, params, spec, offsets)
+    def __init__(self, module, params, spec, offsets, workspace=None) -> None:
+        super().__init__(module, params, spec, offsets, workspace)
         from opacus.grad_sample import GradSampleModule
 
         self._sampler: Any = GradSampleModule.GRAD_SAMPLERS[type(module)]
@@ -213,13 +212,14 @@ def make_handler(
     params: Sequence[TargetParam],
     spec: SketchSpec | None,
     offsets: dict[str, int] | None,
+    workspace: Workspace,
 ) -> ModuleHandler:
     """The handler for a module's target parameters (all share one owning module)."""
     roles = {p.role for p in params}
     if roles <= {"linear_weight", "linear_bias"}:
-        return LinearHandler(module, params, spec, offsets)
+        return LinearHandler(module, params, spec, offsets, workspace)
     if roles == {"embedding_weight"}:
-        return EmbeddingHandler(module, params, spec, offsets)
+        return EmbeddingHandler(module, params, spec, offsets, workspace)
     if roles == {"grad_sampler"}:
-        return GradSamplerHandler(module, params, spec, offsets)
+        return GradSamplerHandler(module, params, spec, offsets, workspace)
     raise SDIError(f"internal: inconsistent parameter roles {sorted(roles)} for one module")

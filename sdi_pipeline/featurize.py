@@ -8,7 +8,7 @@ Summing over slots gives the ordinary per-example gradient (or its sketch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from sdi_pipeline.capture import StepCapture
 from sdi_pipeline.contributions import ModuleHandler, make_handler
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.layout import SlotLayout
+from sdi_pipeline.sketch.kernels import Workspace
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.targets import TargetParam, collect_target_params, resolve_target_modules
 
@@ -97,8 +98,10 @@ class StepFeaturizer:
         by_module: dict[str, list[TargetParam]] = {}
         for p in self.params:
             by_module.setdefault(p.module_name, []).append(p)
+        workspace = Workspace()  # one scratch buffer shared by all handlers
         self.handlers: dict[str, ModuleHandler] = {
-            name: make_handler(owners[name], ps, spec, offsets) for name, ps in by_module.items()
+            name: make_handler(owners[name], ps, spec, offsets, workspace)
+            for name, ps in by_module.items()
         }
         self._capture = StepCapture(model, self.handlers)
 
@@ -140,6 +143,43 @@ class StepFeaturizer:
             )
         return StepFeatures(buffer, loss.detach().float(), layout)
 
+    def iter_batches(
+        self,
+        batches: Iterable[Any],
+        loss_fn: LossFn,
+        *,
+        progress: bool = False,
+        desc: str = "featurize",
+    ) -> Generator[StepFeatures, None, None]:
+        """Features of each batch in turn (hooks installed while the iterator runs).
+
+        Every batch must show the same slot layout; the first example of the first batch is
+        example 0 in error messages. Stopping early (``break``) is safe: the model's hooks,
+        parameter flags and train/eval mode are restored when the iterator is closed.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        layout: SlotLayout | None = None
+        seen = 0
+        try:
+            with self._capture.hooks():
+                total = len(batches) if isinstance(batches, Sized) else None
+                for n, batch in enumerate(
+                    tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)
+                ):
+                    part = self._batch(batch, loss_fn, seen)
+                    if layout is not None and part.layout != layout:
+                        raise SDIError(
+                            f"batch {n} shows {part.layout.describe()} but earlier batches "
+                            f"showed {layout.describe()}: the loop count must not change "
+                            "within one featurization."
+                        )
+                    layout = part.layout
+                    seen += len(part)
+                    yield part
+        finally:
+            self.model.train(was_training)
+
     def featurize(
         self,
         batches: Iterable[Any],
@@ -148,28 +188,7 @@ class StepFeaturizer:
         progress: bool = False,
         desc: str = "featurize",
     ) -> StepFeatures:
-        """Features of every example of ``batches`` (e.g. a DataLoader), in order.
-
-        Every batch must show the same slot layout; the first example of the first batch is
-        example 0 in error messages.
-        """
-        parts: list[StepFeatures] = []
-        was_training = self.model.training
-        self.model.eval()
-        seen = 0
-        try:
-            with self._capture.hooks():
-                total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-                for batch in tqdm(batches, desc=desc, total=total, disable=not progress):
-                    part = self._batch(batch, loss_fn, seen)
-                    if parts and part.layout != parts[0].layout:
-                        raise SDIError(
-                            f"batch {len(parts)} shows {part.layout.describe()} but earlier "
-                            f"batches showed {parts[0].layout.describe()}: the loop count must "
-                            "not change within one featurization."
-                        )
-                    parts.append(part)
-                    seen += len(part)
-        finally:
-            self.model.train(was_training)
-        return StepFeatures.concat(parts)
+        """Features of every example of ``batches`` (e.g. a DataLoader), in order."""
+        return StepFeatures.concat(
+            list(self.iter_batches(batches, loss_fn, progress=progress, desc=desc))
+        )

@@ -50,20 +50,16 @@ def make_count_sketch_hash(seed: int, name: str, role: str, dim: int, m: int) ->
     return CountSketchHash(buckets, signs, m)
 
 
-@dataclass(frozen=True)
-class InducedHash:
-    """The CountSketch that a TensorSketch of two hashes induces on a (rows x cols) matrix.
+def induced_buckets(row: CountSketchHash, col: CountSketchHash) -> torch.Tensor:
+    """Buckets of the CountSketch that ``row (x) col`` induces on a (rows x cols) matrix.
 
-    Entry (i, j) goes to bucket ``(h_row(i) + h_col(j)) mod m`` with sign
-    ``s_row(i) * s_col(j)``, flattened row-major to match ``matrix.flatten()``.
+    Entry (i, j), flattened row-major, goes to bucket ``(h_row(i) + h_col(j)) mod m``; its
+    sign is ``s_row(i) * s_col(j)`` (see :func:`induced_signs`). This is exactly the map the
+    TensorSketch of an outer product applies, which is why the dense and FFT kernels agree.
     """
-
-    buckets: torch.Tensor  # (rows * cols,) int64
-    signs: torch.Tensor  # (rows * cols,) float32
+    return ((row.buckets[:, None] + col.buckets[None, :]) % row.m).reshape(-1)
 
 
-def induced_hash(row: CountSketchHash, col: CountSketchHash) -> InducedHash:
-    """The row-major flattened hash of ``row (x) col`` (see :class:`InducedHash`)."""
-    buckets = (row.buckets[:, None] + col.buckets[None, :]) % row.m
-    signs = row.signs[:, None] * col.signs[None, :]
-    return InducedHash(buckets.reshape(-1), signs.reshape(-1))
+def induced_signs(row: CountSketchHash, col: CountSketchHash) -> torch.Tensor:
+    """Signs ``s_row(i) * s_col(j)`` of the induced matrix hash, flattened row-major."""
+    return (row.signs[:, None] * col.signs[None, :]).reshape(-1)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from sdi_pipeline.sketch.hashing import CountSketchHash, InducedHash
+from sdi_pipeline.sketch.hashing import CountSketchHash
 
 LinearKernel = Literal["fft", "dense"]
 
@@ -38,34 +38,50 @@ def count_sketch(values: torch.Tensor, h: CountSketchHash) -> torch.Tensor:
     return out
 
 
-def count_sketch_induced(values: torch.Tensor, h: InducedHash, m: int) -> torch.Tensor:
-    """CountSketch each row of ``values`` (N, rows*cols) with an induced matrix hash."""
-    out = values.new_zeros(values.shape[0], m)
-    out.index_add_(1, h.buckets, values * h.signs)
-    return out
+class Workspace:
+    """One reusable float32 scratch buffer.
+
+    Large fresh temporaries cost page faults on every call on the CPU; the dense kernel's
+    materialised gradients reuse this buffer instead (calls are sequential in backward).
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        if self._buf is None or self._buf.device != device or self._buf.numel() < n:
+            self._buf = torch.empty(n, dtype=torch.float32, device=device)
+        return self._buf[:n].view(shape)
 
 
 def linear_weight_dense(
-    delta: torch.Tensor, x: torch.Tensor, h: InducedHash, m: int
-) -> torch.Tensor:
-    """Sketch of per-example ``delta^T x`` (B, d_out, d_in) via one batched matmul.
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    row: CountSketchHash,
+    col: CountSketchHash,
+    buckets: torch.Tensor,
+    out: torch.Tensor,
+    workspace: Workspace,
+) -> None:
+    """Add the sketch of per-example ``delta^T x`` (B, d_out, d_in) into ``out`` (B, m).
 
-    ``delta`` is (B, T, d_out), ``x`` is (B, T, d_in). Examples are processed in chunks so
-    the materialised gradients never exceed ``MAX_CHUNK_ELEMENTS``.
+    ``delta`` is (B, T, d_out), ``x`` is (B, T, d_in). The induced signs factor as
+    ``s_row(i) s_col(j)``, so they are applied to ``delta`` and ``x`` before the matmul and
+    the materialised gradient only needs a scatter into ``buckets`` (the induced ones, see
+    :func:`~sdi_pipeline.sketch.hashing.induced_buckets`). Examples are processed in chunks so the
+    gradients never exceed ``MAX_CHUNK_ELEMENTS``.
     """
     b, _, d_out = delta.shape
     d_in = x.shape[2]
-    per_example = d_out * d_in
-    step = max(1, MAX_CHUNK_ELEMENTS // per_example)
-    if step >= b:
-        grads = torch.bmm(delta.transpose(1, 2), x).reshape(b, per_example)
-        return count_sketch_induced(grads, h, m)
-    parts = []
+    signed_delta = (delta * row.signs).transpose(1, 2)
+    signed_x = x * col.signs
+    step = max(1, min(b, MAX_CHUNK_ELEMENTS // (d_out * d_in)))
     for start in range(0, b, step):
         stop = min(b, start + step)
-        grads = torch.bmm(delta[start:stop].transpose(1, 2), x[start:stop])
-        parts.append(count_sketch_induced(grads.reshape(stop - start, per_example), h, m))
-    return torch.cat(parts)
+        grads = workspace.take((stop - start, d_out, d_in), delta.device)
+        torch.bmm(signed_delta[start:stop], signed_x[start:stop], out=grads)
+        out[start:stop].index_add_(1, buckets, grads.view(stop - start, d_out * d_in))
 
 
 def linear_weight_fft(

@@ -13,8 +13,13 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from sdi_pipeline.sketch.hashing import induced_hash, make_count_sketch_hash
-from sdi_pipeline.sketch.kernels import choose_linear_kernel, linear_weight_dense, linear_weight_fft
+from sdi_pipeline.sketch.hashing import induced_buckets, make_count_sketch_hash
+from sdi_pipeline.sketch.kernels import (
+    Workspace,
+    choose_linear_kernel,
+    linear_weight_dense,
+    linear_weight_fft,
+)
 
 SHAPES = [  # (batch, tokens, d_out, d_in, m)
     (32, 9, 64, 64, 1024),
@@ -39,13 +44,13 @@ def main() -> None:
     for b, t, d_out, d_in, m in SHAPES:
         h_out = make_count_sketch_hash(0, "w", "out", d_out, m)
         h_in = make_count_sketch_hash(0, "w", "in", d_in, m)
-        ind = induced_hash(h_out, h_in)
+        buckets = induced_buckets(h_out, h_in)
         delta, x = torch.randn(b, t, d_out), torch.randn(b, t, d_in)
         env = dict(dense=linear_weight_dense, fft=linear_weight_fft, delta=delta, x=x)
-        env.update(ind=ind, m=m, h_out=h_out, h_in=h_in)
-        dense = benchmark.Timer("dense(delta, x, ind, m)", globals=env).blocked_autorange(
-            min_run_time=0.3
-        )
+        env.update(buckets=buckets, h_out=h_out, h_in=h_in, ws=Workspace())
+        env.update(out=torch.zeros(b, m))
+        stmt = "dense(delta, x, h_out, h_in, buckets, out, ws)"
+        dense = benchmark.Timer(stmt, globals=env).blocked_autorange(min_run_time=0.3)
         fft = benchmark.Timer("fft(delta, x, h_out, h_in)", globals=env).blocked_autorange(
             min_run_time=0.3
         )

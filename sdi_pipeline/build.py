@@ -1,0 +1,100 @@
+"""Build what a config names: model, loss, datasets, checkpoint list, device.
+
+Model, loss and datasets are Hydra ``_target_`` nodes, built with
+``hydra.utils.instantiate`` (no Hydra app needed), so any importable factory works.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from sdi_pipeline.errors import SDIError
+from sdi_pipeline.featurize import LossFn
+
+
+def _instantiate(node: Any, what: str) -> Any:
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        raise SDIError(f"cannot build {what}: {err}") from err
+    except Exception as err:  # a user factory failing is a config problem, not ours
+        raise SDIError(f"cannot build {what}: {type(err).__name__}: {err}") from err
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    model = _instantiate(cfg.model, "the model (model._target_)")
+    if not isinstance(model, nn.Module):
+        raise SDIError(f"model._target_ built a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def build_loss(cfg: DictConfig) -> LossFn:
+    loss: LossFn = _instantiate(cfg.analysis.loss, "the loss (analysis.loss)")
+    if not callable(loss):
+        raise SDIError(
+            "analysis.loss must build a callable loss_fn(model, batch); for a plain function "
+            "add `_partial_: true` to its node"
+        )
+    return loss
+
+
+def build_dataset(cfg: DictConfig, which: str) -> Any:
+    """The train or query dataset: anything with ``__len__`` and ``__getitem__``."""
+    data = _instantiate(cfg.data[which], f"the {which} dataset (data.{which})")
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise SDIError(
+            f"data.{which} built a {type(data).__name__}, which is not a map-style dataset "
+            "(needs __len__ and __getitem__)"
+        )
+    if len(data) == 0:
+        raise SDIError(f"data.{which} is empty")
+    return data
+
+
+def resolve_checkpoints(patterns: list[str]) -> list[str]:
+    """Expand paths and globs in order (each glob sorted); every pattern must match."""
+    paths: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern))
+            if not found:
+                raise SDIError(f"checkpoint glob '{pattern}' matches no file")
+            paths.extend(str(Path(p).resolve()) for p in found)
+        else:
+            if not Path(pattern).is_file():
+                raise SDIError(f"checkpoint not found: {pattern}")
+            paths.append(str(Path(pattern).resolve()))
+    return paths
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    choice = cfg.runtime.device
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SDIError("runtime.device=cuda but no CUDA device is visible")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python data."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -1,0 +1,78 @@
+"""Command-line entry points for the jobs: ``sdi-worker``, ``sdi-query``, ``sdi-merge``.
+
+Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
+rank=3 world_size=8``. A user mistake prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from sdi_pipeline.errors import SDIError
+
+
+def parse_kv(
+    argv: Sequence[str], required: Sequence[str], optional: Sequence[str] = ()
+) -> dict[str, str]:
+    """Parse ``key=value`` arguments; unknown or missing keys are errors."""
+    known = set(required) | set(optional)
+    out: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise SDIError(f"arguments are key=value pairs, got '{arg}'")
+        if key not in known:
+            raise SDIError(f"unknown argument '{key}'; expected {', '.join(sorted(known))}")
+        out[key] = value
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise SDIError(f"missing argument(s): {', '.join(f'{k}=...' for k in missing)}")
+    return out
+
+
+def _int(args: dict[str, str], key: str) -> int:
+    try:
+        return int(args[key])
+    except ValueError as err:
+        raise SDIError(f"{key} must be an integer, got '{args[key]}'") from err
+
+
+def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
+    """Run a job's main; turn SDIError into one line on stderr and exit status 2."""
+
+    def main() -> None:
+        try:
+            code = job(sys.argv[1:])
+        except SDIError as err:
+            print(f"error: {err}", file=sys.stderr)
+            code = 2
+        sys.exit(code)
+
+    return main
+
+
+def _worker(argv: list[str]) -> int:
+    from sdi_pipeline.jobs import run_worker
+
+    args = parse_kv(argv, ["run_dir"], ["rank", "world_size"])
+    rank = _int(args, "rank") if "rank" in args else 0
+    world = _int(args, "world_size") if "world_size" in args else 1
+    return run_worker(args["run_dir"], rank, world)
+
+
+def _query(argv: list[str]) -> int:
+    from sdi_pipeline.jobs import run_query
+
+    return run_query(parse_kv(argv, ["run_dir"])["run_dir"])
+
+
+def _merge(argv: list[str]) -> int:
+    from sdi_pipeline.merge import run_merge
+
+    return run_merge(parse_kv(argv, ["run_dir"])["run_dir"])
+
+
+worker_main = guarded(_worker)
+query_main = guarded(_query)
+merge_main = guarded(_merge)

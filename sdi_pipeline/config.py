@@ -1,0 +1,214 @@
+"""The attribution config: its schema, validation, and the hash that names a run.
+
+One :class:`AttributionConfig` describes a whole run. The launcher resolves it once and
+writes it to the run directory; workers, the query job and the merge read only that file.
+Fields that change the attribution (model, checkpoints, data, targets, loss, sketch) enter
+the config hash and the run id; where and how jobs run (launcher, W&B, threads) do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sdi_pipeline.errors import SDIError
+
+SCHEMA_VERSION = 1
+
+# Top-level sections that do not change what is computed, only where/how it runs.
+NON_ATTRIBUTION_KEYS = ("run", "launcher", "wandb", "runtime")
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives: ``<root>/<name>/<id>``; ``id`` defaults to the config hash."""
+
+    name: str = "toy-parity"
+    root: str = "runs"
+    id: str | None = None
+
+
+@dataclass
+class CheckpointsConfig:
+    """Checkpoint files (paths or globs, in order) and their TracIn weights."""
+
+    paths: list[str] = field(default_factory=list)
+    # One eta per resolved checkpoint; null reads each from its file (optimizer lr, else 1).
+    etas: list[float] | None = None
+    # Allow full unpickling (torch.load weights_only=False): only for files you trust.
+    trust: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Train and query datasets (Hydra ``_target_`` nodes that build a torch Dataset)."""
+
+    train: Any = None
+    query: Any = None
+    batch_size: int = 32
+    # Training examples per work unit: the granularity of resume and of the merge's memory.
+    block_size: int = 256
+
+
+@dataclass
+class SketchConfig:
+    """The sketch: size, seed, Linear kernel, stored precision, and train-side steps."""
+
+    m: int = 1024
+    seed: int = 0
+    kernel: str = "auto"
+    dtype: str = "float32"
+    # full: keep per-step train sketches (all outputs); summed: one vector (no step matrix).
+    train_steps: str = "full"
+
+
+@dataclass
+class AnalysisConfig:
+    """What is analysed: the looped modules and the per-example loss."""
+
+    targets: list[str] = field(default_factory=lambda: ["block"])
+    expected_steps: int | None = None
+    # A callable loss_fn(model, batch) -> (B,) losses, e.g. {_target_: pkg.fn, _partial_: true}.
+    loss: Any = None
+
+
+@dataclass
+class MergeConfig:
+    """What the merge writes."""
+
+    topk: int = 10
+    step_matrix: bool = False
+    # The full SDI tensor is written only below this size; top-k is always written.
+    sdi_max_gb: float = 2.0
+
+
+@dataclass
+class RuntimeConfig:
+    """How a job runs on its machine (not part of the hash)."""
+
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    """Which launcher runs the jobs, and its settings (not part of the hash)."""
+
+    name: str = "local"
+    workers: int = 2
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (not part of the hash)."""
+
+    mode: str = "offline"
+    project: str = "sdi-pipeline"
+    entity: str | None = None
+
+
+@dataclass
+class AttributionConfig:
+    """A whole attribution run."""
+
+    model: Any = None
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    schema_version: int = SCHEMA_VERSION
+
+
+_CHOICES = {
+    ("sketch", "kernel"): ("auto", "dense", "fft"),
+    ("sketch", "dtype"): ("float32", "float16"),
+    ("sketch", "train_steps"): ("full", "summed"),
+    ("runtime", "device"): ("auto", "cpu", "cuda"),
+    ("wandb", "mode"): ("offline", "online", "disabled"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values the schema's types cannot: one clear SDIError for the first problem."""
+    for (section, key), allowed in _CHOICES.items():
+        value = cfg[section][key]
+        if value not in allowed:
+            raise SDIError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "sketch.m": cfg.sketch.m,
+        "data.batch_size": cfg.data.batch_size,
+        "data.block_size": cfg.data.block_size,
+        "merge.topk": cfg.merge.topk,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise SDIError(f"{name} must be positive, got {value}")
+    if cfg.sketch.train_steps == "summed" and cfg.merge.step_matrix:
+        raise SDIError(
+            "merge.step_matrix=true needs per-step train sketches: set sketch.train_steps=full"
+        )
+    for name in ("model", "analysis.loss", "data.train", "data.query"):
+        if OmegaConf.select(cfg, name) is None:
+            raise SDIError(f"{name} is not set: give a Hydra _target_ node for it")
+    if not cfg.checkpoints.paths:
+        raise SDIError("checkpoints.paths is empty: list checkpoint files or globs")
+    if not cfg.analysis.targets:
+        raise SDIError("analysis.targets is empty: name the looped block, e.g. [block]")
+
+
+def structured(data: Any) -> DictConfig:
+    """Merge ``data`` onto the schema: unknown keys and wrong types fail with their name."""
+    base = OmegaConf.structured(AttributionConfig)
+    try:
+        merged = OmegaConf.merge(base, data)
+    except OmegaConfBaseException as err:
+        raise SDIError(f"invalid config: {err}") from err
+    assert isinstance(merged, DictConfig)
+    validate(merged)
+    return merged
+
+
+def attribution_view(cfg: DictConfig) -> dict[str, Any]:
+    """The part of the config that determines the results (resolved, as plain data)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items() if k not in NON_ATTRIBUTION_KEYS}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A stable 16-hex-digit hash of :func:`attribution_view`."""
+    text = json.dumps(attribution_view(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config as YAML (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+
+
+def load(path: Path) -> DictConfig:
+    """Read a run's config.yaml back onto the schema."""
+    if not path.is_file():
+        raise SDIError(f"no config at {path}: is this a run directory made by sdi-attribute?")
+    raw = OmegaConf.load(path)
+    version = raw.get("schema_version") if isinstance(raw, DictConfig) else None
+    if version != SCHEMA_VERSION:
+        raise SDIError(
+            f"{path} has config schema version {version}, this sdi-pipeline reads version "
+            f"{SCHEMA_VERSION}: run it with the sdi-pipeline version that made the run"
+        )
+    return structured(raw)

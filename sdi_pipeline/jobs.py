@@ -1,0 +1,282 @@
+"""The worker and query jobs: sketch blocks of a dataset at each checkpoint, write files.
+
+Both jobs read everything from the run directory's config.yaml; a worker additionally gets
+its rank and the world size. The same code runs under every launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from sdi_pipeline import build
+from sdi_pipeline.checkpoints import (
+    CheckpointSpec,
+    file_digest,
+    load_checkpoint,
+    load_into,
+    resolve_eta,
+)
+from sdi_pipeline.config import config_hash
+from sdi_pipeline.errors import SDIError
+from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
+from sdi_pipeline.rundir import RunDir, Unit, enumerate_units
+from sdi_pipeline.sketch.spec import SketchSpec
+from sdi_pipeline.store import read_meta, write_sketch_file
+
+log = logging.getLogger("sdi_pipeline")
+
+# Exit status of a job stopped by SIGTERM/SIGINT before finishing its work (EX_TEMPFAIL).
+EXIT_INTERRUPTED = 75
+
+
+class Interrupted(Exception):
+    """The job was asked to stop (SIGTERM / SIGINT) between two batches."""
+
+
+def setup_logging(run: RunDir, name: str) -> None:
+    """Log to ``logs/<name>.log`` in the run dir and to stderr."""
+    run.logs_dir.mkdir(parents=True, exist_ok=True)
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    fmt = logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s")
+    for handler in (logging.FileHandler(run.logs_dir / f"{name}.log"), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class CheckpointInfo:
+    index: int
+    path: str
+    size: int
+    sha256: str
+    eta: float
+
+    def as_meta(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "eta": self.eta,
+        }
+
+
+class JobContext:
+    """What every job builds from the run's config: model, loss, featurizer, checkpoints."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run = RunDir(run_dir)
+        self.cfg = self.run.load_config()
+        self.hash = config_hash(self.cfg)
+        if self.cfg.runtime.threads:
+            torch.set_num_threads(int(self.cfg.runtime.threads))
+        self.device = build.pick_device(self.cfg)
+        self.model = build.build_model(self.cfg).to(self.device)
+        self._loss = build.build_loss(self.cfg)
+        self.checkpoints = list(self.cfg.checkpoints.paths)
+        self.spec = SketchSpec(
+            m=int(self.cfg.sketch.m), seed=int(self.cfg.sketch.seed), kernel=self.cfg.sketch.kernel
+        )
+        self.featurizer = StepFeaturizer(
+            self.model,
+            list(self.cfg.analysis.targets),
+            self.spec,
+            expected_steps=self.cfg.analysis.expected_steps,
+        )
+        self._loaded: int | None = None
+        self._info: dict[int, CheckpointInfo] = {}
+        self.stop = threading.Event()
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return self._loss(model, build.to_device(batch, self.device))
+
+    def use_checkpoint(self, k: int) -> CheckpointInfo:
+        """Load checkpoint k into the model (if not loaded) and describe it."""
+        if self._loaded != k:
+            path = self.checkpoints[k]
+            data = load_checkpoint(path, trust=bool(self.cfg.checkpoints.trust))
+            load_into(self.model, data, path)
+            etas = self.cfg.checkpoints.etas
+            eta = resolve_eta(CheckpointSpec(path, None if etas is None else float(etas[k])), data)
+            if k not in self._info:
+                self._info[k] = CheckpointInfo(
+                    k, path, Path(path).stat().st_size, file_digest(path), eta
+                )
+            self._loaded = k
+        return self._info[k]
+
+    def base_meta(self, info: CheckpointInfo) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
+            "checkpoint": info.as_meta(),
+            "config_hash": self.hash,
+        }
+
+    def sketch(self, dataset: Any, start: int, stop: int, desc: str) -> StepFeatures:
+        """Sketch examples [start, stop) of ``dataset``; raises Interrupted on a stop request."""
+        loader = DataLoader(
+            Subset(dataset, range(start, stop)),
+            batch_size=int(self.cfg.data.batch_size),
+            shuffle=False,
+        )
+        parts = []
+        batches = self.featurizer.iter_batches(
+            loader, self.loss, progress=bool(self.cfg.runtime.progress), desc=desc
+        )
+        try:
+            for part in batches:
+                parts.append(part)
+                if self.stop.is_set():
+                    raise Interrupted(desc)
+        finally:
+            batches.close()
+        return StepFeatures.concat(parts)
+
+    @contextmanager
+    def signals_stop(self) -> Iterator[None]:
+        """While inside, SIGTERM (SLURM preemption) and SIGINT stop after the current batch."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            log.warning(
+                "received %s: stopping after the current batch", signal.Signals(signum).name
+            )
+            self.stop.set()
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def train_units(ctx: JobContext, n_train: int) -> list[Unit]:
+    return enumerate_units(len(ctx.checkpoints), n_train, int(ctx.cfg.data.block_size))
+
+
+def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
+    """Sketch this rank's units (``units[rank::world_size]``) that are not done yet.
+
+    Returns 0 when all its units are done, EXIT_INTERRUPTED when stopped by a signal.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise SDIError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    run = RunDir(run_dir)
+    setup_logging(run, f"worker-{rank:04d}")
+    ctx = JobContext(run_dir)
+    with ctx.signals_stop():
+        return _work(ctx, rank, world_size)
+
+
+def _work(ctx: JobContext, rank: int, world_size: int) -> int:
+    run = ctx.run
+    train = build.build_dataset(ctx.cfg, "train")
+    mine = train_units(ctx, len(train))[rank::world_size]
+    todo = [u for u in mine if not run.is_done(u)]
+    log.info(
+        "rank %d/%d on %s (%s): %d units, %d already done",
+        rank, world_size, socket.gethostname(), ctx.device, len(mine), len(mine) - len(todo),
+    )  # fmt: skip
+    summed = ctx.cfg.sketch.train_steps == "summed"
+    for i, unit in enumerate(todo):
+        started = time.perf_counter()
+        info = ctx.use_checkpoint(unit.ckpt)
+        desc = f"[{i + 1}/{len(todo)}] {unit.name}"
+        try:
+            feats = ctx.sketch(train, unit.start, unit.stop, desc)
+        except Interrupted:
+            log.warning("stopped during %s; it will be redone on restart", unit.name)
+            return EXIT_INTERRUPTED
+        meta = ctx.base_meta(info) | {
+            "kind": "train",
+            "layout": feats.layout.to_dict(),
+            "train_steps": ctx.cfg.sketch.train_steps,
+            "block": {"index": unit.block, "start": unit.start, "stop": unit.stop},
+        }
+        values = feats.summed() if summed else feats.values
+        indices = torch.arange(unit.start, unit.stop)
+        write_sketch_file(
+            run.unit_path(unit), indices, values, feats.loss, meta, ctx.cfg.sketch.dtype
+        )
+        seconds = time.perf_counter() - started
+        stats = {
+            "unit": unit.name,
+            "examples": unit.stop - unit.start,
+            "seconds": round(seconds, 4),
+            "examples_per_s": round((unit.stop - unit.start) / max(seconds, 1e-9), 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rank": rank,
+            "world_size": world_size,
+            "host": socket.gethostname(),
+        }
+        if ctx.device.type == "cuda":
+            stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
+        run.mark_done(unit, stats)
+        log.info(
+            "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB",
+            unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
+        )  # fmt: skip
+        if ctx.stop.is_set():
+            log.warning("stopping after %s on request", unit.name)
+            return EXIT_INTERRUPTED
+    log.info("rank %d/%d: all %d units done", rank, world_size, len(mine))
+    return 0
+
+
+def run_query(run_dir: str | Path) -> int:
+    """Sketch the query set at every checkpoint (skipping valid existing files)."""
+    run = RunDir(run_dir)
+    setup_logging(run, "query")
+    ctx = JobContext(run_dir)
+    with ctx.signals_stop():
+        return _query(ctx)
+
+
+def _query(ctx: JobContext) -> int:
+    run = ctx.run
+    query = build.build_dataset(ctx.cfg, "query")
+    for k in range(len(ctx.checkpoints)):
+        path = run.query_path(k)
+        if path.exists():
+            try:
+                if read_meta(path).get("config_hash") == ctx.hash:
+                    log.info("query sketches for checkpoint %d exist: %s", k, path)
+                    continue
+            except SDIError as err:
+                log.warning("rewriting %s: %s", path, err)
+        info = ctx.use_checkpoint(k)
+        try:
+            feats = ctx.sketch(query, 0, len(query), f"query ckpt {k}")
+        except Interrupted:
+            log.warning("query job stopped during checkpoint %d", k)
+            return EXIT_INTERRUPTED
+        meta = ctx.base_meta(info) | {"kind": "query", "layout": feats.layout.to_dict()}
+        write_sketch_file(
+            path, torch.arange(len(query)), feats.values, feats.loss, meta, ctx.cfg.sketch.dtype
+        )
+        log.info("wrote %s (%d queries, %s)", path, len(query), feats.layout.describe())
+    return 0

@@ -1,0 +1,81 @@
+"""Summaries of SDI for people: per-step energy and share, top-k tables, plots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from sdi_pipeline import contract
+
+
+def step_energy(sdi: torch.Tensor) -> torch.Tensor:
+    """SDI energy per query and slot: sum_i |SDI[i, j, t]|, shape (M, S)."""
+    return sdi.abs().sum(dim=0)
+
+
+def signed_share(sdi: torch.Tensor) -> torch.Tensor:
+    """Signed share of each slot in a query's total influence, shape (M, S).
+
+    share[j, t] = sum_i SDI[i, j, t] / sum_t' |sum_i SDI[i, j, t']|: its absolute values sum
+    to 1 over slots, and the sign says whether the training set as a whole pushes the query's
+    loss up or down through that step.
+    """
+    per_slot = sdi.sum(dim=0)
+    total = per_slot.abs().sum(dim=1, keepdim=True)
+    return per_slot / total.clamp_min(torch.finfo(per_slot.dtype).tiny)
+
+
+def top_table(
+    scores: torch.Tensor,
+    query: int,
+    k: int,
+    describe: Callable[[int], str],
+    sign: contract.Sign = "positive",
+) -> list[str]:
+    """Lines of a table of the top-k train examples of one query for (N, M) ``scores``."""
+    top = contract.top_k(scores[:, query : query + 1], k, sign)
+    lines = []
+    for rank, (idx, score) in enumerate(zip(top.indices[0], top.scores[0], strict=True), 1):
+        lines.append(
+            f"  {rank:>2}. train #{int(idx):<5d} score {float(score):+.3e}  {describe(int(idx))}"
+        )
+    return lines
+
+
+def plot_step_profiles(
+    sdi: torch.Tensor, slot_names: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Plot per-slot SDI energy (median and IQR over queries) and signed share; save PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    energy = step_energy(sdi).double()
+    share = signed_share(sdi).double()
+    x = list(range(len(slot_names)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for ax, values, label in (
+        (axes[0], energy, "SDI energy  Σ_i |SDI[i, j, t]|"),
+        (axes[1], share, "signed SDI share"),
+    ):
+        q25, med, q75 = torch.quantile(
+            values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype), dim=0
+        )
+        ax.plot(x, med.numpy(), marker="o", label="median over queries")
+        ax.fill_between(x, q25.numpy(), q75.numpy(), alpha=0.3, label="interquartile range")
+        ax.set_xticks(x, list(slot_names), rotation=45, ha="right")
+        ax.set_xlabel("loop step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.0, color="black", linewidth=0.8)
+    axes[0].legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

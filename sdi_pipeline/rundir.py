@@ -1,0 +1,213 @@
+"""The run directory: its layout, work units, completion markers and provenance.
+
+    <root>/<name>/<run id>/
+        config.yaml  config.hash  provenance.json
+        query/ckpt-000.h5 ...                        query sketches, one file per checkpoint
+        units/ckpt-000_block-00017.h5 ...            train sketches, one file per unit
+        completions/ckpt-000_block-00017             a unit is done when its marker exists
+        logs/  commands/                             job logs and the command lines that ran
+        results.h5                                   the merge's output
+
+Work is enumerated up front as units (checkpoint x contiguous block of training indices);
+rank r of W takes ``units[r::W]``. Any W, any order and any number of restarts give the
+same files, and a crash loses at most the unit in flight.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sdi_pipeline import config as config_mod
+from sdi_pipeline.errors import SDIError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Checkpoint ``ckpt`` x training indices ``[start, stop)`` (block number ``block``)."""
+
+    ckpt: int
+    block: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"ckpt-{self.ckpt:03d}_block-{self.block:05d}"
+
+
+def enumerate_units(n_checkpoints: int, n_train: int, block_size: int) -> list[Unit]:
+    """All units, block-major so that one block's checkpoints are adjacent."""
+    return [
+        Unit(k, b, start, min(n_train, start + block_size))
+        for b, start in enumerate(range(0, n_train, block_size))
+        for k in range(n_checkpoints)
+    ]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+class RunDir:
+    """A run directory on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def hash_path(self) -> Path:
+        return self.path / "config.hash"
+
+    @property
+    def units_dir(self) -> Path:
+        return self.path / "units"
+
+    @property
+    def completions_dir(self) -> Path:
+        return self.path / "completions"
+
+    @property
+    def query_dir(self) -> Path:
+        return self.path / "query"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.h5"
+
+    def unit_path(self, unit: Unit) -> Path:
+        return self.units_dir / f"{unit.name}.h5"
+
+    def marker_path(self, unit: Unit) -> Path:
+        return self.completions_dir / unit.name
+
+    def query_path(self, ckpt: int) -> Path:
+        return self.query_dir / f"ckpt-{ckpt:03d}.h5"
+
+    def is_done(self, unit: Unit) -> bool:
+        return self.marker_path(unit).exists() and self.unit_path(unit).exists()
+
+    def mark_done(self, unit: Unit, stats: dict[str, Any]) -> None:
+        """Write the unit's completion marker (after its file is in place)."""
+        write_json_atomic(self.marker_path(unit), stats)
+
+    def create(self, cfg: DictConfig) -> None:
+        """Write config.yaml, config.hash and provenance.json; an existing run must match."""
+        digest = config_mod.config_hash(cfg)
+        if self.config_path.exists():
+            self.check_hash(digest, cfg)
+            config_mod.save(cfg, self.config_path)  # launcher-only fields may have changed
+            return
+        for sub in ("units", "completions", "query", "logs"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, self.config_path)
+        self.hash_path.write_text(digest + "\n")
+        write_json_atomic(self.path / "provenance.json", provenance())
+
+    def stored_hash(self) -> str:
+        if not self.hash_path.exists():
+            raise SDIError(f"{self.path} is not a run directory (no config.hash)")
+        return self.hash_path.read_text().strip()
+
+    def check_hash(self, digest: str, cfg: DictConfig) -> None:
+        """Refuse a config whose attribution hash differs from the run's, showing the diff."""
+        stored = self.stored_hash()
+        if digest == stored:
+            return
+        old = OmegaConf.load(self.config_path)
+        before = OmegaConf.to_yaml(
+            {k: v for k, v in old.items() if k not in config_mod.NON_ATTRIBUTION_KEYS}
+        )  # type: ignore[union-attr]
+        after = OmegaConf.to_yaml(config_mod.attribution_view(cfg))
+        diff = "\n".join(
+            difflib.unified_diff(
+                before.splitlines(), after.splitlines(), "run's config", "this config", lineterm=""
+            )
+        )
+        raise SDIError(
+            f"config hash {digest} differs from the run's {stored} ({self.path}); the fields "
+            f"that change the attribution differ:\n{diff or '(only installed schema defaults)'}\n"
+            "Use another run.id (or run.name) for a different attribution, or the sdi-pipeline "
+            "version that made the run."
+        )
+
+    def load_config(self) -> DictConfig:
+        """The run's config, checked against its stored hash with this installed schema."""
+        cfg = config_mod.load(self.config_path)
+        self.check_hash(config_mod.config_hash(cfg), cfg)
+        return cfg
+
+
+def provenance() -> dict[str, Any]:
+    """Where the run came from: the user's git state, package versions, host."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("sdi-pipeline", "torch", "opacus", "h5py", "hydra-core", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+
+    try:
+        repo: dict[str, Any] = {
+            "commit": git("rev-parse", "HEAD").strip(),
+            "diff": git("diff", "HEAD"),
+        }
+    except (OSError, subprocess.SubprocessError):
+        repo = {"commit": None, "diff": None}
+    return {
+        "git": repo,
+        "cwd": os.getcwd(),
+        "argv": sys.argv,
+        "versions": versions,
+        "python": sys.version,
+        "host": platform.node(),
+    }
+
+
+def prepare_run(data: Any) -> RunDir:
+    """Resolve a config (checkpoint globs to files), create or reopen its run directory.
+
+    The run id is ``run.id`` if given, else the attribution hash, so the same config finds
+    the same run and resumes it.
+    """
+    from sdi_pipeline.build import resolve_checkpoints
+
+    cfg = config_mod.structured(data)
+    cfg.checkpoints.paths = resolve_checkpoints(list(cfg.checkpoints.paths))
+    etas = cfg.checkpoints.etas
+    if etas is not None and len(etas) != len(cfg.checkpoints.paths):
+        raise SDIError(
+            f"checkpoints.etas has {len(etas)} values for {len(cfg.checkpoints.paths)} "
+            "checkpoints: give one per checkpoint, or null to read them from the files"
+        )
+    run_id = cfg.run.id or config_mod.config_hash(cfg)
+    run = RunDir(Path(cfg.run.root) / cfg.run.name / run_id)
+    run.create(cfg)
+    return run

@@ -1,0 +1,158 @@
+"""HDF5 sketch files, format v1 (see docs/format.md): writing atomically, reading strictly.
+
+A sketch file holds the features of a contiguous block of examples at one checkpoint:
+``indices`` (n,) int64 global example indices, ``sketch`` (n, slots, m) -- or (n, m) when
+the train side is stored summed over slots -- and ``loss`` (n,). Its attributes say what made
+it: sketch spec, analysed parameters, slot layout, checkpoint (path, size, sha256, eta),
+config hash and package version. Files are written under a temporary name and renamed when
+complete, with no timestamps inside, so the same work written twice gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from sdi_pipeline.errors import SDIError
+
+FORMAT = "sdi-pipeline/sketches"
+FORMAT_VERSION = 1
+# Attributes that must agree between train units and the query file of a checkpoint.
+MATCHING_KEYS = ("spec", "params", "checkpoint", "config_hash")
+# Rows per HDF5 chunk: the merge reads whole files, so chunks only need to be moderate.
+CHUNK_ROWS = 64
+
+
+@dataclass
+class SketchFile:
+    """The contents of one sketch file."""
+
+    indices: np.ndarray  # (n,) int64
+    sketch: np.ndarray  # (n, slots, m) or (n, m)
+    loss: np.ndarray  # (n,) float32
+    meta: dict[str, Any]
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdi-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_sketch_file(
+    path: Path,
+    indices: torch.Tensor,
+    sketch: torch.Tensor,
+    loss: torch.Tensor,
+    meta: dict[str, Any],
+    dtype: str = "float32",
+) -> None:
+    """Write a sketch file atomically: a temporary name in the same folder, then rename.
+
+    ``meta`` values must be JSON-serialisable; each becomes one attribute.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    values = sketch.detach().cpu().numpy().astype(dtype)
+    rows = max(1, min(CHUNK_ROWS, values.shape[0]))
+    try:
+        with h5py.File(tmp, "w", track_order=False) as f:
+            f.create_dataset(
+                "indices", data=indices.cpu().numpy().astype(np.int64), track_times=False
+            )
+            f.create_dataset(
+                "sketch", data=values, chunks=(rows, *values.shape[1:]), track_times=False
+            )
+            f.create_dataset(
+                "loss", data=loss.detach().cpu().numpy().astype(np.float32), track_times=False
+            )
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["package_version"] = _package_version()
+            f.attrs["dtype"] = dtype
+            for key, value in sorted(meta.items()):
+                f.attrs[key] = json.dumps(value, sort_keys=True)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The attributes of a sketch file; refuses files that are not complete format v1."""
+    try:
+        with h5py.File(path, "r") as f:
+            return _meta(f, path)
+    except OSError as err:
+        raise SDIError(
+            f"{path} is not a readable HDF5 file (truncated or corrupt: {err}); delete it and "
+            "its completion marker, then rerun the job that wrote it"
+        ) from err
+
+
+def dataset(group: h5py.Group, name: str) -> h5py.Dataset:
+    """The dataset ``name`` of ``group``; anything else there is a corrupt file."""
+    obj = group.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        raise SDIError(f"{group.file.filename} lacks the dataset '{name}': the file is incomplete")
+    return obj
+
+
+def _meta(f: h5py.File, path: Path) -> dict[str, Any]:
+    if f.attrs.get("format") != FORMAT:
+        raise SDIError(f"{path} is not an sdi-pipeline sketch file")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise SDIError(
+            f"{path} has sketch format version {version}; this sdi-pipeline reads version "
+            f"{FORMAT_VERSION}"
+        )
+    indices, sketch, loss = (dataset(f, name) for name in ("indices", "sketch", "loss"))
+    meta: dict[str, Any] = {}
+    for key, value in f.attrs.items():
+        if key in ("format", "format_version", "package_version", "dtype"):
+            meta[key] = value.item() if isinstance(value, np.generic) else value
+        else:
+            meta[key] = json.loads(value)
+    n = indices.shape[0]
+    if sketch.shape[0] != n or loss.shape[0] != n:
+        raise SDIError(f"{path} has datasets of different lengths: the file is corrupt")
+    meta["n"] = int(n)
+    meta["sketch_shape"] = tuple(int(s) for s in sketch.shape)
+    return meta
+
+
+def read_sketch_file(path: Path) -> SketchFile:
+    """Read a whole sketch file (sketch values as float32)."""
+    try:
+        with h5py.File(path, "r") as f:
+            meta = _meta(f, path)
+            return SketchFile(
+                np.asarray(dataset(f, "indices")[...]),
+                np.asarray(dataset(f, "sketch")[...], dtype=np.float32),
+                np.asarray(dataset(f, "loss")[...]),
+                meta,
+            )
+    except OSError as err:
+        raise SDIError(
+            f"{path} is not a readable HDF5 file (truncated or corrupt: {err}); delete it and "
+            "its completion marker, then rerun the job that wrote it"
+        ) from err
+
+
+def describe_mismatch(unit: dict[str, Any], query: dict[str, Any]) -> list[str]:
+    """What differs between a train unit's and the query file's attributes (empty if none)."""
+    diffs = []
+    for key in MATCHING_KEYS:
+        if unit.get(key) != query.get(key):
+            diffs.append(f"{key}: unit {unit.get(key)} vs query {query.get(key)}")
+    return diffs

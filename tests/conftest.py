@@ -1,0 +1,36 @@
+"""Shared fixtures: a small seeded looped GPT and parity batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
+from sdi_pipeline.toy.parity import make_parity_dataset
+
+torch.set_num_threads(1)
+
+
+def make_model(n_loops: int = 4, seed: int = 0, d_model: int = 32) -> LoopedGPT:
+    """A toy model with non-trivial weights (a plain small init makes gradients tiny)."""
+    torch.manual_seed(seed)
+    model = LoopedGPT(LoopedGPTConfig(d_model=d_model, n_heads=4, d_mlp=64, n_loops=n_loops))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def parity_batch(n: int, seed: int = 0, n_bits: int = 6) -> dict[str, torch.Tensor]:
+    data = make_parity_dataset(n, n_bits=n_bits, seed=seed)
+    return {"tokens": data.tokens, "target": data.targets}
+
+
+@pytest.fixture
+def model() -> LoopedGPT:
+    return make_model()
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    return parity_batch(6)

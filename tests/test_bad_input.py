@@ -1,0 +1,167 @@
+"""Each user mistake gets one clear SDIError naming the module, parameter or example."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+from torch import nn
+
+from sdi_pipeline.checkpoints import load_checkpoint, load_into
+from sdi_pipeline.errors import SDIError
+from sdi_pipeline.featurize import StepFeaturizer
+from sdi_pipeline.sketch.spec import SketchSpec
+
+
+class Scale(nn.Module):
+    """A module type with no Opacus grad sampler."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class Looped(nn.Module):
+    """A small looped model whose quirks are switched on per test."""
+
+    def __init__(self, quirk: str = "") -> None:
+        super().__init__()
+        self.quirk = quirk
+        self.emb = nn.Embedding(5, 8)
+        self.body = nn.Linear(8, 8)
+        self.body_b = nn.Linear(8, 8)
+        self.scale = Scale(8)
+        self.unused = nn.Linear(8, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x.T if self.quirk == "seq_first" else x)
+        for t in range(3):
+            h = torch.tanh(self.body(h)) + self.body_b(h)
+            if self.quirk == "twice":
+                h = torch.tanh(self.body(h))
+            if self.quirk == "scale":
+                h = self.scale(h)
+            if self.quirk == "mid" and t == 1:
+                h = self.mid(h)
+        if self.quirk == "seq_first":
+            return self.head(h).transpose(0, 1)
+        return self.head(h)
+
+
+def loss_last(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x)[:, -1], y, reduction="none")
+
+
+BATCH = (torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(0)), torch.arange(4))
+
+
+def run(model: nn.Module, targets, loss_fn=loss_last, spec: SketchSpec | None = SketchSpec(m=64)):
+    return StepFeaturizer(model, targets, spec).featurize([BATCH], loss_fn)
+
+
+def test_unsupported_parameter_type_names_module_and_parameter() -> None:
+    with pytest.raises(SDIError, match=r"'scale\.gain'.*module 'scale' of type Scale"):
+        run(Looped("scale"), ["body", "scale"])
+
+
+def test_parameters_never_used_are_named() -> None:
+    with pytest.raises(SDIError, match="never ran in the forward pass: unused"):
+        run(Looped(), ["body", "unused"])
+
+
+def test_module_called_twice_per_step_is_refused_not_summed() -> None:
+    with pytest.raises(SDIError, match=r"the loop ran 6 steps but 'body_b' ran 3x"):
+        run(Looped("twice"), ["body", "body_b"])
+    # Alone, the doubled module looks like a 6-step loop; expected_steps catches that.
+    with pytest.raises(SDIError, match="ran 6 times per forward pass but expected_steps=3"):
+        StepFeaturizer(Looped("twice"), ["body"], expected_steps=3).featurize([BATCH], loss_last)
+
+
+def test_mixed_counts_that_cannot_be_binned() -> None:
+    model = Looped()
+    model.forward = lambda x: model.head(  # type: ignore[method-assign]
+        model.mid(model.mid(model.body(model.body(model.body(model.emb(x))))))
+    )
+    with pytest.raises(SDIError, match=r"the loop ran 3 steps but 'mid' ran 2x"):
+        run(model, ["body", "mid", "head"])
+
+
+def test_single_use_module_inside_the_loop_is_refused() -> None:
+    with pytest.raises(SDIError, match="'mid' runs once, between loop steps"):
+        run(Looped("mid"), ["body", "mid"])
+
+
+def test_forward_under_no_grad_is_refused() -> None:
+    def no_grad_loss(model, batch):
+        with torch.no_grad():
+            return loss_last(model, batch)
+
+    with pytest.raises(SDIError, match=r"'body' ran with gradients disabled \(torch.no_grad"):
+        run(Looped(), ["body"], no_grad_loss)
+
+
+def test_loss_that_is_not_per_example_is_refused() -> None:
+    with pytest.raises(SDIError, match=r"one loss per example, shape \(B,\); got shape \(\)"):
+        run(Looped(), ["body"], lambda m, b: loss_last(m, b).mean())
+
+
+def test_nan_losses_name_the_examples() -> None:
+    def nan_loss(model, batch):
+        loss = loss_last(model, batch)
+        return loss + torch.tensor([0.0, float("nan"), 0.0, float("inf")])
+
+    with pytest.raises(SDIError, match=r"non-finite loss \(NaN or inf\) for examples 1, 3"):
+        run(Looped(), ["body"], nan_loss)
+
+
+def test_nan_sketches_name_the_examples() -> None:
+    def inf_grad_loss(model, batch):
+        logits = model(batch[0])[:, -1, 0]
+        zero = logits - logits.detach()  # value 0, gradient 1
+        offset = (torch.arange(4) != 2).float()  # sqrt is differentiable at 1, not at 0
+        return loss_last(model, batch) + torch.sqrt(zero.abs() + offset)
+
+    with pytest.raises(SDIError, match=r"non-finite gradient sketches for examples 2 \(at step"):
+        run(Looped(), ["body"], inf_grad_loss)
+
+
+def test_batch_not_on_dim_zero_is_refused() -> None:
+    with pytest.raises(SDIError, match="batch on dim 0"):
+        run(Looped("seq_first"), ["body"])
+
+
+def test_unknown_target_pattern_lists_near_matches() -> None:
+    with pytest.raises(SDIError, match=r"'blok' matches no module.*Nearest module names: block"):
+        StepFeaturizer(make_model(), ["blok"])
+
+
+def test_tied_parameters_are_refused() -> None:
+    model = Looped()
+    model.head.weight = model.emb.weight
+    with pytest.raises(SDIError, match="shared by modules 'emb' and 'head'"):
+        StepFeaturizer(model, ["emb", "head"])
+
+
+def test_bad_sketch_size_is_refused() -> None:
+    with pytest.raises(SDIError, match="m must be a positive integer"):
+        SketchSpec(m=0)
+
+
+def test_checkpoint_that_does_not_fit_the_model(tmp_path) -> None:
+    torch.save({"model_state_dict": {"body.weight": torch.zeros(3, 3)}}, tmp_path / "c.pt")
+    with pytest.raises(SDIError, match=r"does not fit the model: missing keys .*shape mismatches"):
+        load_into(Looped(), load_checkpoint(tmp_path / "c.pt"), tmp_path / "c.pt")
+
+
+def test_checkpoint_with_pickled_objects_needs_trust(tmp_path) -> None:
+    torch.save({"model_state_dict": {}, "extra": Scale(2)}, tmp_path / "c.pt")
+    with pytest.raises(SDIError, match="weights_only loading refuses"):
+        load_checkpoint(tmp_path / "c.pt")
+    assert "extra" in load_checkpoint(tmp_path / "c.pt", trust=True)
