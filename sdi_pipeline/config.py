@@ -23,6 +23,9 @@ SCHEMA_VERSION = 1
 
 # Top-level sections that do not change what is computed, only where/how it runs.
 NON_ATTRIBUTION_KEYS = ("run", "launcher", "wandb", "runtime")
+# Fields that change the results but not the train sketches: train units are shared by
+# every run whose attribution differs only in these.
+QUERY_SIDE_KEYS = (("data", "query"), ("merge",))
 
 
 @dataclass
@@ -187,10 +190,25 @@ def attribution_view(cfg: DictConfig) -> dict[str, Any]:
     return {str(k): v for k, v in data.items() if k not in NON_ATTRIBUTION_KEYS}
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A stable 16-hex-digit hash of :func:`attribution_view`."""
-    text = json.dumps(attribution_view(cfg), sort_keys=True, separators=(",", ":"))
+def _digest(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A stable 16-hex-digit hash of :func:`attribution_view`: it names the run."""
+    return _digest(attribution_view(cfg))
+
+
+def train_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the train sketches (the attribution minus query and merge)."""
+    view = attribution_view(cfg)
+    for path in QUERY_SIDE_KEYS:
+        node = view
+        for key in path[:-1]:
+            node = node[key]
+        node.pop(path[-1], None)
+    return _digest(view)
 
 
 def save(cfg: DictConfig, path: Path) -> None:

@@ -29,7 +29,7 @@ from sdi_pipeline.checkpoints import (
     load_into,
     resolve_eta,
 )
-from sdi_pipeline.config import config_hash
+from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
 from sdi_pipeline.rundir import RunDir, Unit, enumerate_units
@@ -88,6 +88,7 @@ class JobContext:
         self.run = RunDir(run_dir)
         self.cfg = self.run.load_config()
         self.hash = config_hash(self.cfg)
+        self.train_hash = train_hash(self.cfg)
         if self.cfg.runtime.threads:
             torch.set_num_threads(int(self.cfg.runtime.threads))
         self.device = build.pick_device(self.cfg)
@@ -130,7 +131,7 @@ class JobContext:
             "spec": self.spec.to_dict(),
             "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
             "checkpoint": info.as_meta(),
-            "config_hash": self.hash,
+            "train_hash": self.train_hash,
         }
 
     def sketch(self, dataset: Any, start: int, stop: int, desc: str) -> StepFeatures:
@@ -274,7 +275,11 @@ def _query(ctx: JobContext) -> int:
         except Interrupted:
             log.warning("query job stopped during checkpoint %d", k)
             return EXIT_INTERRUPTED
-        meta = ctx.base_meta(info) | {"kind": "query", "layout": feats.layout.to_dict()}
+        meta = ctx.base_meta(info) | {
+            "kind": "query",
+            "layout": feats.layout.to_dict(),
+            "config_hash": ctx.hash,
+        }
         write_sketch_file(
             path, torch.arange(len(query)), feats.values, feats.loss, meta, ctx.cfg.sketch.dtype
         )

@@ -84,7 +84,10 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
             query_meta.append({})
             continue
         if meta.get("config_hash") != digest:
-            problems.append(f"{path} was made for config {meta.get('config_hash')}, not {digest}")
+            problems.append(
+                f"{path} was made for config {meta.get('config_hash')}, not {digest}; "
+                "rerun sdi-query"
+            )
         query_meta.append(meta)
     missing = [u.name for u in units if not run.is_done(u)]
     if missing:
@@ -92,7 +95,7 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
             f" ... ({len(missing)} in all)" if len(missing) > 10 else ""
         )
         problems.append(f"{len(missing)} of {len(units)} units not done: {shown}; run the workers")
-    known = {u.name for u in units}
+    expected = {u.name: u for u in units}
     coverage = np.zeros((n_ckpt, n_train), dtype=np.int32)
     unit_meta: dict[str, dict[str, Any]] = {}
     for path in sorted(run.units_dir.glob("*.h5")):
@@ -103,25 +106,24 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
             problems.append(str(err))
             continue
         block, ckpt = meta.get("block", {}), meta.get("checkpoint", {}).get("index")
-        if name not in known:
-            problems.append(
-                f"unit file {path.name} is not a unit of this run (block_size "
-                f"{cfg.data.block_size}, {n_train} examples): remove it"
-            )
         if isinstance(ckpt, int) and 0 <= ckpt < n_ckpt and block:
             coverage[ckpt, block["start"] : block["stop"]] += 1
         if meta.get("n") != block.get("stop", 0) - block.get("start", 0):
             problems.append(f"{path.name} holds {meta.get('n')} rows for block {block}")
-        if name in known and isinstance(ckpt, int) and ckpt < n_ckpt and query_meta[ckpt]:
-            diffs = describe_mismatch(meta, query_meta[ckpt])
-            if meta.get("layout") != query_meta[ckpt].get("layout"):
-                diffs.append(
-                    f"layout: unit {meta.get('layout')} vs query {query_meta[ckpt]['layout']}"
-                )
+        unit = expected.get(name)
+        if unit is None:
+            problems.append(
+                f"unit file {path.name} is not a unit of this run (block_size "
+                f"{cfg.data.block_size}, {n_train} examples): remove it"
+            )
+            continue
+        if query_meta[unit.ckpt]:
+            diffs = describe_mismatch(meta, query_meta[unit.ckpt])
             if diffs:
                 problems.append(
-                    f"{path.name} does not match query/ckpt-{ckpt:03d}.h5: {'; '.join(diffs)}. "
-                    "Delete the unit and its completion marker and rerun its worker."
+                    f"{path.name} does not match query/ckpt-{unit.ckpt:03d}.h5: "
+                    f"{'; '.join(diffs)}. Delete the unit and its completion marker and rerun "
+                    "its worker."
                 )
         unit_meta[name] = meta
     dup = np.argwhere(coverage > 1)

@@ -19,13 +19,14 @@ import difflib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sdi_pipeline import config as config_mod
 from sdi_pipeline.errors import SDIError
@@ -76,6 +77,14 @@ class RunDir:
         return self.path / "config.hash"
 
     @property
+    def attribution_path(self) -> Path:
+        return self.path / "attribution.json"
+
+    @property
+    def train_hash_path(self) -> Path:
+        return self.path / "train.hash"
+
+    @property
     def units_dir(self) -> Path:
         return self.path / "units"
 
@@ -96,7 +105,10 @@ class RunDir:
         return self.path / "results.h5"
 
     def unit_path(self, unit: Unit) -> Path:
-        return self.units_dir / f"{unit.name}.h5"
+        return self.unit_path_named(unit.name)
+
+    def unit_path_named(self, name: str) -> Path:
+        return self.units_dir / f"{name}.h5"
 
     def marker_path(self, unit: Unit) -> Path:
         return self.completions_dir / unit.name
@@ -122,7 +134,40 @@ class RunDir:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, self.config_path)
         self.hash_path.write_text(digest + "\n")
+        write_json_atomic(self.attribution_path, config_mod.attribution_view(cfg))
+        self.train_hash_path.write_text(config_mod.train_hash(cfg) + "\n")
         write_json_atomic(self.path / "provenance.json", provenance())
+
+    def adopt_units(self) -> int:
+        """Link the finished units of sibling runs with the same train hash into this run.
+
+        Runs that differ only in the query set or merge settings share train sketches, so a
+        new query set needs only the query job and the merge. Hard links cost no space;
+        across filesystems the files are copied. Returns the number of units adopted.
+        """
+        mine = self.train_hash_path.read_text().strip()
+        adopted = 0
+        for sibling in sorted(self.path.parent.iterdir()):
+            other = RunDir(sibling)
+            if sibling == self.path or not other.train_hash_path.is_file():
+                continue
+            if other.train_hash_path.read_text().strip() != mine:
+                continue
+            for marker in sorted(other.completions_dir.glob("*")):
+                unit_file = other.unit_path_named(marker.name)
+                if (self.completions_dir / marker.name).exists() or not unit_file.exists():
+                    continue
+                # The unit file first, its marker last: a crash in between leaves it undone.
+                for src, dst in (
+                    (unit_file, self.unit_path_named(marker.name)),
+                    (marker, self.completions_dir / marker.name),
+                ):
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+                adopted += 1
+        return adopted
 
     def stored_hash(self) -> str:
         if not self.hash_path.exists():
@@ -134,14 +179,15 @@ class RunDir:
         stored = self.stored_hash()
         if digest == stored:
             return
-        old = OmegaConf.load(self.config_path)
-        before = OmegaConf.to_yaml(
-            {k: v for k, v in old.items() if k not in config_mod.NON_ATTRIBUTION_KEYS}
-        )  # type: ignore[union-attr]
-        after = OmegaConf.to_yaml(config_mod.attribution_view(cfg))
+
+        def lines(view: Any) -> list[str]:
+            return json.dumps(view, indent=1, sort_keys=True).splitlines()
+
+        stored_view = json.loads(self.attribution_path.read_text())
+        now_view = config_mod.attribution_view(cfg)
         diff = "\n".join(
             difflib.unified_diff(
-                before.splitlines(), after.splitlines(), "run's config", "this config", lineterm=""
+                lines(stored_view), lines(now_view), "run's config", "this config", lineterm=""
             )
         )
         raise SDIError(
@@ -210,4 +256,5 @@ def prepare_run(data: Any) -> RunDir:
     run_id = cfg.run.id or config_mod.config_hash(cfg)
     run = RunDir(Path(cfg.run.root) / cfg.run.name / run_id)
     run.create(cfg)
+    run.adopt_units()
     return run

@@ -25,7 +25,7 @@ from sdi_pipeline.errors import SDIError
 FORMAT = "sdi-pipeline/sketches"
 FORMAT_VERSION = 1
 # Attributes that must agree between train units and the query file of a checkpoint.
-MATCHING_KEYS = ("spec", "params", "checkpoint", "config_hash")
+MATCHING_KEYS = ("spec", "params", "checkpoint", "train_hash", "layout")
 # Rows per HDF5 chunk: the merge reads whole files, so chunks only need to be moderate.
 CHUNK_ROWS = 64
 

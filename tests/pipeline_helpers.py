@@ -1,0 +1,75 @@
+"""Toy run configs and checkpoints for the pipeline tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import make_model
+
+from sdi_pipeline.toy.parity import parity_loss
+
+MODEL = {
+    "_target_": "sdi_pipeline.toy.model.LoopedGPT",
+    "config": {
+        "_target_": "sdi_pipeline.toy.model.LoopedGPTConfig",
+        "d_model": 32,
+        "n_heads": 4,
+        "d_mlp": 64,
+        "n_loops": 4,
+    },
+}
+
+
+def parity(n: int, seed: int) -> dict[str, Any]:
+    return {
+        "_target_": "sdi_pipeline.toy.parity.make_parity_dataset",
+        "n": n,
+        "n_bits": 6,
+        "seed": seed,
+    }
+
+
+def write_checkpoints(folder: Path, n: int = 2) -> list[Path]:
+    """``n`` toy checkpoints with different weights and learning rates 0.1, 0.2, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        model = make_model(seed=i)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1 * (i + 1))
+        path = folder / f"ckpt-{i}.pt"
+        torch.save(
+            {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}, path
+        )
+        paths.append(path)
+    return paths
+
+
+def toy_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A complete run config over toy checkpoints in ``tmp_path``; ``sections`` override."""
+    write_checkpoints(tmp_path / "ckpts")
+    cfg: dict[str, Any] = {
+        "model": copy.deepcopy(MODEL),
+        "checkpoints": {"paths": [str(tmp_path / "ckpts" / "ckpt-*.pt")]},
+        "data": {"train": parity(40, 1), "query": parity(5, 2), "batch_size": 8, "block_size": 16},
+        "analysis": {
+            "targets": ["block"],
+            "loss": {"_target_": "sdi_pipeline.toy.parity.parity_loss", "_partial_": True},
+        },
+        "sketch": {"m": 128},
+        "run": {"root": str(tmp_path / "runs"), "name": "toy"},
+        "runtime": {"progress": False, "threads": 1},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def slow_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The parity loss, slowed down so a test can kill a worker in the middle of a unit."""
+    time.sleep(float(os.environ.get("SDI_TEST_BATCH_SECONDS", "0.3")))
+    return parity_loss(model, batch)
