@@ -59,6 +59,16 @@ def build_dataset(cfg: DictConfig, which: str) -> Any:
     return data
 
 
+def build_collate(cfg: DictConfig) -> Any:
+    """The DataLoader collate_fn of ``data.collate``, or None for torch's default."""
+    if cfg.data.collate is None:
+        return None
+    collate = _instantiate(cfg.data.collate, "the collate function (data.collate)")
+    if not callable(collate):
+        raise SDIError("data.collate must build a callable collate_fn(list_of_examples)")
+    return collate
+
+
 def resolve_checkpoints(patterns: list[str]) -> list[str]:
     """Expand paths and globs in order (each glob sorted); every pattern must match."""
     paths: list[str] = []

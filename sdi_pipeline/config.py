@@ -55,6 +55,8 @@ class DataConfig:
     train: Any = None
     query: Any = None
     batch_size: int = 32
+    # Optional collate_fn node (e.g. padding variable-length token sequences); null: default.
+    collate: Any = None
     # Training examples per work unit: the granularity of resume and of the merge's memory.
     block_size: int = 256
 

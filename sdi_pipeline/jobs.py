@@ -94,6 +94,7 @@ class JobContext:
         self.device = build.pick_device(self.cfg)
         self.model = build.build_model(self.cfg).to(self.device)
         self._loss = build.build_loss(self.cfg)
+        self._collate = build.build_collate(self.cfg)
         self.checkpoints = list(self.cfg.checkpoints.paths)
         self.spec = SketchSpec(
             m=int(self.cfg.sketch.m), seed=int(self.cfg.sketch.seed), kernel=self.cfg.sketch.kernel
@@ -140,6 +141,7 @@ class JobContext:
             Subset(dataset, range(start, stop)),
             batch_size=int(self.cfg.data.batch_size),
             shuffle=False,
+            collate_fn=self._collate,
         )
         parts = []
         batches = self.featurizer.iter_batches(
