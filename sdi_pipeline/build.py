@@ -20,7 +20,7 @@ from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import LossFn
 
 
-def _instantiate(node: Any, what: str) -> Any:
+def instantiate_node(node: Any, what: str) -> Any:
     try:
         return instantiate(node)
     except InstantiationException as err:
@@ -30,14 +30,14 @@ def _instantiate(node: Any, what: str) -> Any:
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
-    model = _instantiate(cfg.model, "the model (model._target_)")
+    model = instantiate_node(cfg.model, "the model (model._target_)")
     if not isinstance(model, nn.Module):
         raise SDIError(f"model._target_ built a {type(model).__name__}, not a torch nn.Module")
     return model
 
 
 def build_loss(cfg: DictConfig) -> LossFn:
-    loss: LossFn = _instantiate(cfg.analysis.loss, "the loss (analysis.loss)")
+    loss: LossFn = instantiate_node(cfg.analysis.loss, "the loss (analysis.loss)")
     if not callable(loss):
         raise SDIError(
             "analysis.loss must build a callable loss_fn(model, batch); for a plain function "
@@ -48,7 +48,7 @@ def build_loss(cfg: DictConfig) -> LossFn:
 
 def build_dataset(cfg: DictConfig, which: str) -> Any:
     """The train or query dataset: anything with ``__len__`` and ``__getitem__``."""
-    data = _instantiate(cfg.data[which], f"the {which} dataset (data.{which})")
+    data = instantiate_node(cfg.data[which], f"the {which} dataset (data.{which})")
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise SDIError(
             f"data.{which} built a {type(data).__name__}, which is not a map-style dataset "
@@ -63,7 +63,7 @@ def build_collate(cfg: DictConfig) -> Any:
     """The DataLoader collate_fn of ``data.collate``, or None for torch's default."""
     if cfg.data.collate is None:
         return None
-    collate = _instantiate(cfg.data.collate, "the collate function (data.collate)")
+    collate = instantiate_node(cfg.data.collate, "the collate function (data.collate)")
     if not callable(collate):
         raise SDIError("data.collate must build a callable collate_fn(list_of_examples)")
     return collate

@@ -1,11 +1,14 @@
-"""Command-line entry points for the jobs: ``sdi-worker``, ``sdi-query``, ``sdi-merge``.
+"""Command-line entry points: ``sdi-worker``, ``sdi-query``, ``sdi-merge``, ``sdi-status``.
 
 Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
-rank=3 world_size=8``. A user mistake prints one ``error:`` line and exits with status 2.
+rank=3 world_size=8``. Under a SLURM job array, rank and world size default to the array
+task id and count. ``python -m sdi_pipeline.cli <worker|query|merge|status> ...`` runs the
+same entry points. A user mistake prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -56,8 +59,13 @@ def _worker(argv: list[str]) -> int:
     from sdi_pipeline.jobs import run_worker
 
     args = parse_kv(argv, ["run_dir"], ["rank", "world_size"])
-    rank = _int(args, "rank") if "rank" in args else 0
-    world = _int(args, "world_size") if "world_size" in args else 1
+    env = os.environ
+    rank = _int(args, "rank") if "rank" in args else int(env.get("SLURM_ARRAY_TASK_ID", 0))
+    world = (
+        _int(args, "world_size")
+        if "world_size" in args
+        else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    )
     return run_worker(args["run_dir"], rank, world)
 
 
@@ -73,6 +81,28 @@ def _merge(argv: list[str]) -> int:
     return run_merge(parse_kv(argv, ["run_dir"])["run_dir"])
 
 
+def _status(argv: list[str]) -> int:
+    from sdi_pipeline.rundir import RunDir
+    from sdi_pipeline.status import format_status, run_status
+
+    run = RunDir(parse_kv(argv, ["run_dir"])["run_dir"])
+    status = run_status(run)
+    print(format_status(run, status))
+    return 1 if status.failed else 0
+
+
+JOBS = {"worker": _worker, "query": _query, "merge": _merge, "status": _status}
 worker_main = guarded(_worker)
 query_main = guarded(_query)
 merge_main = guarded(_merge)
+status_main = guarded(_status)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] not in JOBS:
+        raise SDIError(f"usage: python -m sdi_pipeline.cli {{{','.join(JOBS)}}} key=value ...")
+    return JOBS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    guarded(_dispatch)()

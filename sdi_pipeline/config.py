@@ -8,6 +8,7 @@ the config hash and the run id; where and how jobs run (launcher, W&B, threads) 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class CheckpointsConfig:
     """Checkpoint files (paths or globs, in order) and their TracIn weights."""
 
     paths: list[str] = field(default_factory=list)
+    # Optional node called once by the launcher before the paths are resolved (e.g. to
+    # train the toy model's checkpoints if they do not exist yet).
+    prepare: Any = None
     # One eta per resolved checkpoint; null reads each from its file (optimizer lr, else 1).
     etas: list[float] | None = None
     # Allow full unpickling (torch.load weights_only=False): only for files you trust.
@@ -103,11 +107,42 @@ class RuntimeConfig:
 
 
 @dataclass
-class LauncherConfig:
-    """Which launcher runs the jobs, and its settings (not part of the hash)."""
+class LocalLauncherConfig:
+    """Run the query job, ``workers`` worker processes and the merge on this machine."""
 
     name: str = "local"
     workers: int = 2
+    # Torch threads per worker; null splits this machine's cores evenly between workers.
+    threads_per_worker: int | None = None
+
+
+@dataclass
+class SlurmLauncherConfig:
+    """Submit a query job, a worker job array and a dependent merge job with submitit."""
+
+    name: str = "slurm"
+    array_size: int = 8
+    # At most this many array tasks run at once (sbatch --array=0-N%P); null: no limit.
+    array_parallelism: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 120
+    mem_gb: float = 16.0
+    cpus_per_task: int = 4
+    gpus_per_task: int = 0
+    constraint: str | None = None
+    # Extra sbatch parameters, e.g. {mail-type: FAIL}.
+    additional: dict[str, Any] = field(default_factory=dict)
+    query_time_min: int = 60
+    merge_time_min: int = 60
+    merge_mem_gb: float = 32.0
+    merge_cpus: int = 4
+    # Requeues after preemption or timeout before a task gives up.
+    max_requeues: int = 3
+
+
+LAUNCHERS: dict[str, type] = {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig}
 
 
 @dataclass
@@ -131,7 +166,8 @@ class AttributionConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # LocalLauncherConfig or SlurmLauncherConfig, chosen by launcher.name (see structured()).
+    launcher: Any = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
     schema_version: int = SCHEMA_VERSION
 
@@ -173,13 +209,31 @@ def validate(cfg: DictConfig) -> None:
         raise SDIError("analysis.targets is empty: name the looped block, e.g. [block]")
 
 
+def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
+    """One line for a config error; for an unknown key, the valid keys and near matches."""
+    full_key = str(getattr(err, "full_key", "") or "")
+    first = str(err).splitlines()[0]
+    parent_path, _, key = full_key.rpartition(".")
+    parent = OmegaConf.select(schema, parent_path) if parent_path else schema
+    if "not in" in first and isinstance(parent, DictConfig):
+        valid = [str(k) for k in parent]
+        near = difflib.get_close_matches(key, valid, n=3)
+        hint = f" Did you mean {' or '.join(near)}?" if near else ""
+        return f"unknown key '{full_key}'.{hint} Valid keys here: {', '.join(valid)}"
+    return f"{full_key}: {first}" if full_key else first
+
+
 def structured(data: Any) -> DictConfig:
     """Merge ``data`` onto the schema: unknown keys and wrong types fail with their name."""
     base = OmegaConf.structured(AttributionConfig)
+    name = OmegaConf.select(OmegaConf.create(data), "launcher.name", default="local")
+    if name not in LAUNCHERS:
+        raise SDIError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
+    base.launcher = OmegaConf.structured(LAUNCHERS[name])
     try:
         merged = OmegaConf.merge(base, data)
     except OmegaConfBaseException as err:
-        raise SDIError(f"invalid config: {err}") from err
+        raise SDIError(f"invalid config: {explain(err, base)}") from err
     assert isinstance(merged, DictConfig)
     validate(merged)
     return merged

@@ -7,6 +7,7 @@ its rank and the world size. The same code runs under every launcher.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from sdi_pipeline import build
@@ -32,7 +34,7 @@ from sdi_pipeline.checkpoints import (
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
-from sdi_pipeline.rundir import RunDir, Unit, enumerate_units
+from sdi_pipeline.rundir import RunDir, Unit, enumerate_units, write_json_atomic
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
 
@@ -82,15 +84,21 @@ class CheckpointInfo:
 
 
 class JobContext:
-    """What every job builds from the run's config: model, loss, featurizer, checkpoints."""
+    """What every job builds from a config: model, loss, featurizer, checkpoints.
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run = RunDir(run_dir)
-        self.cfg = self.run.load_config()
+    ``SDI_THREADS`` and ``SDI_PROGRESS=0`` in the environment (set by the local launcher
+    for its parallel workers) override ``runtime.threads`` and ``runtime.progress``.
+    """
+
+    def __init__(self, cfg: DictConfig, run: RunDir | None = None) -> None:
+        self.run = run if run is not None else RunDir(".")
+        self.cfg = cfg
         self.hash = config_hash(self.cfg)
         self.train_hash = train_hash(self.cfg)
-        if self.cfg.runtime.threads:
-            torch.set_num_threads(int(self.cfg.runtime.threads))
+        threads = os.environ.get("SDI_THREADS") or self.cfg.runtime.threads
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.progress = bool(self.cfg.runtime.progress) and os.environ.get("SDI_PROGRESS") != "0"
         self.device = build.pick_device(self.cfg)
         self.model = build.build_model(self.cfg).to(self.device)
         self._loss = build.build_loss(self.cfg)
@@ -108,6 +116,12 @@ class JobContext:
         self._loaded: int | None = None
         self._info: dict[int, CheckpointInfo] = {}
         self.stop = threading.Event()
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> JobContext:
+        """The context of a run directory (its config checked against its hash)."""
+        run = RunDir(run_dir)
+        return cls(run.load_config(), run)
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self._loss(model, build.to_device(batch, self.device))
@@ -144,9 +158,7 @@ class JobContext:
             collate_fn=self._collate,
         )
         parts = []
-        batches = self.featurizer.iter_batches(
-            loader, self.loss, progress=bool(self.cfg.runtime.progress), desc=desc
-        )
+        batches = self.featurizer.iter_batches(loader, self.loss, progress=self.progress, desc=desc)
         try:
             for part in batches:
                 parts.append(part)
@@ -188,9 +200,8 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise SDIError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-    run = RunDir(run_dir)
-    setup_logging(run, f"worker-{rank:04d}")
-    ctx = JobContext(run_dir)
+    setup_logging(RunDir(run_dir), f"worker-{rank:04d}")
+    ctx = JobContext.open(run_dir)
     with ctx.signals_stop():
         return _work(ctx, rank, world_size)
 
@@ -204,45 +215,22 @@ def _work(ctx: JobContext, rank: int, world_size: int) -> int:
         "rank %d/%d on %s (%s): %d units, %d already done",
         rank, world_size, socket.gethostname(), ctx.device, len(mine), len(mine) - len(todo),
     )  # fmt: skip
-    summed = ctx.cfg.sketch.train_steps == "summed"
     for i, unit in enumerate(todo):
-        started = time.perf_counter()
-        info = ctx.use_checkpoint(unit.ckpt)
-        desc = f"[{i + 1}/{len(todo)}] {unit.name}"
         try:
-            feats = ctx.sketch(train, unit.start, unit.stop, desc)
+            _unit(ctx, train, unit, f"[{i + 1}/{len(todo)}] {unit.name}", rank, world_size)
         except Interrupted:
             log.warning("stopped during %s; it will be redone on restart", unit.name)
             return EXIT_INTERRUPTED
-        meta = ctx.base_meta(info) | {
-            "kind": "train",
-            "layout": feats.layout.to_dict(),
-            "train_steps": ctx.cfg.sketch.train_steps,
-            "block": {"index": unit.block, "start": unit.start, "stop": unit.stop},
-        }
-        values = feats.summed() if summed else feats.values
-        indices = torch.arange(unit.start, unit.stop)
-        write_sketch_file(
-            run.unit_path(unit), indices, values, feats.loss, meta, ctx.cfg.sketch.dtype
-        )
-        seconds = time.perf_counter() - started
-        stats = {
-            "unit": unit.name,
-            "examples": unit.stop - unit.start,
-            "seconds": round(seconds, 4),
-            "examples_per_s": round((unit.stop - unit.start) / max(seconds, 1e-9), 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "rank": rank,
-            "world_size": world_size,
-            "host": socket.gethostname(),
-        }
-        if ctx.device.type == "cuda":
-            stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
-        run.mark_done(unit, stats)
-        log.info(
-            "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB",
-            unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
-        )  # fmt: skip
+        except Exception as err:
+            # Recorded so sdi-status can name the unit and its log; the job still fails.
+            write_json_atomic(
+                run.failure_path(unit),
+                {"unit": unit.name, "rank": rank, "error": f"{type(err).__name__}: {err}",
+                 "log": str(run.logs_dir / f"worker-{rank:04d}.log"), "host": socket.gethostname()},
+            )  # fmt: skip
+            log.error("unit %s failed: %s: %s", unit.name, type(err).__name__, err)
+            raise
+        run.failure_path(unit).unlink(missing_ok=True)
         if ctx.stop.is_set():
             log.warning("stopping after %s on request", unit.name)
             return EXIT_INTERRUPTED
@@ -250,11 +238,45 @@ def _work(ctx: JobContext, rank: int, world_size: int) -> int:
     return 0
 
 
+def _unit(ctx: JobContext, train: Any, unit: Unit, desc: str, rank: int, world_size: int) -> None:
+    """Sketch one unit, write its file, then its completion marker."""
+    run = ctx.run
+    started = time.perf_counter()
+    info = ctx.use_checkpoint(unit.ckpt)
+    feats = ctx.sketch(train, unit.start, unit.stop, desc)
+    meta = ctx.base_meta(info) | {
+        "kind": "train",
+        "layout": feats.layout.to_dict(),
+        "train_steps": ctx.cfg.sketch.train_steps,
+        "block": {"index": unit.block, "start": unit.start, "stop": unit.stop},
+    }
+    values = feats.summed() if ctx.cfg.sketch.train_steps == "summed" else feats.values
+    indices = torch.arange(unit.start, unit.stop)
+    write_sketch_file(run.unit_path(unit), indices, values, feats.loss, meta, ctx.cfg.sketch.dtype)
+    seconds = time.perf_counter() - started
+    stats = {
+        "unit": unit.name,
+        "examples": unit.stop - unit.start,
+        "seconds": round(seconds, 4),
+        "examples_per_s": round((unit.stop - unit.start) / max(seconds, 1e-9), 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rank": rank,
+        "world_size": world_size,
+        "host": socket.gethostname(),
+    }
+    if ctx.device.type == "cuda":
+        stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
+    run.mark_done(unit, stats)
+    log.info(
+        "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB",
+        unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
+    )  # fmt: skip
+
+
 def run_query(run_dir: str | Path) -> int:
     """Sketch the query set at every checkpoint (skipping valid existing files)."""
-    run = RunDir(run_dir)
-    setup_logging(run, "query")
-    ctx = JobContext(run_dir)
+    setup_logging(RunDir(run_dir), "query")
+    ctx = JobContext.open(run_dir)
     with ctx.signals_stop():
         return _query(ctx)
 

@@ -79,3 +79,35 @@ def plot_step_profiles(
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_trajectories(
+    sdi: torch.Tensor, slot_names: Sequence[str], query: int, path: str | Path, top: int = 12
+) -> Path:
+    """Heatmap of SDI trajectories (train examples x loop steps) of one query's top examples.
+
+    Rows are the ``top`` training examples with the largest |TracIn| for the query, in that
+    order; the colour scale is symmetric around zero (red raises, blue lowers the loss).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = sdi[:, query, :].double()
+    order = scores.sum(dim=1).abs().argsort(descending=True)[:top]
+    rows = scores[order].numpy()
+    limit = float(abs(rows).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(slot_names), 0.9 + 0.32 * len(order)))
+    image = ax.imshow(rows, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(slot_names)), list(slot_names), rotation=45, ha="right")
+    ax.set_yticks(range(len(order)), [f"train #{int(i)}" for i in order])
+    ax.set_xlabel("loop step")
+    ax.set_title(f"SDI trajectories, query {query} (top {len(order)} by |TracIn|)")
+    fig.colorbar(image, ax=ax, label="SDI")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -69,6 +69,11 @@ class Results:
         return self._f["tracin"]  # type: ignore[return-value]
 
     @property
+    def has_sdi(self) -> bool:
+        """Whether the full SDI tensor was kept (see merge.sdi_max_gb)."""
+        return "sdi" in self._f
+
+    @property
     def sdi(self) -> h5py.Dataset:
         """(N_train, N_query, slots) SDI, read lazily; absent when it was too large to keep."""
         if "sdi" not in self._f:

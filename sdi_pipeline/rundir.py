@@ -104,6 +104,13 @@ class RunDir:
     def results_path(self) -> Path:
         return self.path / "results.h5"
 
+    @property
+    def failures_dir(self) -> Path:
+        return self.path / "failures"
+
+    def failure_path(self, unit: Unit) -> Path:
+        return self.failures_dir / f"{unit.name}.json"
+
     def unit_path(self, unit: Unit) -> Path:
         return self.unit_path_named(unit.name)
 

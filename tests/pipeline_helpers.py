@@ -73,3 +73,44 @@ def slow_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """The parity loss, slowed down so a test can kill a worker in the middle of a unit."""
     time.sleep(float(os.environ.get("SDI_TEST_BATCH_SECONDS", "0.3")))
     return parity_loss(model, batch)
+
+
+def write_toy_checkpoints(folder: Path, n: int = 2, n_train: int = 40) -> list[Path]:
+    """Checkpoints in the toy training script's format (model_config and task included)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        model = make_model(seed=i)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1 * (i + 1))
+        path = folder / f"ckpt-{i:06d}.pt"
+        torch.save(
+            {
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": opt.state_dict(),
+                "step": i,
+                "lr": 0.1 * (i + 1),
+                "model_config": model.config.to_dict(),
+                "task": {"name": "parity", "n_bits": 6, "seed": 1, "n_train": n_train},
+            },
+            path,
+        )
+        paths.append(path)
+    return paths
+
+
+def cli_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """sdi-attribute overrides running the default (toy) config small and fast in tmp_path."""
+    write_toy_checkpoints(tmp_path / "ckpts")
+    return [
+        f"checkpoints.paths=[{tmp_path / 'ckpts'}/ckpt-*.pt]",
+        "checkpoints.prepare=null",
+        f"run.root={tmp_path / 'runs'}",
+        "data.train.limit=40",
+        "data.query.limit=5",
+        "data.block_size=16",
+        "data.batch_size=8",
+        "sketch.m=128",
+        "runtime.progress=false",
+        "wandb=disabled",
+        *extra,
+    ]

@@ -1,0 +1,81 @@
+"""``sdi-attribute``: compose the config, check it, create the run, launch the jobs.
+
+    sdi-attribute [--config-dir DIR]... [--cfg] [key=value | group=option]...
+
+Everything that can be checked is checked before anything runs or is submitted: the config
+schema, checkpoint files, that each checkpoint fits the model, that the target patterns
+match modules, and one real forward/backward of a query batch through the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from sdi_pipeline import build
+from sdi_pipeline.errors import SDIError
+
+
+def preflight(cfg: DictConfig) -> int:
+    """Build everything a job builds and sketch one query batch; returns N_train."""
+    from sdi_pipeline.jobs import JobContext
+
+    ctx = JobContext(cfg)
+    train = build.build_dataset(cfg, "train")
+    query = build.build_dataset(cfg, "query")
+    for k in range(len(ctx.checkpoints)):
+        ctx.use_checkpoint(k)
+    ctx.progress = False
+    ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight")
+    return len(train)
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdi-attribute",
+        description="Step-Decomposed Influence for a looped transformer: compose the config "
+        "from conf/ (Hydra overrides as arguments) and run or submit the jobs.",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. launcher=slurm sketch.m=4096"
+    )
+    parser.add_argument("--config-dir", action="append", default=[], help="extra config groups")
+    parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    args = parser.parse_args(argv)
+
+    from sdi_pipeline.compose import compose_config
+    from sdi_pipeline.rundir import prepare_run
+
+    cfg = compose_config(args.overrides, args.config_dir)
+    if args.cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    if cfg.checkpoints.prepare is not None:
+        build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
+    cfg.checkpoints.paths = build.resolve_checkpoints(list(cfg.checkpoints.paths))
+    n_train = preflight(cfg)
+    run_dir = prepare_run(cfg)
+    print(f"[sdi] run dir {run_dir.path} ({n_train} training examples)", flush=True)
+    if cfg.launcher.name == "slurm":
+        from sdi_pipeline.launchers.slurm import launch_slurm
+
+        return launch_slurm(run_dir, run_dir.load_config(), n_train)
+    from sdi_pipeline.launchers.local import launch_local
+
+    code = launch_local(run_dir, run_dir.load_config(), n_train)
+    if code == 0:
+        from sdi_pipeline.summary import print_summary
+
+        print_summary(run_dir)
+    return code
+
+
+def main() -> None:
+    try:
+        code = run(sys.argv[1:])
+    except SDIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

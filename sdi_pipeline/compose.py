@@ -1,0 +1,96 @@
+"""Compose the attribution config from conf/ with Hydra, with errors a user can act on.
+
+The schemas (:mod:`sdi_pipeline.config`) are registered in Hydra's ConfigStore, so an
+unknown key or a wrong type fails at composition, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sdi_pipeline.config import (
+    AttributionConfig,
+    LocalLauncherConfig,
+    SlurmLauncherConfig,
+    explain,
+    structured,
+)
+from sdi_pipeline.errors import SDIError
+
+GROUPS = ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
+
+
+def conf_dir() -> Path:
+    """The package's conf/ (next to the package in a checkout or editable install)."""
+    env = os.environ.get("SDI_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise SDIError(
+            f"cannot find sdi-pipeline's conf/ at {path}: install the package from a checkout "
+            "(pip install -e .) or point SDI_CONF_DIR at a copy of conf/"
+        )
+    return path
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="attribution_schema", node=AttributionConfig)
+    cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
+    cs.store(group="launcher", name="slurm_schema", node=SlurmLauncherConfig)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _hint(message: str) -> str:
+    """Add valid choices / keys to Hydra's terse composition errors."""
+    for group in GROUPS:
+        if f"'{group}'" in message or f"{group}/" in message:
+            return (
+                f"{message.splitlines()[0]} Available {group} options: {', '.join(_options(group))}"
+            )
+    if "Could not override" in message:
+        key = message.split("'")[1] if "'" in message else ""
+        top = [str(k) for k in OmegaConf.structured(AttributionConfig)]
+        head = key.split(".")[0]
+        if head not in top:
+            near = difflib.get_close_matches(head, top, n=2)
+            hint = f" Did you mean {' or '.join(near)}?" if near else ""
+            return f"unknown config key '{key}'.{hint} Top-level keys: {', '.join(top)}"
+        section = OmegaConf.select(OmegaConf.structured(AttributionConfig), head)
+        if isinstance(section, DictConfig):
+            valid = [str(k) for k in section]
+            near = difflib.get_close_matches(key.split(".")[-1], valid, n=2)
+            hint = f" Did you mean {' or '.join(near)}?" if near else ""
+            return f"unknown config key '{key}'.{hint} Valid keys of {head}: {', '.join(valid)}"
+    return message.splitlines()[0]
+
+
+def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> DictConfig:
+    """Compose conf/config.yaml with ``overrides``; ``config_dirs`` add users' own groups."""
+    register_schemas()
+    extra = list(overrides)
+    if config_dirs:
+        paths = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+        extra.append(f"hydra.searchpath=[{paths}]")
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=extra)
+    except (HydraException, OmegaConfBaseException) as err:
+        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+            raise SDIError(explain(err, OmegaConf.structured(AttributionConfig))) from err
+        raise SDIError(_hint(str(err))) from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SDIError(f"config values still missing (???): {', '.join(missing)}")
+    return structured(OmegaConf.to_container(cfg, resolve=False))

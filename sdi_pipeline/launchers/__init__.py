@@ -1,0 +1,1 @@
+"""Launchers: how the query job, the workers and the merge get run (same code everywhere)."""

@@ -1,0 +1,130 @@
+"""Per-example losses for language models, in the tool's ``loss_fn(model, batch) -> (B,)`` form.
+
+Influence is per training example, so these never reduce over the batch. With Hydra, a loss is
+configured as a partial function, e.g.
+``analysis.loss: {_target_: sdi_pipeline.losses.next_token_loss, _partial_: true}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdi_pipeline.errors import SDIError
+
+
+def _input_ids(batch: Any, loss_name: str) -> torch.Tensor:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        keys = f" with keys {', '.join(map(str, batch))}" if isinstance(batch, Mapping) else ""
+        raise SDIError(
+            f"{loss_name} needs a batch dict with 'input_ids' (B, T); got "
+            f"{type(batch).__name__}{keys}"
+        )
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise SDIError(f"{loss_name}: batch['input_ids'] must be a (B, T) tensor, got {shape}")
+    return ids
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """``model(input_ids)`` as a (B, T, V) tensor; Hugging Face outputs give their ``.logits``."""
+    raw = model(input_ids)
+    out = raw if isinstance(raw, torch.Tensor) else getattr(raw, "logits", None)
+    if not isinstance(out, torch.Tensor):
+        raise SDIError(
+            f"{loss_name}: model(input_ids) returned {type(raw).__name__}; expected logits "
+            "(B, T, vocab) or an output object with a .logits attribute"
+        )
+    if out.dim() != 3 or out.shape[:2] != input_ids.shape:
+        raise SDIError(
+            f"{loss_name}: model(input_ids) returned shape {tuple(out.shape)} for input_ids of "
+            f"shape {tuple(input_ids.shape)}; expected logits (B, T, vocab)"
+        )
+    if out.dtype in (torch.float16, torch.bfloat16):
+        out = out.float()  # half-precision log-softmax loses digits that influence scores need
+    return out
+
+
+def next_token_loss(model: nn.Module, batch: Any, ignore_index: int = -100) -> torch.Tensor:
+    """Per-example mean next-token cross-entropy; returns shape (B,).
+
+    ``logits = model(batch["input_ids"])`` (B, T, V) predicts ``input_ids[:, 1:]``. Target
+    positions where ``batch["attention_mask"][:, 1:] == 0`` (padding, when the mask is present)
+    or whose target equals ``ignore_index`` are left out, and each example's loss is the mean
+    over its own remaining positions, so padding neither adds loss nor dilutes it. With right
+    padding (as :class:`sdi_pipeline.data.PadCollate` makes) a causal model's logits at real
+    positions do not depend on the padding, so the model is not given the mask.
+
+    With Hydra: ``{_target_: sdi_pipeline.losses.next_token_loss, _partial_: true}``.
+
+    Raises:
+        SDIError: if the batch or logits have the wrong shape, or some example has no target
+            position (fewer than two real tokens).
+    """
+    name = "next_token_loss"
+    input_ids = _input_ids(batch, name)
+    logits = _logits(model, input_ids, name)
+    targets = input_ids[:, 1:].clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise SDIError(
+                f"{name}: attention_mask shape {shape} differs from input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        targets[mask[:, 1:] == 0] = ignore_index
+    counts = (targets != ignore_index).sum(dim=1)
+    empty = int((counts == 0).sum())
+    if empty:
+        raise SDIError(
+            f"{name}: {empty} of {len(counts)} example(s) in the batch have no target positions "
+            "(each needs at least two real tokens); filter out such short sequences"
+        )
+    vocab = logits.shape[-1]
+    token_loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
+    ).view(targets.shape)  # ignored positions come back as exactly 0
+    return token_loss.sum(dim=1) / counts.to(token_loss.dtype)
+
+
+def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of the last position's logits against ``batch["target"]``; shape (B,).
+
+    For classification-style tasks whose answer is predicted at the final token. When the batch
+    has an ``attention_mask`` the last *real* position of each example is used, so right-padded
+    batches work. With Hydra: ``{_target_: sdi_pipeline.losses.answer_token_loss,
+    _partial_: true}``.
+    """
+    name = "answer_token_loss"
+    input_ids = _input_ids(batch, name)
+    if "target" not in batch:
+        raise SDIError(
+            f"{name} needs batch['target'] (B,) class ids; batch keys: {', '.join(batch)}"
+        )
+    target = torch.as_tensor(batch["target"])
+    if target.dim() == 2 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape != input_ids.shape[:1] or target.is_floating_point():
+        raise SDIError(
+            f"{name}: batch['target'] must be (B,) integer class ids with B={input_ids.shape[0]}, "
+            f"got {target.dtype} of shape {tuple(target.shape)}"
+        )
+    logits = _logits(model, input_ids, name)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        last = logits[:, -1, :]
+    else:
+        # Index of the last 1 in each row: works for right and left padding alike.
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        idx = (positions * (mask != 0)).argmax(dim=1)
+        last = logits[torch.arange(logits.shape[0], device=logits.device), idx]
+    return F.cross_entropy(last, target.long(), reduction="none")

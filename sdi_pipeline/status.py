@@ -1,0 +1,54 @@
+"""``sdi-status``: which units of a run are done, missing or failed, and where the logs are."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from sdi_pipeline import build
+from sdi_pipeline.rundir import RunDir, enumerate_units
+
+
+@dataclass
+class RunStatus:
+    done: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    failed: dict[str, dict] = field(default_factory=dict)
+    query_done: list[int] = field(default_factory=list)
+    query_missing: list[int] = field(default_factory=list)
+    merged: bool = False
+
+
+def run_status(run: RunDir) -> RunStatus:
+    cfg = run.load_config()
+    n_train = len(build.build_dataset(cfg, "train"))
+    status = RunStatus(merged=run.results_path.exists())
+    for k in range(len(cfg.checkpoints.paths)):
+        (status.query_done if run.query_path(k).exists() else status.query_missing).append(k)
+    for unit in enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size)):
+        if run.is_done(unit):
+            status.done.append(unit.name)
+        elif run.failure_path(unit).exists():
+            status.failed[unit.name] = json.loads(run.failure_path(unit).read_text())
+        else:
+            status.missing.append(unit.name)
+    return status
+
+
+def format_status(run: RunDir, status: RunStatus) -> str:
+    total = len(status.done) + len(status.missing) + len(status.failed)
+    lines = [
+        f"run {run.path}",
+        f"  query sketches: {len(status.query_done)} of "
+        f"{len(status.query_done) + len(status.query_missing)} checkpoints",
+        f"  units: {len(status.done)} done, {len(status.missing)} missing, "
+        f"{len(status.failed)} failed (of {total})",
+    ]
+    for name, info in sorted(status.failed.items()):
+        lines.append(f"    FAILED {name} (rank {info.get('rank')}): {info.get('error')}")
+        lines.append(f"           log: {info.get('log')}")
+    if status.missing:
+        shown = ", ".join(status.missing[:8]) + (" ..." if len(status.missing) > 8 else "")
+        lines.append(f"    missing: {shown}")
+    lines.append(f"  results.h5: {'written' if status.merged else 'not yet'}")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""What a finished run prints and draws: top examples per query and step, and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdi_pipeline import build
+from sdi_pipeline.report import plot_step_profiles, plot_trajectories
+from sdi_pipeline.results import Results
+from sdi_pipeline.rundir import RunDir
+
+
+def describe_example(item: Any, max_tokens: int = 24) -> str:
+    """A short text for a dataset item: its token ids (and target, if any)."""
+    if isinstance(item, dict):
+        tokens = item.get("tokens", item.get("input_ids"))
+        target = item.get("target")
+    else:
+        tokens, target = item, None
+    text = ""
+    if isinstance(tokens, torch.Tensor | np.ndarray):
+        ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+        text = " ".join(map(str, ids[:max_tokens])) + (" …" if len(ids) > max_tokens else "")
+    if target is not None:
+        text += f"  → {int(target)}"
+    return text
+
+
+def print_summary(run: RunDir, k: int = 3) -> None:
+    """Print the top-k training examples of each query (overall and at its peak step)."""
+    cfg = run.load_config()
+    train = build.build_dataset(cfg, "train")
+    query = build.build_dataset(cfg, "query")
+    with Results.open(run.path) as res:
+        energy = res.energy()
+        for j in range(res.n_query):
+            peak = int(energy[j].argmax())
+            print(f"\nquery {j}: {describe_example(query[j])}")
+            print(f"  influence peaks at {res.slot_names[peak]}; top {k} overall (TracIn):")
+            for i, score in res.topk(j, k):
+                print(f"    train #{i:<6d} {score:+.3e}  {describe_example(train[i])}")
+            print(f"  top {k} at {res.slot_names[peak]}:")
+            for i, score in res.topk(j, k, step=peak):
+                print(f"    train #{i:<6d} {score:+.3e}  {describe_example(train[i])}")
+        plots = write_plots(run, res)
+    print(f"\nplots: {', '.join(str(p) for p in plots)}")
+    print(f"results: {run.results_path}")
+    print(
+        'look further:  python -c "from sdi_pipeline.results import Results; '
+        f"r = Results.open('{run.path}'); print(r.topk(0, 5, step=0))\""
+    )
+    print(f"               sdi-status run_dir={run.path}")
+
+
+def write_plots(run: RunDir, res: Results) -> list[Path]:
+    """Per-step energy and signed share across queries, and one query's trajectories."""
+    folder = run.path / "plots"
+    if not res.has_sdi:
+        return []
+    sdi = torch.from_numpy(np.asarray(res.sdi))
+    return [
+        plot_step_profiles(sdi, res.slot_names, folder / "sdi_steps.png"),
+        plot_trajectories(sdi, res.slot_names, 0, folder / "sdi_trajectories_query0.png"),
+    ]

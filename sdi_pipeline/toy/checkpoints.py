@@ -1,0 +1,70 @@
+"""Config factories for the toy model: everything is read from its checkpoints.
+
+The toy checkpoints record the model architecture (``model_config``) and the parity task
+they were trained on (``task``), so the model and the data a run attributes always match
+them. ``ensure_toy_checkpoints`` is the launcher's ``checkpoints.prepare`` hook.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdi_pipeline.errors import SDIError
+from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
+from sdi_pipeline.toy.parity import ParityData, make_parity_dataset
+
+# Held-out queries use the training seed plus this offset, so they never repeat the
+# training set's random stream.
+QUERY_SEED_OFFSET = 10_000
+
+
+def _first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
+    patterns = [paths] if isinstance(paths, str) else list(paths)
+    files = sorted(f for p in patterns for f in (glob.glob(p) if glob.has_magic(p) else [p]))
+    if not files or not Path(files[0]).is_file():
+        raise SDIError(f"no toy checkpoint found at {patterns}: run sdi-train-toy first")
+    data = torch.load(files[0], map_location="cpu", weights_only=True)
+    if "model_config" not in data or "task" not in data:
+        raise SDIError(f"{files[0]} is not a toy checkpoint (no model_config / task)")
+    return data
+
+
+def model_from_checkpoints(paths: list[str] | str) -> LoopedGPT:
+    """A LoopedGPT with the architecture recorded in the (first) checkpoint."""
+    return LoopedGPT(LoopedGPTConfig.from_dict(_first_checkpoint(paths)["model_config"]))
+
+
+def parity_from_checkpoints(
+    paths: list[str] | str, split: str = "train", limit: int | None = None
+) -> ParityData:
+    """The parity data of the checkpoints' task: its training set or held-out queries.
+
+    ``limit`` keeps the first examples (the training set's first ``limit``; for queries,
+    ``limit`` is the number of queries, default 16).
+    """
+    task = _first_checkpoint(paths)["task"]
+    if split == "train":
+        data = make_parity_dataset(
+            int(task["n_train"]), n_bits=int(task["n_bits"]), seed=int(task["seed"])
+        )
+        if limit is not None:
+            data = ParityData(data.tokens[:limit], data.targets[:limit])
+        return data
+    if split == "query":
+        seed = int(task["seed"]) + QUERY_SEED_OFFSET
+        return make_parity_dataset(limit or 16, n_bits=int(task["n_bits"]), seed=seed)
+    raise SDIError(f"split must be 'train' or 'query', got {split!r}")
+
+
+def ensure_toy_checkpoints(out_dir: str) -> None:
+    """Train the toy model into ``out_dir`` unless its checkpoints are already there."""
+    from sdi_pipeline.toy.train import train_toy
+
+    if sorted(Path(out_dir).glob("ckpt-*.pt")):
+        return
+    print(f"[sdi] no toy checkpoints in {out_dir}: training the toy model first (about a minute)")
+    train_toy(Path(out_dir), progress=True)

@@ -1,0 +1,171 @@
+"""sdi-attribute: config composition, the local and SLURM launchers, bad configs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_helpers import cli_overrides, write_toy_checkpoints
+from torch.utils.data import DataLoader
+
+from sdi_pipeline import build
+from sdi_pipeline.attribute import attribute
+from sdi_pipeline.attribute_cli import run as attribute_main
+from sdi_pipeline.compose import compose_config, conf_dir
+from sdi_pipeline.errors import SDIError
+from sdi_pipeline.results import Results
+from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.sketch.spec import SketchSpec
+
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    for group in ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
+}
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts]
+)
+def test_every_config_composes_and_instantiates(tmp_path, group: str, option: str) -> None:
+    overrides = cli_overrides(tmp_path)
+    if option == "tokens":
+        np.save(tmp_path / "tokens.npy", np.arange(60).reshape(6, 10) % 3)
+        overrides += [
+            f"data.train.path={tmp_path}/tokens.npy",
+            f"data.query.path={tmp_path}/tokens.npy",
+        ]
+    cfg = compose_config([*overrides, f"{group}={option}"])
+    assert cfg[group] is not None
+    model = build.build_model(cfg)
+    assert callable(build.build_loss(cfg))
+    for which in ("train", "query"):
+        assert len(build.build_dataset(cfg, which)) > 0
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _engine(run: RunDir):
+    cfg = run.load_config()
+    return attribute(
+        build.build_model(cfg),
+        list(cfg.analysis.targets),
+        list(cfg.checkpoints.paths),
+        DataLoader(build.build_dataset(cfg, "train"), batch_size=8),
+        DataLoader(build.build_dataset(cfg, "query"), batch_size=8),
+        build.build_loss(cfg),
+        spec=SketchSpec(m=128),
+    )
+
+
+def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys) -> None:
+    assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2")) == 0
+    out = capsys.readouterr().out
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    run = RunDir(run_path)
+    assert "top 3 overall (TracIn)" in out and "plots:" in out
+    assert (run.path / "plots" / "sdi_steps.png").stat().st_size > 10_000
+    for rank in range(2):  # the exact command lines of every job are in the run dir
+        assert (
+            f"rank={rank} world_size=2"
+            in (run.path / "commands" / f"worker-{rank:04d}.sh").read_text()
+        )
+    expected = _engine(run)
+    with Results.open(run.path) as res:
+        assert res.slot_names[0] == "prelude" and res.slot_names[-1] == "readout"
+        np.testing.assert_allclose(res.sdi[...], expected.sdi.numpy(), rtol=1e-4, atol=1e-4)
+    # Running the same command again finds the finished run and recomputes nothing.
+    marker = next(run.completions_dir.iterdir())
+    before = marker.stat().st_mtime_ns
+    assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2")) == 0
+    assert marker.stat().st_mtime_ns == before
+
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# Records each submission (arguments and script) and answers like sbatch does.
+n=$(ls "$SBATCH_LOG" | wc -l)
+id=$((1000 + n))
+{ echo "ARGS: $*"; cat "${@: -1}"; } > "$SBATCH_LOG/$id.txt"
+echo "Submitted batch job $id"
+"""
+
+
+def test_slurm_launcher_submits_query_array_and_dependent_merge(tmp_path, monkeypatch) -> None:
+    bin_dir, log_dir = tmp_path / "bin", tmp_path / "sbatch"
+    bin_dir.mkdir()
+    log_dir.mkdir()
+    for tool, text in (("sbatch", FAKE_SBATCH), ("srun", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / tool).write_text(text)
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_LOG", str(log_dir))
+    overrides = cli_overrides(
+        tmp_path,
+        "launcher=slurm",
+        "launcher.array_size=3",
+        "launcher.array_parallelism=2",
+        "launcher.partition=gpu",
+        "launcher.account=proj7",
+        "launcher.time_min=30",
+        "launcher.gpus_per_task=1",
+        "launcher.cpus_per_task=6",
+    )
+    assert attribute_main(overrides) == 0
+    subs = [p.read_text() for p in sorted(log_dir.iterdir())]
+    assert len(subs) == 3
+    query, array, merge = subs
+    assert "--array" not in query and "sdi-query" in query
+    assert re.search(r"#SBATCH --array=0-2%2", array)
+    assert "#SBATCH --partition=gpu" in array and "#SBATCH --account=proj7" in array
+    assert "#SBATCH --time=30" in array and "#SBATCH --cpus-per-task=6" in array
+    assert re.search(r"#SBATCH --gpus-per-node=1", array)
+    assert "#SBATCH --dependency=afterok:1000:1001" in merge
+    assert "#SBATCH --kill-on-invalid-dep=yes" in merge
+    # The three jobs pickle the same entry points a user runs by hand.
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    assert '"query": "1000"' in (run_path / "commands" / "slurm.json").read_text()
+
+
+BAD = [
+    ("sketch.m=0", "sketch.m must be positive, got 0"),
+    ("launcher=pbs", "Could not find 'launcher/pbs'"),
+    (
+        "checkpoints.paths=[/nonexistent/ckpt-*.pt]",
+        "checkpoint glob '/nonexistent/ckpt-*.pt' matches no file",
+    ),
+    ("analysis.targets=[blok]", "target pattern 'blok' matches no module"),
+    ("sketch.mm=3", "unknown config key 'sketch.mm'. Did you mean m?"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD)
+def test_bad_config_fails_before_submission_with_one_line(tmp_path, override, message) -> None:
+    cmd = [sys.executable, "-c", "from sdi_pipeline.attribute_cli import main; main()"]
+    proc = subprocess.run(
+        [*cmd, *cli_overrides(tmp_path), override], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_model_fails_before_submission(tmp_path) -> None:
+    overrides = cli_overrides(tmp_path)
+    other = write_toy_checkpoints(tmp_path / "other", n=1)
+    import torch
+
+    data = torch.load(other[0], weights_only=True)
+    data["model_state_dict"] = {k: v[..., :1] for k, v in data["model_state_dict"].items()}
+    torch.save(data, tmp_path / "ckpts" / "ckpt-000009.pt")
+    with pytest.raises(SDIError, match=r"ckpt-000009.pt does not fit the model: shape mismatches"):
+        attribute_main(overrides)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_conf_dir_is_the_repositorys(tmp_path) -> None:
+    assert conf_dir() == Path(__file__).resolve().parents[1] / "conf"
