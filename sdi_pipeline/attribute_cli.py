@@ -58,6 +58,16 @@ def run(argv: list[str]) -> int:
     n_train = preflight(cfg)
     run_dir = prepare_run(cfg)
     print(f"[sdi] run dir {run_dir.path} ({n_train} training examples)", flush=True)
+    if cfg.launcher.name == "prepare":
+        world = int(cfg.launcher.workers)
+        print("[sdi] run the jobs by hand, on any machines that see this directory:")
+        print(f"  sdi-query  run_dir={run_dir.path}")
+        print(
+            f"  sdi-worker run_dir={run_dir.path} rank=R world_size={world}   # R = 0..{world - 1}"
+        )
+        print(f"  sdi-merge  run_dir={run_dir.path}   # after all of the above")
+        print(f"  sdi-status run_dir={run_dir.path}")
+        return 0
     if cfg.launcher.name == "slurm":
         from sdi_pipeline.launchers.slurm import launch_slurm
 

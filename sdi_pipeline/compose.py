@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sdi_pipeline.config import (
     AttributionConfig,
     LocalLauncherConfig,
+    PrepareLauncherConfig,
     SlurmLauncherConfig,
     explain,
     structured,
@@ -46,6 +47,7 @@ def register_schemas() -> None:
     cs.store(name="attribution_schema", node=AttributionConfig)
     cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
     cs.store(group="launcher", name="slurm_schema", node=SlurmLauncherConfig)
+    cs.store(group="launcher", name="prepare_schema", node=PrepareLauncherConfig)
 
 
 def _options(group: str) -> list[str]:

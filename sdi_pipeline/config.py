@@ -142,7 +142,20 @@ class SlurmLauncherConfig:
     max_requeues: int = 3
 
 
-LAUNCHERS: dict[str, type] = {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig}
+@dataclass
+class PrepareLauncherConfig:
+    """Only create the run directory and print the commands to run the jobs by hand."""
+
+    name: str = "prepare"
+    # The world size used in the printed worker commands.
+    workers: int = 4
+
+
+LAUNCHERS: dict[str, type] = {
+    "local": LocalLauncherConfig,
+    "slurm": SlurmLauncherConfig,
+    "prepare": PrepareLauncherConfig,
+}
 
 
 @dataclass

@@ -98,12 +98,16 @@ def plot_trajectories(
     order = scores.sum(dim=1).abs().argsort(descending=True)[:top]
     rows = scores[order].numpy()
     limit = float(abs(rows).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(slot_names), 0.9 + 0.32 * len(order)))
+    width = max(6.0, 2.5 + 0.6 * len(slot_names))
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.32 * len(order)))
     image = ax.imshow(rows, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(slot_names)), list(slot_names), rotation=45, ha="right")
     ax.set_yticks(range(len(order)), [f"train #{int(i)}" for i in order])
     ax.set_xlabel("loop step")
-    ax.set_title(f"SDI trajectories, query {query} (top {len(order)} by |TracIn|)")
+    ax.set_title(
+        f"SDI per loop step, query {query}\n(its top {len(order)} training examples by |TracIn|)",
+        fontsize=10,
+    )
     fig.colorbar(image, ax=ax, label="SDI")
     fig.tight_layout()
     out = Path(path)

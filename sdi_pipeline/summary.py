@@ -37,10 +37,12 @@ def print_summary(run: RunDir, k: int = 3) -> None:
     query = build.build_dataset(cfg, "query")
     with Results.open(run.path) as res:
         energy = res.energy()
+        loop = [s for s, name in enumerate(res.slot_names) if name.startswith("step ")]
         for j in range(res.n_query):
-            peak = int(energy[j].argmax())
+            # The loop step where influence peaks (prelude / readout slots are not steps).
+            peak = loop[int(energy[j, loop].argmax())]
             print(f"\nquery {j}: {describe_example(query[j])}")
-            print(f"  influence peaks at {res.slot_names[peak]}; top {k} overall (TracIn):")
+            print(f"  influence peaks at loop {res.slot_names[peak]}; top {k} overall (TracIn):")
             for i, score in res.topk(j, k):
                 print(f"    train #{i:<6d} {score:+.3e}  {describe_example(train[i])}")
             print(f"  top {k} at {res.slot_names[peak]}:")
@@ -54,6 +56,9 @@ def print_summary(run: RunDir, k: int = 3) -> None:
         f"r = Results.open('{run.path}'); print(r.topk(0, 5, step=0))\""
     )
     print(f"               sdi-status run_dir={run.path}")
+    print(
+        "on a cluster:  sdi-attribute launcher=slurm launcher.array_size=16 launcher.partition=..."
+    )
 
 
 def write_plots(run: RunDir, res: Results) -> list[Path]:

@@ -61,8 +61,11 @@ def _engine(run: RunDir):
     )
 
 
+EDGES = "analysis.targets=[tok_emb,pos_emb,block,ln_f,head]"
+
+
 def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys) -> None:
-    assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2")) == 0
+    assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2", EDGES)) == 0
     out = capsys.readouterr().out
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
     run = RunDir(run_path)
@@ -80,7 +83,7 @@ def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys) -> 
     # Running the same command again finds the finished run and recomputes nothing.
     marker = next(run.completions_dir.iterdir())
     before = marker.stat().st_mtime_ns
-    assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2")) == 0
+    assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2", EDGES)) == 0
     assert marker.stat().st_mtime_ns == before
 
 

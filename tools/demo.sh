@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv, then run the demo: train the toy looped transformer on parity and show which
-# training examples shaped which loop step. Extra arguments go to tools/demo.py.
+# Set up .venv, then run sdi-attribute with its defaults: train the toy looped transformer on
+# parity (first time only), compute SDI with two local workers, merge, print the most
+# influential training examples per query and loop step, and write plots.
+# Extra arguments are sdi-attribute overrides, e.g. `bash tools/demo.sh sketch.m=4096`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup-env.sh
-exec .venv/bin/python tools/demo.py "$@"
+exec .venv/bin/sdi-attribute "$@"

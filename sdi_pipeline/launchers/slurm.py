@@ -10,7 +10,9 @@ left, and the merge.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,12 @@ class _Task:
             code = run_query(self.run_dir)
         else:
             code = run_merge(self.run_dir)
-        if code == EXIT_INTERRUPTED:
-            raise InterruptedError(f"{self.job} stopped by a signal; requeue resumes it")
+        if code == EXIT_INTERRUPTED and os.environ.get("SLURM_JOB_ID"):
+            # Stopped by SIGTERM (preemption, scancel --signal=TERM): go back in the queue;
+            # the requeued task resumes from the completion markers.
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        if code != 0:
+            raise RuntimeError(f"sdi {self.job} exited with status {code}")
         return code
 
     def checkpoint(self) -> Any:

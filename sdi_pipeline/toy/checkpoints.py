@@ -17,10 +17,6 @@ from sdi_pipeline.errors import SDIError
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import ParityData, make_parity_dataset
 
-# Held-out queries use the training seed plus this offset, so they never repeat the
-# training set's random stream.
-QUERY_SEED_OFFSET = 10_000
-
 
 def _first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
     patterns = [paths] if isinstance(paths, str) else list(paths)
@@ -55,7 +51,9 @@ def parity_from_checkpoints(
             data = ParityData(data.tokens[:limit], data.targets[:limit])
         return data
     if split == "query":
-        seed = int(task["seed"]) + QUERY_SEED_OFFSET
+        from sdi_pipeline.toy.train import HELD_OUT_SEED_OFFSET
+
+        seed = int(task["seed"]) + HELD_OUT_SEED_OFFSET
         return make_parity_dataset(limit or 16, n_bits=int(task["n_bits"]), seed=seed)
     raise SDIError(f"split must be 'train' or 'query', got {split!r}")
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Submit query job, worker array and dependent merge for an existing run directory.
+#   RUN_DIR=runs/<name>/<id> TASKS=16 [PARALLEL=8] bash slurm/submit.sh [sbatch options...]
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+: "${RUN_DIR:?set RUN_DIR to the run directory (sdi-attribute launcher=prepare prints it)}"
+: "${TASKS:?set TASKS to the number of worker array tasks}"
+[ -f "$RUN_DIR/config.yaml" ] || { echo "error: $RUN_DIR has no config.yaml" >&2; exit 2; }
+RUN_DIR="$(cd "$RUN_DIR" && pwd)"
+export RUN_DIR
+array="0-$((TASKS - 1))${PARALLEL:+%$PARALLEL}"
+logs="$RUN_DIR/logs"
+mkdir -p "$logs"
+submit() { sbatch --parsable --export=ALL --chdir="$PWD" "$@" | cut -d';' -f1; }
+query=$(submit --output="$logs/sbatch-query-%j.out" "$@" "$here/query.sbatch")
+workers=$(submit --array="$array" --output="$logs/sbatch-worker-%A_%a.out" "$@" "$here/worker.sbatch")
+merge=$(submit --dependency="afterok:$query:$workers" --kill-on-invalid-dep=yes \
+    --output="$logs/sbatch-merge-%j.out" "$@" "$here/merge.sbatch")
+echo "query $query  workers $workers (array $array)  merge $merge"
+echo "follow: squeue -j $query,$workers,$merge   |   sdi-status run_dir=$RUN_DIR"
