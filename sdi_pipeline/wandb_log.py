@@ -34,6 +34,8 @@ from sdi_pipeline.rundir import RunDir
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
 
+    from sdi_pipeline.results import Results
+
 log = logging.getLogger("sdi_pipeline")
 
 JOB_TYPES = ("query", "worker", "merge")
@@ -391,7 +393,7 @@ def _tracin_histogram(
 
 
 def _plots(
-    wandb: Any, res: Any, energy: np.ndarray, share: np.ndarray, folder: Path
+    wandb: Any, res: Results, energy: np.ndarray, share: np.ndarray, folder: Path
 ) -> dict[str, Any]:
     """Step-profile plot and, with the full SDI stored, trajectory heatmaps, as wandb.Images."""
     import torch
@@ -408,10 +410,10 @@ def _plots(
         plot_profiles_from_arrays(energy, share, slots, profile)
     out["sdi/step_profiles"] = wandb.Image(str(profile))
     if res.has_sdi:
-        for j in range(min(TRAJECTORY_QUERIES, res.n_query)):
-            # One query's (N, 1, S) slice: plot_trajectories only reads that query.
-            part = torch.from_numpy(np.asarray(res.sdi[:, j : j + 1, :]))
-            path = report.plot_trajectories(part, slots, 0, folder / f"trajectories-{j}.png")
+        # Only the first queries' (N, q, S) slice, read in one pass over the file's chunks.
+        first = torch.from_numpy(np.asarray(res.sdi[:, :TRAJECTORY_QUERIES, :]))
+        for j in range(first.shape[1]):
+            path = report.plot_trajectories(first, slots, j, folder / f"trajectories-{j}.png")
             out[f"sdi/trajectories/query_{j:05d}"] = wandb.Image(str(path))
     return out
 

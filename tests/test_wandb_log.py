@@ -176,8 +176,13 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
                 wb.log_unit(unit)
             raise RuntimeError("boom")
         # The logger's own settings are undone (wandb itself sets WANDB_SERVICE).
-        ours = ["WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_SILENT"]
-        ours.append("WANDB_ERROR_REPORTING")
+        ours = (
+            "WANDB_CACHE_DIR",
+            "WANDB_DATA_DIR",
+            "WANDB_ARTIFACT_DIR",
+            "WANDB_SILENT",
+            "WANDB_ERROR_REPORTING",
+        )
         assert not [v for v in ours if v in os.environ], "environment not restored"
     offline = [OfflineRun.read(p) for p in sorted((run.path / "wandb").glob("offline-run-*"))]
     by_job = {o.one("run").job_type: o for o in offline}
