@@ -37,6 +37,7 @@ from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
 from sdi_pipeline.rundir import RunDir, Unit, enumerate_units, write_json_atomic
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
+from sdi_pipeline.wandb_log import WandbLogger
 
 log = logging.getLogger("sdi_pipeline")
 
@@ -202,11 +203,12 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
         raise SDIError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     setup_logging(RunDir(run_dir), f"worker-{rank:04d}")
     ctx = JobContext.open(run_dir)
-    with ctx.signals_stop():
-        return _work(ctx, rank, world_size)
+    name = f"worker-{rank:04d}"
+    with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "worker", name) as wandb_log:
+        return _work(ctx, rank, world_size, wandb_log)
 
 
-def _work(ctx: JobContext, rank: int, world_size: int) -> int:
+def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
     mine = train_units(ctx, len(train))[rank::world_size]
@@ -217,7 +219,7 @@ def _work(ctx: JobContext, rank: int, world_size: int) -> int:
     )  # fmt: skip
     for i, unit in enumerate(todo):
         try:
-            _unit(ctx, train, unit, f"[{i + 1}/{len(todo)}] {unit.name}", rank, world_size)
+            stats = _unit(ctx, train, unit, f"[{i + 1}/{len(todo)}] {unit.name}", rank, world_size)
         except Interrupted:
             log.warning("stopped during %s; it will be redone on restart", unit.name)
             return EXIT_INTERRUPTED
@@ -231,6 +233,7 @@ def _work(ctx: JobContext, rank: int, world_size: int) -> int:
             log.error("unit %s failed: %s: %s", unit.name, type(err).__name__, err)
             raise
         run.failure_path(unit).unlink(missing_ok=True)
+        wandb_log.log_unit(stats)
         if ctx.stop.is_set():
             log.warning("stopping after %s on request", unit.name)
             return EXIT_INTERRUPTED
@@ -238,8 +241,10 @@ def _work(ctx: JobContext, rank: int, world_size: int) -> int:
     return 0
 
 
-def _unit(ctx: JobContext, train: Any, unit: Unit, desc: str, rank: int, world_size: int) -> None:
-    """Sketch one unit, write its file, then its completion marker."""
+def _unit(
+    ctx: JobContext, train: Any, unit: Unit, desc: str, rank: int, world_size: int
+) -> dict[str, Any]:
+    """Sketch one unit, write its file, then its completion marker; returns its stats."""
     run = ctx.run
     started = time.perf_counter()
     info = ctx.use_checkpoint(unit.ckpt)
@@ -271,17 +276,18 @@ def _unit(ctx: JobContext, train: Any, unit: Unit, desc: str, rank: int, world_s
         "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB",
         unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
     )  # fmt: skip
+    return stats
 
 
 def run_query(run_dir: str | Path) -> int:
     """Sketch the query set at every checkpoint (skipping valid existing files)."""
     setup_logging(RunDir(run_dir), "query")
     ctx = JobContext.open(run_dir)
-    with ctx.signals_stop():
-        return _query(ctx)
+    with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "query", "query") as wandb_log:
+        return _query(ctx, wandb_log)
 
 
-def _query(ctx: JobContext) -> int:
+def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
     run = ctx.run
     query = build.build_dataset(ctx.cfg, "query")
     for k in range(len(ctx.checkpoints)):
@@ -294,6 +300,7 @@ def _query(ctx: JobContext) -> int:
             except SDIError as err:
                 log.warning("rewriting %s: %s", path, err)
         info = ctx.use_checkpoint(k)
+        started = time.perf_counter()
         try:
             feats = ctx.sketch(query, 0, len(query), f"query ckpt {k}")
         except Interrupted:
@@ -308,4 +315,6 @@ def _query(ctx: JobContext) -> int:
             path, torch.arange(len(query)), feats.values, feats.loss, meta, ctx.cfg.sketch.dtype
         )
         log.info("wrote %s (%d queries, %s)", path, len(query), feats.layout.describe())
+        seconds = time.perf_counter() - started
+        wandb_log.log({"query/checkpoint": k, "query/seconds": seconds, "query/n": len(query)})
     return 0

@@ -33,6 +33,7 @@ from sdi_pipeline.jobs import log, setup_logging
 from sdi_pipeline.layout import SlotLayout
 from sdi_pipeline.rundir import RunDir, Unit, enumerate_units
 from sdi_pipeline.store import describe_mismatch, read_meta, read_sketch_file
+from sdi_pipeline.wandb_log import WandbLogger
 
 RESULTS_FORMAT = "sdi-pipeline/results"
 RESULTS_VERSION = 1
@@ -250,6 +251,8 @@ def run_merge(run_dir: str | Path) -> int:
         "wrote %s: %d train x %d queries x %d slots in %.1fs",
         run.results_path, n_train, n_query, s_q, time.perf_counter() - started,
     )  # fmt: skip
+    with WandbLogger(cfg, run, "merge", "merge") as wandb_log:
+        wandb_log.log_merge(run.results_path)
     return 0
 
 

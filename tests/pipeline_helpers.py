@@ -63,6 +63,7 @@ def toy_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "sketch": {"m": 128},
         "run": {"root": str(tmp_path / "runs"), "name": "toy"},
         "runtime": {"progress": False, "threads": 1},
+        "wandb": {"mode": "disabled"},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
