@@ -152,7 +152,9 @@ class Logged:
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
     tmp = tmp_path_factory.mktemp("wandb")
-    run = run_all(toy_config(tmp, wandb={"mode": "offline", "project": "sdi-test"}))
+    run_all(toy_config(tmp))  # the jobs log nothing (W&B disabled) ...
+    # ... then the same run, switched to offline W&B (not part of the config hash).
+    run = prepare_run(toy_config(tmp, wandb={"mode": "offline", "project": "sdi-test"}))
     home, cwd = tmp / "home", tmp / "cwd"
     home.mkdir()
     cwd.mkdir()
@@ -374,3 +376,11 @@ def test_profile_plot_without_the_full_sdi(tmp_path: Path) -> None:
         tmp_path / "p.png",
     )  # fmt: skip
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_jobs_log_under_their_job_types_grouped_by_run(tmp_path) -> None:
+    run = run_all(toy_config(tmp_path, wandb={"mode": "offline", "project": "sdi-jobs"}))
+    offline = [OfflineRun.read(p) for p in sorted((run.path / "wandb").glob("offline-run-*"))]
+    runs = {o.one("run").job_type: o.one("run") for o in offline}
+    assert sorted(runs) == ["merge", "query", "worker"]
+    assert {r.run_group for r in runs.values()} == {run.path.name}
