@@ -32,7 +32,7 @@ from sdi_pipeline.errors import SDIError
 from sdi_pipeline.jobs import log, setup_logging
 from sdi_pipeline.layout import SlotLayout
 from sdi_pipeline.rundir import RunDir, Unit, enumerate_units
-from sdi_pipeline.store import describe_mismatch, read_meta, read_sketch_file
+from sdi_pipeline.store import UnitReader, describe_mismatch, read_meta, read_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
 
 RESULTS_FORMAT = "sdi-pipeline/results"
@@ -136,6 +136,30 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
     return _Plan(n_train, units, query_meta, unit_meta)
 
 
+def contract_unit(
+    reader: UnitReader,
+    path: Path,
+    query_flat: torch.Tensor,
+    eta: float,
+    sdi: torch.Tensor,
+    matrix: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one (validated) unit and add eta * its contraction with the queries, in place.
+
+    ``query_flat`` is (m, M*S_q). ``sdi`` (n, M*S_q) gets the train sketch summed over slots
+    times ``query_flat`` -- one matmul; ``matrix`` (n, S_tr, M*S_q), if given, the per-slot
+    products. Returns the unit's sketch (valid until the reader's next read) and losses.
+    """
+    sketch, loss = reader.read(path)
+    values = torch.from_numpy(sketch)
+    summed = values if values.dim() == 2 else values.sum(dim=1)
+    sdi.addmm_(summed, query_flat, alpha=eta)
+    if matrix is not None:
+        per_slot = values.reshape(-1, values.shape[-1]) @ query_flat
+        matrix.add_(per_slot.reshape(matrix.shape), alpha=eta)
+    return sketch, loss
+
+
 def run_merge(run_dir: str | Path) -> int:
     """Validate the run and write results.h5."""
     run = RunDir(run_dir)
@@ -174,8 +198,8 @@ def run_merge(run_dir: str | Path) -> int:
     signed = torch.zeros(n_query, s_q, dtype=torch.float64)
     train_norm = torch.zeros(len(etas), s_tr, dtype=torch.float64)
     train_loss = np.zeros((len(etas), n_train), dtype=np.float32)
-    summed = cfg.sketch.train_steps == "summed"
 
+    reader = UnitReader()
     tmp = run.results_path.with_name(f".results.h5.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as out:
@@ -199,22 +223,13 @@ def run_merge(run_dir: str | Path) -> int:
                 sdi = torch.zeros(stop - start, n_query * s_q)
                 matrix = torch.zeros(stop - start, s_tr, n_query * s_q) if d_matrix else None
                 for unit in units:
-                    part = read_sketch_file(run.unit_path(unit))
-                    values = torch.from_numpy(part.sketch)
-                    train_loss[unit.ckpt, start:stop] = part.loss
-                    eta = etas[unit.ckpt]
-                    if not summed:
-                        train_norm[unit.ckpt] += values.double().norm(dim=2).sum(dim=0)
-                    sdi.addmm_(
-                        values if summed else values.sum(dim=1), q_flat[unit.ckpt], alpha=eta
+                    sketch, loss = contract_unit(
+                        reader, run.unit_path(unit), q_flat[unit.ckpt], etas[unit.ckpt], sdi, matrix
                     )
-                    if matrix is not None:
-                        matrix.add_(
-                            (values.reshape(-1, values.shape[-1]) @ q_flat[unit.ckpt]).reshape(
-                                matrix.shape
-                            ),
-                            alpha=eta,
-                        )
+                    train_loss[unit.ckpt, start:stop] = loss
+                    if sketch.ndim == 3:
+                        norms = np.linalg.norm(sketch, axis=2).sum(axis=0)
+                        train_norm[unit.ckpt] += torch.from_numpy(norms).double()
                 sdi3 = sdi.reshape(-1, n_query, s_q)
                 tracin = sdi3.sum(dim=2)
                 d_tracin[start:stop] = tracin.numpy()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 __all__ = [
     "MARKER",
@@ -24,9 +25,9 @@ MARKER: int = 2
 """Token id of the ``=`` answer marker."""
 
 
-@dataclass
-class ParityData:
-    """A parity data set, usable as a map-style ``torch.utils.data.Dataset``.
+@dataclass(eq=False)  # tensors have no boolean equality
+class ParityData(Dataset[dict[str, torch.Tensor]]):
+    """A parity data set: a map-style ``torch.utils.data.Dataset`` of dict items.
 
     Attributes:
         tokens: (N, n_bits + 1) int64 sequences, bits followed by the marker.

@@ -1,0 +1,172 @@
+"""Benchmarks of the distributed core on the toy model, printed side by side in one run.
+
+1. Merge: time per unit of the merge's contraction (HDF5 read + sum over steps + one
+   matmul, `sdi_pipeline.merge.contract_unit`) against a bare torch matmul of the same shapes
+   on tensors already in memory. Target: bare / merge >= 0.5.
+2. Worker peak memory (max RSS of a `sdi-worker` process) at N_train = 1k and 16k.
+   Target: growth under 10%.
+3. Bytes on disk per training example per checkpoint, `train_steps=full` and `summed`.
+
+    python tools/bench/bench_pipeline.py [--threads 2] [--m 1024] [--big 16384]
+
+Run it alone: other processes on the machine distort the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from pipeline_helpers import toy_config  # noqa: E402
+
+from sdi_pipeline.jobs import run_query, run_worker  # noqa: E402
+from sdi_pipeline.merge import contract_unit  # noqa: E402
+from sdi_pipeline.rundir import RunDir, prepare_run  # noqa: E402
+from sdi_pipeline.store import UnitReader, read_sketch_file  # noqa: E402
+
+
+def parity(n: int, seed: int) -> dict[str, Any]:
+    return {
+        "_target_": "sdi_pipeline.toy.parity.make_parity_dataset",
+        "n": n,
+        "n_bits": 6,
+        "seed": seed,
+    }
+
+
+def make_run(tmp: Path, name: str, n_train: int, m: int, steps: str, threads: int) -> RunDir:
+    cfg = toy_config(
+        tmp,
+        run={"name": name},
+        data={
+            "train": parity(n_train, 1),
+            "query": parity(16, 2),
+            "block_size": 512,
+            "batch_size": 64,
+        },
+        sketch={"m": m, "train_steps": steps},
+        runtime={"progress": False, "threads": threads},
+    )
+    cfg["checkpoints"]["paths"] = [str(tmp / "ckpts" / "ckpt-0.pt")]
+    return prepare_run(cfg)
+
+
+def worker_peak_rss_mb(run: RunDir, threads: int) -> tuple[float, float]:
+    """Run one worker process over the whole run; its max RSS (MiB) and wall time (s)."""
+    started = time.perf_counter()
+    code = (
+        "import resource, sys\n"
+        "from sdi_pipeline.jobs import run_worker\n"
+        f"assert run_worker({str(run.path)!r}, 0, 1) == 0\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    env_threads = {"SDI_THREADS": str(threads), "PYTHONPATH": str(ROOT / "tests")}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env_threads},
+    )
+    return int(out.stdout.strip().splitlines()[-1]) / 1024, time.perf_counter() - started
+
+
+def median_time(fn: Any, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--m", type=int, default=1024)
+    parser.add_argument("--small", type=int, default=1024)
+    parser.add_argument("--big", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--queries", type=int, nargs="+", default=[16, 128])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"command: python tools/bench/bench_pipeline.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"torch {torch.__version__}, {args.threads} threads, m={args.m}\n")
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        memory, disk = {}, {}
+        for n in (args.small, args.big):
+            run = make_run(tmp, f"full-{n}", n, args.m, "full", args.threads)
+            assert run_query(run.path) == 0
+            memory[n] = worker_peak_rss_mb(run, args.threads)
+            files = sorted(run.units_dir.glob("*.h5"))
+            disk["full"] = sum(f.stat().st_size for f in files) / n
+            full_run = run
+        summed = make_run(tmp, "summed", args.small, args.m, "summed", args.threads)
+        assert run_query(summed.path) == 0 and run_worker(summed.path, 0, 1) == 0
+        disk["summed"] = sum(f.stat().st_size for f in summed.units_dir.glob("*.h5")) / args.small
+
+        # 1. merge contraction per unit vs a bare matmul of the same shapes. The merge keeps
+        # the query sketches in memory, so random ones of each size stand in for query files.
+        unit = sorted(full_run.units_dir.glob("*.h5"))[0]
+        train = torch.from_numpy(read_sketch_file(unit).sketch)
+        n_unit, slots, m = train.shape
+        reader = UnitReader()
+        merge_times = {}
+        for n_query in args.queries:
+            q_flat = torch.randn(n_query * slots, m).T.contiguous()
+            out = torch.zeros(n_unit, q_flat.shape[1])
+
+            def merge_unit(q_flat: torch.Tensor = q_flat, out: torch.Tensor = out) -> None:
+                contract_unit(reader, unit, q_flat, 1.0, out)
+
+            def bare(q_flat: torch.Tensor = q_flat, out: torch.Tensor = out) -> None:
+                out.addmm_(train.sum(dim=1), q_flat)
+
+            merge_times[n_query] = (
+                median_time(merge_unit, args.repeats),
+                median_time(bare, args.repeats),
+            )
+
+    rss_small, rss_big = memory[args.small][0], memory[args.big][0]
+    n_unit, slots, m = train.shape
+    print("1. merge: one unit (HDF5 read + sum over steps + matmul) vs bare matmul, same shapes")
+    for n_query, (t_merge, t_bare) in merge_times.items():
+        print(
+            f"   unit ({n_unit}, {slots}, {m}) x {n_query:>4} queries: "
+            f"merge {t_merge * 1e3:7.2f} ms"
+            f"   bare {t_bare * 1e3:7.2f} ms   bare/merge {t_bare / t_merge:.2f}"
+        )
+    print("2. worker peak RSS (one process, all units)")
+    for n in (args.small, args.big):
+        print(f"   N_train={n:>6}: {memory[n][0]:8.1f} MiB   ({memory[n][1]:.1f} s)")
+    growth = (rss_big - rss_small) / rss_small
+    print(f"   growth {growth * 100:+.1f}%")
+    print("3. bytes on disk per training example per checkpoint")
+    for kind in ("full", "summed"):
+        alone = 4 * m * (slots if kind == "full" else 1)
+        print(f"   {kind:>6}: {disk[kind]:10.1f} B   (sketch values alone: {alone} B)")
+    print("\ntargets")
+    for n_query, (t_merge, t_bare) in merge_times.items():
+        verdict = "PASS" if t_bare / t_merge >= 0.5 else "FAIL"
+        print(f"  {verdict}  merge bare/merge >= 0.5 at {n_query} queries: {t_bare / t_merge:.2f}")
+    print(f"  {'PASS' if growth < 0.10 else 'FAIL'}  worker RSS growth < 10%: {growth * 100:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
