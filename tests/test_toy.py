@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,7 @@ def test_every_module_sees_batch_dim() -> None:
     b = 3
     shapes: list[tuple[str, torch.Size, torch.Size]] = []
 
-    def make_hook(name: str):  # noqa: ANN202 - local hook factory
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             shapes.append((name, inp[0].shape, out.shape))
 
@@ -156,7 +157,7 @@ def test_dataset_works_with_dataloader() -> None:
     assert len(data) == 10
     item = data[2]
     assert torch.equal(item["tokens"], data.tokens[2])
-    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))  # type: ignore[arg-type]
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
     assert batch["tokens"].shape == (4, 5) and batch["target"].shape == (4,)
 
 
@@ -233,9 +234,20 @@ def test_train_toy_checkpoints(tmp_path: Path) -> None:
 
 
 def test_train_toy_is_deterministic(tmp_path: Path) -> None:
-    kwargs = dict(config=SMALL, n_train=16, n_bits=3, steps=3, batch_size=4, n_checkpoints=1)
-    (a,) = train_toy(tmp_path / "a", progress=False, **kwargs)  # type: ignore[arg-type]
-    (b,) = train_toy(tmp_path / "b", progress=False, **kwargs)  # type: ignore[arg-type]
+    def run(out: Path) -> Path:
+        (path,) = train_toy(
+            out,
+            config=SMALL,
+            n_train=16,
+            n_bits=3,
+            steps=3,
+            batch_size=4,
+            n_checkpoints=1,
+            progress=False,
+        )
+        return path
+
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
     sa = torch.load(a, weights_only=True)["model_state_dict"]
     sb = torch.load(b, weights_only=True)["model_state_dict"]
     assert sa.keys() == sb.keys()
