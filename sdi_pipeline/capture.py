@@ -106,7 +106,7 @@ class StepCapture:
         slot = self._slots[call.module_name][call.use]
         with torch.no_grad():
             self.handlers[call.module_name].contribute(
-                call.activations, grad.detach(), self._buffer[:, slot]
+                call.activations, grad.detach(), self._buffer[slot]
             )
         call.activations = []  # free the inputs as soon as this call is done
 
@@ -138,7 +138,7 @@ class StepCapture:
         return layout
 
     def backward(self, loss: torch.Tensor, buffer: torch.Tensor) -> None:
-        """Backpropagate ``loss.sum()``; each call's contribution lands in ``buffer`` (B, S, W)."""
+        """Backpropagate ``loss.sum()``; each call's contribution lands in ``buffer`` (S, B, W)."""
         self._buffer = buffer
         self._phase = "backward"
         try:

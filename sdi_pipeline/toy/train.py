@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_N_BITS",
     "DEFAULT_N_TRAIN",
     "DEFAULT_STEPS",
+    "HELD_OUT_SEED_OFFSET",
     "checkpoint_steps",
     "load_toy_model",
     "main",
