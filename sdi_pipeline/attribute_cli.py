@@ -10,12 +10,11 @@ match modules, and one real forward/backward of a query batch through the loss.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline import build
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.cli import guarded
 
 
 def preflight(cfg: DictConfig) -> int:
@@ -82,10 +81,4 @@ def run(argv: list[str]) -> int:
     return code
 
 
-def main() -> None:
-    try:
-        code = run(sys.argv[1:])
-    except SDIError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+main = guarded(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdi_pipeline import contract
@@ -45,27 +46,31 @@ def top_table(
 
 
 def plot_step_profiles(
-    sdi: torch.Tensor, slot_names: Sequence[str], path: str | Path, title: str = ""
+    energy: np.ndarray | torch.Tensor,
+    share: np.ndarray | torch.Tensor,
+    slot_names: Sequence[str],
+    path: str | Path,
+    title: str = "",
 ) -> Path:
-    """Plot per-slot SDI energy (median and IQR over queries) and signed share; save PNG."""
+    """Plot per-slot SDI energy and signed share (median and IQR over queries); save PNG.
+
+    ``energy`` and ``share`` are (M, S), as :func:`step_energy` / :func:`signed_share` or
+    results.h5's diagnostics give them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    energy = step_energy(sdi).double()
-    share = signed_share(sdi).double()
     x = list(range(len(slot_names)))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     for ax, values, label in (
         (axes[0], energy, "SDI energy  Σ_i |SDI[i, j, t]|"),
         (axes[1], share, "signed SDI share"),
     ):
-        q25, med, q75 = torch.quantile(
-            values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype), dim=0
-        )
-        ax.plot(x, med.numpy(), marker="o", label="median over queries")
-        ax.fill_between(x, q25.numpy(), q75.numpy(), alpha=0.3, label="interquartile range")
+        q25, med, q75 = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.5, 0.75], 0)
+        ax.plot(x, med, marker="o", label="median over queries")
+        ax.fill_between(x, q25, q75, alpha=0.3, label="interquartile range")
         ax.set_xticks(x, list(slot_names), rotation=45, ha="right")
         ax.set_xlabel("loop step")
         ax.set_ylabel(label)

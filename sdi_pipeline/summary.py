@@ -64,10 +64,10 @@ def print_summary(run: RunDir, k: int = 3) -> None:
 def write_plots(run: RunDir, res: Results) -> list[Path]:
     """Per-step energy and signed share across queries, and one query's trajectories."""
     folder = run.path / "plots"
-    if not res.has_sdi:
-        return []
-    sdi = torch.from_numpy(np.asarray(res.sdi))
-    return [
-        plot_step_profiles(sdi, res.slot_names, folder / "sdi_steps.png"),
-        plot_trajectories(sdi, res.slot_names, 0, folder / "sdi_trajectories_query0.png"),
-    ]
+    names = res.slot_names
+    paths = [plot_step_profiles(res.energy(), res.signed_share(), names, folder / "sdi_steps.png")]
+    if res.has_sdi:  # trajectories need the full SDI tensor (see merge.sdi_max_gb)
+        first_query = torch.from_numpy(np.asarray(res.sdi[:, :1]))
+        trajectories = folder / "sdi_trajectories_query0.png"
+        paths.append(plot_trajectories(first_query, names, 0, trajectories))
+    return paths

@@ -44,9 +44,6 @@ HISTOGRAM_BINS = 64
 # Bytes of TracIn read per chunk when building the histogram: the matrix may not fit in
 # memory (or not twice), so it is streamed in row blocks, twice (range, then counts).
 READ_CHUNK_BYTES = 64 * 2**20
-# The step-profile plot of sdi_pipeline.report needs the whole SDI tensor in memory (and
-# a copy for |SDI|); above this size the same plot is drawn from the merge's diagnostics.
-PLOT_SDI_MAX_BYTES = 256 * 2**20
 # SDI trajectory heatmaps are logged for this many queries (each reads one (N, S) slice).
 TRAJECTORY_QUERIES = 4
 
@@ -402,12 +399,7 @@ def _plots(
 
     slots = list(res.slot_names)
     out: dict[str, Any] = {}
-    profile = folder / "step_profiles.png"
-    sdi_bytes = math.prod(res.sdi.shape) * 4 if res.has_sdi else None
-    if sdi_bytes is not None and sdi_bytes <= PLOT_SDI_MAX_BYTES:
-        report.plot_step_profiles(torch.from_numpy(np.asarray(res.sdi[...])), slots, profile)
-    else:
-        plot_profiles_from_arrays(energy, share, slots, profile)
+    profile = report.plot_step_profiles(energy, share, slots, folder / "step_profiles.png")
     out["sdi/step_profiles"] = wandb.Image(str(profile))
     if res.has_sdi:
         # Only the first queries' (N, q, S) slice, read in one pass over the file's chunks.
@@ -415,36 +407,4 @@ def _plots(
         for j in range(first.shape[1]):
             path = report.plot_trajectories(first, slots, j, folder / f"trajectories-{j}.png")
             out[f"sdi/trajectories/query_{j:05d}"] = wandb.Image(str(path))
-    return out
-
-
-def plot_profiles_from_arrays(
-    energy: np.ndarray, share: np.ndarray, slot_names: Sequence[str], path: str | Path
-) -> Path:
-    """The plot of :func:`sdi_pipeline.report.plot_step_profiles` from (M, S) energy and
-    signed share (results.h5 diagnostics), for runs whose full SDI tensor is not kept."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = list(range(len(slot_names)))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    for ax, values, label in (
-        (axes[0], energy, "SDI energy  Σ_i |SDI[i, j, t]|"),
-        (axes[1], share, "signed SDI share"),
-    ):
-        q25, med, q75 = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.5, 0.75], 0)
-        ax.plot(x, med, marker="o", label="median over queries")
-        ax.fill_between(x, q25, q75, alpha=0.3, label="interquartile range")
-        ax.set_xticks(x, list(slot_names), rotation=45, ha="right")
-        ax.set_xlabel("loop step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].axhline(0.0, color="black", linewidth=0.8)
-    axes[0].legend(loc="best", fontsize=8)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -34,24 +34,9 @@ def parity(n: int, seed: int) -> dict[str, Any]:
     }
 
 
-def write_checkpoints(folder: Path, n: int = 2) -> list[Path]:
-    """``n`` toy checkpoints with different weights and learning rates 0.1, 0.2, ..."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        model = make_model(seed=i)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1 * (i + 1))
-        path = folder / f"ckpt-{i}.pt"
-        torch.save(
-            {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}, path
-        )
-        paths.append(path)
-    return paths
-
-
 def toy_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A complete run config over toy checkpoints in ``tmp_path``; ``sections`` override."""
-    write_checkpoints(tmp_path / "ckpts")
+    write_toy_checkpoints(tmp_path / "ckpts")
     cfg: dict[str, Any] = {
         "model": copy.deepcopy(MODEL),
         "checkpoints": {"paths": [str(tmp_path / "ckpts" / "ckpt-*.pt")]},

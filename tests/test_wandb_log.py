@@ -35,9 +35,10 @@ from pipeline_helpers import toy_config
 
 from sdi_pipeline.jobs import run_query, run_worker
 from sdi_pipeline.merge import run_merge
+from sdi_pipeline.report import plot_step_profiles
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir, prepare_run
-from sdi_pipeline.wandb_log import WandbLogger, plot_profiles_from_arrays
+from sdi_pipeline.wandb_log import WandbLogger
 
 # -- reading wandb's offline files ----------------------------------------------------------
 
@@ -371,7 +372,7 @@ def test_disabled_imports_nothing_and_writes_nothing(logged: Logged, tmp_path: P
 
 def test_profile_plot_without_the_full_sdi(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    path = plot_profiles_from_arrays(
+    path = plot_step_profiles(
         rng.random((7, 5)), rng.standard_normal((7, 5)), [f"step {t}" for t in range(5)],
         tmp_path / "p.png",
     )  # fmt: skip

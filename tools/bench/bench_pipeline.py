@@ -28,21 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline_helpers import toy_config  # noqa: E402
+from pipeline_helpers import parity, toy_config  # noqa: E402
 
 from sdi_pipeline.jobs import run_query, run_worker  # noqa: E402
 from sdi_pipeline.merge import contract_unit  # noqa: E402
 from sdi_pipeline.rundir import RunDir, prepare_run  # noqa: E402
 from sdi_pipeline.store import UnitReader, read_sketch_file  # noqa: E402
-
-
-def parity(n: int, seed: int) -> dict[str, Any]:
-    return {
-        "_target_": "sdi_pipeline.toy.parity.make_parity_dataset",
-        "n": n,
-        "n_bits": 6,
-        "seed": seed,
-    }
 
 
 def make_run(tmp: Path, name: str, n_train: int, m: int, steps: str, threads: int) -> RunDir:
@@ -58,7 +49,7 @@ def make_run(tmp: Path, name: str, n_train: int, m: int, steps: str, threads: in
         sketch={"m": m, "train_steps": steps},
         runtime={"progress": False, "threads": threads},
     )
-    cfg["checkpoints"]["paths"] = [str(tmp / "ckpts" / "ckpt-0.pt")]
+    cfg["checkpoints"]["paths"] = [str(tmp / "ckpts" / "ckpt-000000.pt")]
     return prepare_run(cfg)
 
 
