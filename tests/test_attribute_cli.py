@@ -172,3 +172,17 @@ def test_checkpoint_that_does_not_fit_the_model_fails_before_submission(tmp_path
 
 def test_conf_dir_is_the_repositorys(tmp_path) -> None:
     assert conf_dir() == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_prepare_launcher_creates_the_run_and_prints_the_by_hand_commands(tmp_path, capsys) -> None:
+    assert attribute_main(cli_overrides(tmp_path, "launcher=prepare", "launcher.workers=8")) == 0
+    out = capsys.readouterr().out
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    assert f"sdi-worker run_dir={run_path} rank=R world_size=8" in out
+    run = RunDir(run_path)
+    assert run.config_path.exists() and not list(run.completions_dir.iterdir())
+
+
+@pytest.mark.parametrize("script", sorted((conf_dir().parent / "slurm").glob("*.s*")))
+def test_slurm_templates_are_valid_bash(script: Path) -> None:
+    subprocess.run(["bash", "-n", str(script)], check=True)
