@@ -174,3 +174,52 @@ def test_sketches_do_not_depend_on_module_registration_order(model, batch) -> No
         [batch], parity_loss
     )
     assert _digest(other_seed.values) != _digest(after)
+
+
+def _sketch_all(kind: str, seed: int, a, b):
+    """Sketch two inputs with the same random map (one hash seed) for one kernel."""
+    from sdi_pipeline.sketch.kernels import count_sketch
+
+    m = 16
+    if kind == "count":
+        h = make_count_sketch_hash(seed, "p", "vec", a.shape[1], m)
+        return count_sketch(a, h), count_sketch(b, h)
+    rows, cols = (5, 4)
+    h_row = make_count_sketch_hash(seed, "w", "row", rows, m)
+    h_col = make_count_sketch_hash(seed, "w", "col", cols, m)
+    if kind == "embedding":
+        return tuple(embedding_weight(ids, d, h_row, h_col, None) for ids, d in (a, b))
+    outs = []
+    for delta, x in (a, b):
+        out = torch.zeros(1, m)
+        linear_weight_dense(delta, x, h_row, h_col, induced_buckets(h_row, h_col), out, Workspace())
+        outs.append(out)
+    return tuple(outs)
+
+
+@pytest.mark.parametrize("kind", ["count", "linear", "embedding"])
+def test_sketch_maps_are_unbiased_for_non_centred_inputs(kind: str) -> None:
+    # All-positive inputs: a map without zero-mean random signs would be biased by about
+    # (sum g)(sum g') / m, far outside the tolerance.
+    gen = torch.Generator().manual_seed(0)
+    if kind == "count":
+        a, b = torch.rand(1, 40, generator=gen) + 0.5, torch.rand(1, 40, generator=gen) + 0.5
+        truth = float(a @ b.T)
+    elif kind == "linear":
+        a = (torch.rand(1, 3, 5, generator=gen) + 0.5, torch.rand(1, 3, 4, generator=gen) + 0.5)
+        b = (torch.rand(1, 3, 5, generator=gen) + 0.5, torch.rand(1, 3, 4, generator=gen) + 0.5)
+        ga, gb = (torch.einsum("bto,bti->oi", d, x) for d, x in (a, b))
+        truth = float((ga * gb).sum())
+    else:
+        a = (torch.tensor([[0, 2, 2]]), torch.rand(1, 3, 4, generator=gen) + 0.5)
+        b = (torch.tensor([[2, 1, 3]]), torch.rand(1, 3, 4, generator=gen) + 0.5)
+        ga, gb = torch.zeros(5, 4), torch.zeros(5, 4)
+        for g, (ids, d) in ((ga, a), (gb, b)):
+            g.index_add_(0, ids[0], d[0])
+        truth = float((ga * gb).sum())
+    n = 400
+    est = torch.tensor(
+        [float((lambda s: (s[0] * s[1]).sum())(_sketch_all(kind, seed, a, b))) for seed in range(n)]
+    )
+    z = (float(est.mean()) - truth) / (float(est.std()) / n**0.5)
+    assert abs(z) < 4.5, (kind, truth, float(est.mean()), z)
