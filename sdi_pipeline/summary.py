@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +53,18 @@ def print_summary(run: RunDir, k: int = 3) -> None:
         plots = write_plots(run, res)
     print(f"\nplots: {', '.join(str(p) for p in plots)}")
     print(f"results: {run.results_path}")
+    # The interpreter that ran this (the project's .venv), so the command works as shown.
+    local = sys.prefix.startswith(os.getcwd())
+    python = os.path.relpath(sys.executable) if local else "python"
+    bin_dir = os.path.dirname(python) + "/" if local else ""
     print(
-        'look further:  python -c "from sdi_pipeline.results import Results; '
+        f'look further:  {python} -c "from sdi_pipeline.results import Results; '
         f"r = Results.open('{run.path}'); print(r.topk(0, 5, step=0))\""
     )
-    print(f"               sdi-status run_dir={run.path}")
+    print(f"               {bin_dir}sdi-status run_dir={run.path}")
     print(
-        "on a cluster:  sdi-attribute launcher=slurm launcher.array_size=16 launcher.partition=..."
+        f"on a cluster:  {bin_dir}sdi-attribute launcher=slurm launcher.array_size=16 "
+        "launcher.partition=..."
     )
 
 
