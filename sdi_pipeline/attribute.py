@@ -68,7 +68,7 @@ def attribute(
     if not specs:
         raise SDIError("no checkpoints given")
     featurizer = StepFeaturizer(model, targets, spec, expected_steps=expected_steps)
-    sdi = tracin = matrix = None
+    sdi = matrix = None
     etas: list[float] = []
     layouts: tuple[SlotLayout, SlotLayout] | None = None
     for k, ck in enumerate(specs):

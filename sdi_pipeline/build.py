@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from sdi_pipeline.errors import SDIError
@@ -103,8 +103,3 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
-
-
-def plain(node: Any) -> Any:
-    """A config node as plain Python data."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

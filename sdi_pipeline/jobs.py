@@ -34,7 +34,7 @@ from sdi_pipeline.checkpoints import (
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
-from sdi_pipeline.rundir import RunDir, Unit, enumerate_units, write_json_atomic
+from sdi_pipeline.rundir import RunDir, Unit, run_units, write_json_atomic
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
@@ -190,10 +190,6 @@ class JobContext:
                 signal.signal(s, h)
 
 
-def train_units(ctx: JobContext, n_train: int) -> list[Unit]:
-    return enumerate_units(len(ctx.checkpoints), n_train, int(ctx.cfg.data.block_size))
-
-
 def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
     """Sketch this rank's units (``units[rank::world_size]``) that are not done yet.
 
@@ -211,7 +207,7 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
 def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
-    mine = train_units(ctx, len(train))[rank::world_size]
+    mine = run_units(ctx.cfg, len(train))[rank::world_size]
     todo = [u for u in mine if not run.is_done(u)]
     log.info(
         "rank %d/%d on %s (%s): %d units, %d already done",

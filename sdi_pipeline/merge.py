@@ -31,7 +31,7 @@ from sdi_pipeline.config import config_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.jobs import log, setup_logging
 from sdi_pipeline.layout import SlotLayout
-from sdi_pipeline.rundir import RunDir, Unit, enumerate_units
+from sdi_pipeline.rundir import RunDir, Unit, run_units
 from sdi_pipeline.store import UnitReader, describe_mismatch, read_meta, read_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
 
@@ -68,7 +68,7 @@ class _Plan:
 
 def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
     n_ckpt = len(cfg.checkpoints.paths)
-    units = enumerate_units(n_ckpt, n_train, int(cfg.data.block_size))
+    units = run_units(cfg, n_train)
     digest = config_hash(cfg)
     problems: list[str] = []
     query_meta: list[dict[str, Any]] = []

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from sdi_pipeline import contract
 
 
 def step_energy(sdi: torch.Tensor) -> torch.Tensor:
@@ -26,23 +24,6 @@ def signed_share(sdi: torch.Tensor) -> torch.Tensor:
     per_slot = sdi.sum(dim=0)
     total = per_slot.abs().sum(dim=1, keepdim=True)
     return per_slot / total.clamp_min(torch.finfo(per_slot.dtype).tiny)
-
-
-def top_table(
-    scores: torch.Tensor,
-    query: int,
-    k: int,
-    describe: Callable[[int], str],
-    sign: contract.Sign = "positive",
-) -> list[str]:
-    """Lines of a table of the top-k train examples of one query for (N, M) ``scores``."""
-    top = contract.top_k(scores[:, query : query + 1], k, sign)
-    lines = []
-    for rank, (idx, score) in enumerate(zip(top.indices[0], top.scores[0], strict=True), 1):
-        lines.append(
-            f"  {rank:>2}. train #{int(idx):<5d} score {float(score):+.3e}  {describe(int(idx))}"
-        )
-    return lines
 
 
 def plot_step_profiles(

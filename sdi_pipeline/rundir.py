@@ -55,6 +55,11 @@ def enumerate_units(n_checkpoints: int, n_train: int, block_size: int) -> list[U
     ]
 
 
+def run_units(cfg: DictConfig, n_train: int) -> list[Unit]:
+    """The units of a run with this config and ``n_train`` training examples."""
+    return enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from sdi_pipeline import build
-from sdi_pipeline.rundir import RunDir, enumerate_units
+from sdi_pipeline.rundir import RunDir, run_units
 
 
 @dataclass
@@ -25,7 +25,7 @@ def run_status(run: RunDir) -> RunStatus:
     status = RunStatus(merged=run.results_path.exists())
     for k in range(len(cfg.checkpoints.paths)):
         (status.query_done if run.query_path(k).exists() else status.query_missing).append(k)
-    for unit in enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size)):
+    for unit in run_units(cfg, n_train):
         if run.is_done(unit):
             status.done.append(unit.name)
         elif run.failure_path(unit).exists():

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from sdi_pipeline.rundir import RunDir, enumerate_units
+from sdi_pipeline.rundir import RunDir, run_units
 
 EXIT_CTRL_C = 130
 
@@ -75,7 +75,7 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     cores = os.cpu_count() or 1
     threads = int(cfg.launcher.threads_per_worker or max(1, cores // workers))
     gpus = torch.cuda.device_count()
-    units = enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size))
+    units = run_units(cfg, n_train)
     quiet = {"SDI_PROGRESS": "0"}
     try:
         print(f"[sdi] query sketches ({len(cfg.checkpoints.paths)} checkpoints) ...", flush=True)

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.rundir import RunDir, enumerate_units, write_json_atomic
+from sdi_pipeline.rundir import RunDir, run_units, write_json_atomic
 
 
 class _Task:
@@ -103,7 +103,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         print(f"[sdi] {run.results_path} exists: nothing to submit")
         return 0
     world = int(cfg.launcher.array_size)
-    units = enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size))
+    units = run_units(cfg, n_train)
     ranks = [r for r in range(world) if any(not run.is_done(u) for u in units[r::world])]
     need_query = any(not run.query_path(k).exists() for k in range(len(cfg.checkpoints.paths)))
     after: list[str] = []
