@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ def read_records(path: Path) -> list[Any]:
             pos += _BLOCK - pos % _BLOCK
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if pos + _HEADER + length > len(data):  # a chunk still being written
+            break
         chunk = data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind == 0:  # zero padding at the end of the last block
@@ -77,6 +80,18 @@ def _set(target: dict[str, Any], item: Any) -> None:
     for key in keys[:-1]:
         target = target.setdefault(key, {})
     target[keys[-1]] = json.loads(item.value_json)
+
+
+def _read_finished(folder: Path, timeout_s: float = 60.0) -> OfflineRun:
+    """The offline run in ``folder``, once its log holds the exit record (a finished run)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = OfflineRun.read(folder)
+        kinds = [r.WhichOneof("record_type") for r in run.records]
+        if "exit" in kinds:
+            return run
+        assert time.monotonic() < deadline, f"{folder}: no exit record after {timeout_s}s: {kinds}"
+        time.sleep(0.2)
 
 
 @dataclass
@@ -178,6 +193,12 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
             for unit in stats:
                 wb.log_unit(unit)
             raise RuntimeError("boom")
+        # wandb-core writes the transaction logs asynchronously and may still hold the
+        # tail after run.finish() returns (a job's process exit waits for it in wandb's
+        # atexit hook); the test process lives on, so wait for it as that hook does.
+        import wandb
+
+        wandb.teardown()
         # The logger's own settings are undone (wandb itself sets WANDB_SERVICE).
         ours = (
             "WANDB_CACHE_DIR",
@@ -187,7 +208,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
             "WANDB_ERROR_REPORTING",
         )
         assert not [v for v in ours if v in os.environ], "environment not restored"
-    offline = [OfflineRun.read(p) for p in sorted((run.path / "wandb").glob("offline-run-*"))]
+    offline = [_read_finished(p) for p in sorted((run.path / "wandb").glob("offline-run-*"))]
     by_job = {o.one("run").job_type: o for o in offline}
     assert sorted(by_job) == ["merge", "worker"]
     return Logged(run, by_job["merge"], by_job["worker"], stats, home, cwd)
