@@ -88,7 +88,9 @@ class JobContext:
     """What every job builds from a config: model, loss, featurizer, checkpoints.
 
     ``SDI_THREADS`` and ``SDI_PROGRESS=0`` in the environment (set by the local launcher
-    for its parallel workers) override ``runtime.threads`` and ``runtime.progress``.
+    for its parallel workers) override ``runtime.threads`` and ``runtime.progress``. With
+    neither, a SLURM job uses its allocation (``SLURM_CPUS_PER_TASK``), not every core of
+    the node.
     """
 
     def __init__(self, cfg: DictConfig, run: RunDir | None = None) -> None:
@@ -96,7 +98,11 @@ class JobContext:
         self.cfg = cfg
         self.hash = config_hash(self.cfg)
         self.train_hash = train_hash(self.cfg)
-        threads = os.environ.get("SDI_THREADS") or self.cfg.runtime.threads
+        threads = (
+            os.environ.get("SDI_THREADS")
+            or self.cfg.runtime.threads
+            or os.environ.get("SLURM_CPUS_PER_TASK")
+        )
         if threads:
             torch.set_num_threads(int(threads))
         self.progress = bool(self.cfg.runtime.progress) and os.environ.get("SDI_PROGRESS") != "0"

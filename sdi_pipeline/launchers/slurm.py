@@ -41,7 +41,16 @@ class _Task:
         if code == EXIT_INTERRUPTED and os.environ.get("SLURM_JOB_ID"):
             # Stopped by SIGTERM (preemption, scancel --signal=TERM): go back in the queue;
             # the requeued task resumes from the completion markers.
-            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+            job_id = os.environ["SLURM_JOB_ID"]
+            done = subprocess.run(
+                ["scontrol", "requeue", job_id], capture_output=True, text=True, check=False
+            )
+            if done.returncode == 0:
+                raise RuntimeError(f"sdi {self.job} stopped by a signal; job {job_id} requeued")
+            raise RuntimeError(
+                f"sdi {self.job} stopped by a signal and `scontrol requeue {job_id}` failed "
+                f"({done.stderr.strip()}); run the same sdi-attribute command to resubmit"
+            )
         if code != 0:
             raise RuntimeError(f"sdi {self.job} exited with status {code}")
         return code
