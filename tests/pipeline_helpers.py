@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 from conftest import make_model
+from torch.utils.data import Dataset
 
+from sdi_pipeline.toy.checkpoints import parity_from_checkpoints
 from sdi_pipeline.toy.parity import parity_loss
 
 MODEL = {
@@ -59,6 +61,32 @@ def slow_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """The parity loss, slowed down so a test can kill a worker in the middle of a unit."""
     time.sleep(float(os.environ.get("SDI_TEST_BATCH_SECONDS", "0.3")))
     return parity_loss(model, batch)
+
+
+class CorruptibleData(Dataset):
+    """A data set whose example ``bad_index`` cannot be read while the file ``flag`` exists.
+
+    Stands for a corrupted input in one block: the worker that reads it fails, the others
+    do not, and removing ``flag`` is the fix.
+    """
+
+    def __init__(self, data: Dataset, bad_index: int, flag: str) -> None:
+        self.data, self.bad_index, self.flag = data, bad_index, Path(flag)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self.bad_index and self.flag.exists():
+            raise ValueError(f"example {i} is corrupted ({self.flag} exists)")
+        return self.data[i]
+
+
+def corruptible_parity(
+    paths: list[str] | str, bad_index: int, flag: str, split: str = "train", limit: int = 40
+) -> CorruptibleData:
+    """The toy's parity training set with one corruptible example (see CorruptibleData)."""
+    return CorruptibleData(parity_from_checkpoints(paths, split, limit), bad_index, flag)
 
 
 def write_toy_checkpoints(folder: Path, n: int = 2, n_train: int = 40) -> list[Path]:
