@@ -46,6 +46,7 @@ SLOW_LOSS = "analysis.loss._target_=pipeline_helpers.slow_parity_loss"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING", "CONFIGURING",
           "SUSPENDED", "RESIZING", "REQUEUE_FED"}  # fmt: skip
 JOB_TIMEOUT_S = 300
+LOCAL_CLUSTER = "sdilocal"  # ClusterName in slurm/local-cluster.sh's slurm.conf
 
 
 def _out(*cmd: str) -> str:
@@ -65,6 +66,10 @@ def _cluster_missing() -> str | None:
         return f"{' '.join(map(str, err.cmd))} failed: {getattr(err, 'stderr', '')}".strip()
     if not any(s.rstrip("*") in ("idle", "mixed", "allocated") for s in states):
         return f"no node is up (sinfo: {' '.join(states) or 'no nodes'})"
+    name = re.search(r"^ClusterName\s*=\s*(\S+)", _out("scontrol", "show", "config"), re.M)
+    if (name and name[1]) != LOCAL_CLUSTER and os.environ.get("SDI_SLURM_TESTS") != "1":
+        # Never queue test jobs on a real cluster by accident.
+        return f"cluster {name and name[1]!r} is not {LOCAL_CLUSTER!r}; SDI_SLURM_TESTS=1 uses it"
     return None
 
 
