@@ -62,8 +62,11 @@ def _cluster_missing() -> str | None:
             return "slurmctld does not answer `scontrol ping`"
         _out("sacct", "-n", "-X", "-S", "now")
         states = _out("sinfo", "-h", "-o", "%T").split()
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        return f"{' '.join(map(str, err.cmd))} failed: {getattr(err, 'stderr', '')}".strip()
+    except subprocess.TimeoutExpired as err:
+        return f"`{' '.join(map(str, err.cmd))}` timed out"
+    except subprocess.CalledProcessError as err:
+        said = " ".join((err.stderr or err.stdout or "").split())
+        return f"`{' '.join(map(str, err.cmd))}` failed: {said or f'exit {err.returncode}'}"
     if not any(s.rstrip("*") in ("idle", "mixed", "allocated") for s in states):
         return f"no node is up (sinfo: {' '.join(states) or 'no nodes'})"
     name = re.search(r"^ClusterName\s*=\s*(\S+)", _out("scontrol", "show", "config"), re.M)
