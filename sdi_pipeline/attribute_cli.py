@@ -70,11 +70,13 @@ def run(argv: list[str]) -> int:
     if cfg.launcher.name == "slurm":
         from sdi_pipeline.launchers.slurm import launch_slurm
 
-        return launch_slurm(run_dir, run_dir.load_config(), n_train)
-    from sdi_pipeline.launchers.local import launch_local
+        code = launch_slurm(run_dir, run_dir.load_config(), n_train)
+    else:
+        from sdi_pipeline.launchers.local import launch_local
 
-    code = launch_local(run_dir, run_dir.load_config(), n_train)
-    if code == 0:
+        code = launch_local(run_dir, run_dir.load_config(), n_train)
+    # SLURM returns once submitted: the same command after the merge prints the summary.
+    if code == 0 and run_dir.results_path.exists():
         from sdi_pipeline.summary import print_summary
 
         print_summary(run_dir)

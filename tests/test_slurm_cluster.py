@@ -191,7 +191,9 @@ def test_launcher_runs_query_array_and_dependent_merge(cluster, tmp_path, local_
     # The merge started only after the query job and every array task had ended.
     assert rows[merge]["Start"] >= max(r["End"] for j, r in rows.items() if j != merge)
     _assert_same_results(run.results_path, local_results)
-    assert "nothing to submit" in _attribute(tmp_path, *SLURM, "launcher.array_size=3")
+    again = _attribute(tmp_path, *SLURM, "launcher.array_size=3")
+    assert "nothing to submit" in again and "top 3 overall (TracIn)" in again, again
+    assert (run.path / "plots" / "sdi_steps.png").exists()
 
 
 def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(

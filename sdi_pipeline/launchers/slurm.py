@@ -145,4 +145,5 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     print(f"[sdi] run dir: {run.path}")
     print(f"[sdi] follow: squeue -j {ids}   |   sdi-status run_dir={run.path}")
     print(f"[sdi] logs: {Path(run.logs_dir)} and {run.path / 'slurm'}")
+    print("[sdi] once merged, the same command prints the top examples and writes the plots")
     return 0
