@@ -56,6 +56,7 @@ def run(argv: list[str]) -> int:
     cfg.checkpoints.paths = build.resolve_checkpoints(list(cfg.checkpoints.paths))
     n_train = preflight(cfg)
     run_dir = prepare_run(cfg)
+    run_dir.record_train_size(n_train)
     print(f"[sdi] run dir {run_dir.path} ({n_train} training examples)", flush=True)
     if cfg.launcher.name == "prepare":
         world = int(cfg.launcher.workers)

@@ -213,6 +213,7 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
 def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
+    run.check_train_size(len(train))
     mine = run_units(ctx.cfg, len(train))[rank::world_size]
     todo = [u for u in mine if not run.is_done(u)]
     log.info(

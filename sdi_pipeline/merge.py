@@ -166,6 +166,7 @@ def run_merge(run_dir: str | Path) -> int:
     setup_logging(run, "merge")
     cfg = run.load_config()
     n_train = len(build.build_dataset(cfg, "train"))
+    run.check_train_size(n_train)
     plan = _validate(run, cfg, n_train)
     started = time.perf_counter()
     queries = []

@@ -90,6 +90,35 @@ class RunDir:
         return self.path / "train.hash"
 
     @property
+    def train_size_path(self) -> Path:
+        return self.path / "train.size"
+
+    def recorded_train_size(self) -> int | None:
+        """The number of training examples the run was prepared with, if recorded."""
+        if not self.train_size_path.exists():
+            return None
+        return int(json.loads(self.train_size_path.read_text())["n_train"])
+
+    def check_train_size(self, n_train: int) -> None:
+        """Refuse a training set whose size changed since the run was prepared.
+
+        Units are blocks of example indices; a data set that grew or shrank under the same
+        config would silently shift them.
+        """
+        recorded = self.recorded_train_size()
+        if recorded is not None and recorded != n_train:
+            raise SDIError(
+                f"data.train has {n_train} examples, but run {self.path} was prepared with "
+                f"{recorded} ({self.train_size_path.name}): the data changed under the same "
+                "config. Restore it, or start a new run (another run.name or run.id)"
+            )
+
+    def record_train_size(self, n_train: int) -> None:
+        """Record the training set's size (checked against an earlier record)."""
+        self.check_train_size(n_train)
+        write_json_atomic(self.train_size_path, {"n_train": n_train})
+
+    @property
     def units_dir(self) -> Path:
         return self.path / "units"
 

@@ -21,7 +21,10 @@ class RunStatus:
 
 def run_status(run: RunDir) -> RunStatus:
     cfg = run.load_config()
-    n_train = len(build.build_dataset(cfg, "train"))
+    # The recorded size spares building the user's data set (and importing its code).
+    n_train = run.recorded_train_size()
+    if n_train is None:
+        n_train = len(build.build_dataset(cfg, "train"))
     status = RunStatus(merged=run.results_path.exists())
     for k in range(len(cfg.checkpoints.paths)):
         (status.query_done if run.query_path(k).exists() else status.query_missing).append(k)

@@ -18,9 +18,12 @@ from sdi_pipeline.attribute import attribute
 from sdi_pipeline.attribute_cli import run as attribute_main
 from sdi_pipeline.compose import compose_config, conf_dir
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.jobs import run_worker
+from sdi_pipeline.merge import run_merge
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
 from sdi_pipeline.sketch.spec import SketchSpec
+from sdi_pipeline.status import run_status
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -186,3 +189,31 @@ def test_prepare_launcher_creates_the_run_and_prints_the_by_hand_commands(tmp_pa
 @pytest.mark.parametrize("script", sorted((conf_dir().parent / "slurm").glob("*.s*")))
 def test_slurm_templates_are_valid_bash(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_a_training_set_that_changed_size_is_refused_by_every_job(tmp_path) -> None:
+    rows = np.arange(60).reshape(6, 10) % 3
+    np.save(tmp_path / "train.npy", rows)
+    np.save(tmp_path / "query.npy", rows[:2])
+    overrides = cli_overrides(
+        tmp_path,
+        "launcher=prepare",
+        "data=tokens",
+        f"data.train.path={tmp_path}/train.npy",
+        f"data.query.path={tmp_path}/query.npy",
+        "data.train.limit=null",
+        "data.query.limit=null",
+    )
+    assert attribute_main(overrides) == 0
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    run = RunDir(run_path)
+    assert run.recorded_train_size() == 6
+    np.save(tmp_path / "train.npy", np.concatenate([rows, rows[:2]]))  # grew under the config
+    with pytest.raises(SDIError, match=r"data\.train has 8 examples, but run"):
+        attribute_main(overrides)
+    for job in (lambda: run_worker(run_path, 0, 1), lambda: run_merge(run_path)):
+        with pytest.raises(SDIError, match=r"was prepared with 6 \(train.size\)"):
+            job()
+    # sdi-status reads the recorded size: it needs neither the data nor its code.
+    (tmp_path / "train.npy").unlink()
+    assert len(run_status(run).missing) == 2
