@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from pipeline_helpers import cli_overrides
 
-from sdi_pipeline.rundir import RunDir, run_units
+from sdi_pipeline.rundir import RunDir, Unit, run_units
 from sdi_pipeline.status import run_status
 
 pytestmark = pytest.mark.slurm
@@ -212,6 +212,8 @@ def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(
     first = _submitted(run)
     merge_state = _wait(first["merge"], run)
     assert merge_state == "CANCELLED", _diagnostics(run)  # kill-on-invalid-dep
+    for task in first["workers"]["tasks"]:  # every worker has ended before the rerun
+        _wait(task, run)
     (merge_row,) = _sacct(first["merge"])
     assert merge_row["Start"] in ("None", "Unknown") or merge_row["Start"] >= merge_row["End"]
     assert not run.results_path.exists() and not (run.logs_dir / "merge.log").exists()
@@ -234,7 +236,7 @@ def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(
         assert "example 20 is corrupted" in Path(info["log"]).read_text()
         assert tasks[f"{first['workers']['array']}_{info['rank']}"] == "FAILED"
 
-    units = run_units(run.load_config(), 40)
+    units = _units(run)
     world = 3
     unfinished = sorted({r for r in range(world) for u in units[r::world] if not run.is_done(u)})
     finished_before = _done_times(run)
@@ -251,22 +253,37 @@ def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(
     _assert_same_results(run.results_path, local_results)
 
 
-def _wait_for_first_units(run: RunDir, world: int, timeout: float = JOB_TIMEOUT_S) -> None:
-    """Until every rank has finished at least one unit (and so is mid-run)."""
-    units = run_units(run.load_config(), 40)
+def _interrupt_after_first_unit(
+    run: RunDir, world: int, actions: dict[int, list[str]], timeout: float = JOB_TIMEOUT_S
+) -> dict[str, int]:
+    """Run ``actions[rank]`` (a command) as soon as that rank has finished a unit, so it is
+    caught mid-run; returns the completion times of the units done by then."""
+    units = _units(run)
+    before: dict[str, int] = {}
     deadline = time.monotonic() + timeout
-    while not all(any(run.is_done(u) for u in units[r::world]) for r in range(world)):
+    while actions:
+        for rank in list(actions):
+            if any(run.is_done(u) for u in units[rank::world]):
+                _out(*actions.pop(rank))
+                before |= _done_times(run)
         if time.monotonic() > deadline:
             pytest.fail(f"workers made no progress in {timeout:.0f}s\n{_diagnostics(run)}")
         time.sleep(0.1)
+    return before
+
+
+def _units(run: RunDir) -> list[Unit]:
+    size = run.recorded_train_size()
+    assert size is not None
+    return run_units(run.load_config(), size)
 
 
 def _done_times(run: RunDir) -> dict[str, int]:
-    units = run_units(run.load_config(), 40)
+    units = _units(run)
     return {u.name: run.marker_path(u).stat().st_mtime_ns for u in units if run.is_done(u)}
 
 
-def _assert_resumed(run: RunDir, rank: int, before: dict[str, int]) -> None:
+def _assert_resumed(run: RunDir, rank: int) -> None:
     log = (run.logs_dir / f"worker-{rank:04d}.log").read_text()
     assert "received SIGTERM: stopping after the current batch" in log, log
     starts = re.findall(r"rank \d+/\d+ on .*: (\d+) units, (\d+) already done", log)
@@ -281,15 +298,16 @@ def test_preempted_workers_requeue_resume_and_keep_finished_units(
     run = _run_dir(_attribute(tmp_path, *SLURM, "launcher.array_size=2", SLOW_LOSS, env=env))
     jobs = _submitted(run)
     array = jobs["workers"]["array"]
-    _wait_for_first_units(run, world=2)
-    before = _done_times(run)
     # Preemption as a cluster does it (SIGTERM, the task requeues itself), and a requeue by
     # an administrator.
-    _out("scancel", "--signal=TERM", f"{array}_0")
-    _out("scontrol", "requeue", f"{array}_1")
+    actions = {
+        0: ["scancel", "--signal=TERM", f"{array}_0"],
+        1: ["scontrol", "requeue", f"{array}_1"],
+    }
+    before = _interrupt_after_first_unit(run, 2, actions)
     assert _wait(jobs["merge"], run) == "COMPLETED", _diagnostics(run)
     for rank in (0, 1):
-        _assert_resumed(run, rank, before)
+        _assert_resumed(run, rank)
     after = _done_times(run)
     assert all(after[name] == t for name, t in before.items())  # not recomputed
     assert len(after) == 6
@@ -309,13 +327,13 @@ def test_sbatch_templates_run_and_requeue_on_the_cluster(cluster, tmp_path, loca
     ids = re.search(r"query (\d+)\s+workers (\d+) .*merge (\d+)", submit.stdout)
     assert ids, submit.stdout
     _query, array, merge = ids.groups()
-    _wait_for_first_units(run, world=2)
-    before = _done_times(run)
     # The template's worker is a child of the batch shell, which traps TERM (as sent by
     # --signal=B:TERM before the time limit) and requeues the task.
-    _out("scancel", "--batch", "--signal=TERM", f"{array}_0")
+    before = _interrupt_after_first_unit(
+        run, 2, {0: ["scancel", "--batch", "--signal=TERM", f"{array}_0"]}
+    )
     assert _wait(merge, run) == "COMPLETED", _diagnostics(run)
-    _assert_resumed(run, 0, before)
+    _assert_resumed(run, 0)
     after = _done_times(run)
     assert all(after[name] == t for name, t in before.items())
     tasks = {r["JobID"]: r["State"] for r in _sacct(array)}
