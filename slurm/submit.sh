@@ -16,5 +16,16 @@ query=$(submit --output="$logs/sbatch-query-%j.out" "$@" "$here/query.sbatch")
 workers=$(submit --array="$array" --output="$logs/sbatch-worker-%A_%a.out" "$@" "$here/worker.sbatch")
 merge=$(submit --dependency="afterok:$query:$workers" --kill-on-invalid-dep=yes \
     --output="$logs/sbatch-merge-%j.out" "$@" "$here/merge.sbatch")
+# Recorded where sdi-status looks for the run's jobs (the same file launcher=slurm writes).
+python3 - "$RUN_DIR" "$query" "$workers" "$array" "$merge" <<'EOF'
+import json, os, sys
+run_dir, query, workers, array, merge = sys.argv[1:]
+path = os.path.join(run_dir, "commands", "slurm.json")
+os.makedirs(os.path.dirname(path), exist_ok=True)
+with open(path + ".tmp", "w") as f:
+    json.dump({"run_dir": run_dir, "query": query, "merge": merge,
+               "workers": {"array": workers, "spec": array}, "via": "slurm/submit.sh"}, f)
+os.replace(path + ".tmp", path)
+EOF
 echo "query $query  workers $workers (array $array)  merge $merge"
 echo "follow: squeue -j $query,$workers,$merge   |   sdi-status run_dir=$RUN_DIR"

@@ -23,7 +23,7 @@ from sdi_pipeline.merge import run_merge
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
 from sdi_pipeline.sketch.spec import SketchSpec
-from sdi_pipeline.status import run_status
+from sdi_pipeline.status import format_status, run_status
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -133,6 +133,16 @@ def test_slurm_launcher_submits_query_array_and_dependent_merge(tmp_path, monkey
     # The three jobs pickle the same entry points a user runs by hand.
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
     assert '"query": "1000"' in (run_path / "commands" / "slurm.json").read_text()
+    # sdi-status shows each job's state from sacct, and what to do after a failure.
+    rows = ["1000|COMPLETED", "1001_0|COMPLETED", "1001_1|FAILED", "1001_2|COMPLETED",
+            "1002|CANCELLED by 0"]  # fmt: skip
+    (bin_dir / "sacct").write_text("#!/bin/sh\nprintf '%s\\n' " + " ".join(f"'{r}'" for r in rows))
+    (bin_dir / "sacct").chmod(0o755)
+    text = format_status(RunDir(run_path), run_status(RunDir(run_path)))
+    assert "query   1000 COMPLETED" in text, text
+    assert "workers 1001_0 COMPLETED, 1001_1 FAILED, 1001_2 COMPLETED" in text, text
+    assert "merge   1002 CANCELLED" in text, text
+    assert "then run the same command again" in text, text
 
 
 BAD = [

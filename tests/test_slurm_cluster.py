@@ -230,6 +230,8 @@ def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(
     )  # fmt: skip
     text = proc.stdout
     assert proc.returncode == 1, text + proc.stderr  # 1: failed units
+    assert f"merge   {first['merge']} CANCELLED" in text, text
+    assert "then run the same command again" in text, text
     for name, info in status.failed.items():
         assert f"FAILED {name} (rank {info['rank']})" in text, text
         assert f"log: {info['log']}" in text, text
@@ -338,4 +340,6 @@ def test_sbatch_templates_run_and_requeue_on_the_cluster(cluster, tmp_path, loca
     assert all(after[name] == t for name, t in before.items())
     tasks = {r["JobID"]: r["State"] for r in _sacct(array)}
     assert tasks == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED"}, tasks
+    status = run_status(run).slurm  # submit.sh recorded its jobs for sdi-status
+    assert status is not None and (status.query, status.array, status.merge) == ids.groups()
     _assert_same_results(run.results_path, local_results)
