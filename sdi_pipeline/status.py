@@ -46,10 +46,9 @@ class SlurmJobs:
 
 def slurm_jobs(run: RunDir) -> SlurmJobs | None:
     """States of the jobs last submitted for this run (None if it was never submitted)."""
-    path = run.path / "commands" / "slurm.json"
-    if not path.exists():
+    if not run.slurm_jobs_path.exists():
         return None
-    sub = json.loads(path.read_text())
+    sub = json.loads(run.slurm_jobs_path.read_text())
     jobs = SlurmJobs(sub.get("query"), (sub.get("workers") or {}).get("array"), sub.get("merge"))
     ids = [j for j in (jobs.query, jobs.array, jobs.merge) if j]
     if shutil.which("sacct") is None:
@@ -112,7 +111,7 @@ def format_status(run: RunDir, status: RunStatus) -> str:
         for role, states in status.slurm.role_states():
             shown = ", ".join(f"{j} {s}" for j, s in states) or "not in sacct"
             lines.append(f"    {role:8s}{shown}")
-        ended = {s for _, states in status.slurm.role_states() for _, s in states}
+        ended = set(status.slurm.states.values())
         if not status.merged and ended & {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"}:
             lines.append(
                 "  fix the cause (see the logs above), then run the same command again "

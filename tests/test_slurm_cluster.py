@@ -115,7 +115,7 @@ def _run_dir(out: str) -> RunDir:
 
 
 def _submitted(run: RunDir) -> dict:
-    return json.loads((run.path / "commands" / "slurm.json").read_text())
+    return json.loads(run.slurm_jobs_path.read_text())
 
 
 def _sacct(*ids: str) -> list[dict[str, str]]:

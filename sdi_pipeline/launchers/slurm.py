@@ -139,7 +139,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         merge_executor.update_parameters(slurm_additional_parameters=extra)
     merge = merge_executor.submit(_Task("merge", str(run.path)))
     submitted["merge"] = str(merge.job_id)
-    write_json_atomic(run.path / "commands" / "slurm.json", submitted)
+    write_json_atomic(run.slurm_jobs_path, submitted)
     ids = ",".join([*after, str(merge.job_id)])
     print(f"[sdi] submitted to SLURM: {json.dumps(submitted)}")
     print(f"[sdi] run dir: {run.path}")
