@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.messages import shortened
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,11 @@ def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Pat
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            parts.append(f"missing keys {shortened(missing, 5)}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            parts.append(f"unexpected keys {shortened(unexpected, 5)}")
         if shapes:
-            parts.append(f"shape mismatches {shapes[:3]}{' ...' if len(shapes) > 3 else ''}")
+            parts.append(f"shape mismatches {shortened(shapes, 3)}")
         raise SDIError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}")
     model.load_state_dict(state)
 

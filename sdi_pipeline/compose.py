@@ -6,7 +6,6 @@ unknown key or a wrong type fails at composition, before anything is submitted.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from sdi_pipeline.config import (
     structured,
 )
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.messages import did_you_mean
 
 GROUPS = ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
 
@@ -66,14 +66,12 @@ def _hint(message: str) -> str:
         top = [str(k) for k in OmegaConf.structured(AttributionConfig)]
         head = key.split(".")[0]
         if head not in top:
-            near = difflib.get_close_matches(head, top, n=2)
-            hint = f" Did you mean {' or '.join(near)}?" if near else ""
+            hint = did_you_mean(head, top)
             return f"unknown config key '{key}'.{hint} Top-level keys: {', '.join(top)}"
         section = OmegaConf.select(OmegaConf.structured(AttributionConfig), head)
         if isinstance(section, DictConfig):
             valid = [str(k) for k in section]
-            near = difflib.get_close_matches(key.split(".")[-1], valid, n=2)
-            hint = f" Did you mean {' or '.join(near)}?" if near else ""
+            hint = did_you_mean(key.split(".")[-1], valid)
             return f"unknown config key '{key}'.{hint} Valid keys of {head}: {', '.join(valid)}"
     return message.splitlines()[0]
 

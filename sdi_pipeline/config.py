@@ -8,7 +8,6 @@ the config hash and the run id; where and how jobs run (launcher, W&B, threads) 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -18,7 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sdi_pipeline.atomic import write_text_atomic
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.messages import did_you_mean
 
 SCHEMA_VERSION = 1
 
@@ -231,8 +232,7 @@ def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     parent = OmegaConf.select(schema, parent_path) if parent_path else schema
     if "not in" in first and isinstance(parent, DictConfig):
         valid = [str(k) for k in parent]
-        near = difflib.get_close_matches(key, valid, n=3)
-        hint = f" Did you mean {' or '.join(near)}?" if near else ""
+        hint = did_you_mean(key, valid, n=3)
         return f"unknown key '{full_key}'.{hint} Valid keys here: {', '.join(valid)}"
     return f"{full_key}: {first}" if full_key else first
 
@@ -283,9 +283,7 @@ def train_hash(cfg: DictConfig) -> str:
 
 def save(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config as YAML (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def load(path: Path) -> DictConfig:

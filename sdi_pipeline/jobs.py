@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from sdi_pipeline import build
+from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.checkpoints import (
     CheckpointSpec,
     file_digest,
@@ -34,7 +35,7 @@ from sdi_pipeline.checkpoints import (
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
-from sdi_pipeline.rundir import RunDir, Unit, run_units, write_json_atomic
+from sdi_pipeline.rundir import RunDir, Unit, run_units
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger

@@ -31,6 +31,7 @@ from sdi_pipeline.config import config_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.jobs import log, setup_logging
 from sdi_pipeline.layout import SlotLayout
+from sdi_pipeline.messages import shortened
 from sdi_pipeline.rundir import RunDir, Unit, run_units
 from sdi_pipeline.store import UnitReader, describe_mismatch, read_meta, read_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
@@ -92,10 +93,9 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
         query_meta.append(meta)
     missing = [u.name for u in units if not run.is_done(u)]
     if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" ... ({len(missing)} in all)" if len(missing) > 10 else ""
+        problems.append(
+            f"{len(missing)} of {len(units)} units not done: {shortened(missing)}; run the workers"
         )
-        problems.append(f"{len(missing)} of {len(units)} units not done: {shown}; run the workers")
     expected = {u.name: u for u in units}
     coverage = np.zeros((n_ckpt, n_train), dtype=np.int32)
     unit_meta: dict[str, dict[str, Any]] = {}

@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sdi_pipeline import config as config_mod
+from sdi_pipeline.atomic import write_json_atomic, write_text_atomic
 from sdi_pipeline.errors import SDIError
 
 
@@ -58,13 +59,6 @@ def enumerate_units(n_checkpoints: int, n_train: int, block_size: int) -> list[U
 def run_units(cfg: DictConfig, n_train: int) -> list[Unit]:
     """The units of a run with this config and ``n_train`` training examples."""
     return enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
 
 
 class RunDir:
@@ -179,9 +173,9 @@ class RunDir:
         for sub in ("units", "completions", "query", "logs"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, self.config_path)
-        self.hash_path.write_text(digest + "\n")
+        write_text_atomic(self.hash_path, digest + "\n")
         write_json_atomic(self.attribution_path, config_mod.attribution_view(cfg))
-        self.train_hash_path.write_text(config_mod.train_hash(cfg) + "\n")
+        write_text_atomic(self.train_hash_path, config_mod.train_hash(cfg) + "\n")
         write_json_atomic(self.path / "provenance.json", provenance())
 
     def adopt_units(self) -> int:

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from sdi_pipeline import build
+from sdi_pipeline.messages import shortened
 from sdi_pipeline.rundir import RunDir, run_units
 
 
@@ -101,8 +102,7 @@ def format_status(run: RunDir, status: RunStatus) -> str:
         lines.append(f"    FAILED {name} (rank {info.get('rank')}): {info.get('error')}")
         lines.append(f"           log: {info.get('log')}")
     if status.missing:
-        shown = ", ".join(status.missing[:8]) + (" ..." if len(status.missing) > 8 else "")
-        lines.append(f"    missing: {shown}")
+        lines.append(f"    missing: {shortened(status.missing, 8)}")
     lines.append(f"  results.h5: {'written' if status.merged else 'not yet'}")
     if status.slurm is not None:
         lines.append("  SLURM jobs (commands/slurm.json):")

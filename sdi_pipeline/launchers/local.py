@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from sdi_pipeline.atomic import write_text_atomic
 from sdi_pipeline.rundir import RunDir, run_units
 
 EXIT_CTRL_C = 130
@@ -34,7 +35,7 @@ def _record(run: RunDir, name: str, cmd: list[str], env: dict[str, str]) -> None
     folder = run.path / "commands"
     folder.mkdir(exist_ok=True)
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    (folder / f"{name}.sh").write_text(f"{shown} {shlex.join(cmd)}\n".lstrip())
+    write_text_atomic(folder / f"{name}.sh", f"{shown} {shlex.join(cmd)}\n".lstrip())
 
 
 def _start(run: RunDir, name: str, cmd: list[str], env_extra: dict[str, str]) -> subprocess.Popen:

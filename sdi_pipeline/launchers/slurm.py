@@ -18,8 +18,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.rundir import RunDir, run_units, write_json_atomic
+from sdi_pipeline.rundir import RunDir, run_units
 
 
 class _Task:

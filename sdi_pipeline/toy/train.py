@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sdi_pipeline.atomic import atomic_path
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_accuracy
 
@@ -62,15 +63,8 @@ def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    # Write to a temporary name in the same folder, then rename atomically, so a
-    # reader never sees a half-written checkpoint.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def train_toy(
