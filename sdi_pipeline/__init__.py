@@ -1,1 +1,49 @@
-"""sdi-pipeline: Step-Decomposed Influence for looped transformers."""
+"""sdi-pipeline: Step-Decomposed Influence for looped transformers.
+
+The public API, imported on first use so that ``import sdi_pipeline`` (and opening results
+with :class:`Results`) does not load torch or Hydra:
+
+- :func:`attribute`: SDI / TracIn in one process; :class:`CheckpointSpec` a checkpoint and eta;
+- :class:`StepFeaturizer` per-example per-step gradient features; :class:`SketchSpec` the sketch;
+- :class:`Results`: a merged run's results.h5.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdi_pipeline.attribute import Attribution, attribute
+    from sdi_pipeline.checkpoints import CheckpointSpec
+    from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
+    from sdi_pipeline.engine.spec import SketchSpec
+    from sdi_pipeline.errors import SDIError
+    from sdi_pipeline.results import Results
+
+_EXPORTS = {
+    "attribute": "sdi_pipeline.attribute",
+    "Attribution": "sdi_pipeline.attribute",
+    "CheckpointSpec": "sdi_pipeline.checkpoints",
+    "StepFeaturizer": "sdi_pipeline.engine.featurizer",
+    "StepFeatures": "sdi_pipeline.engine.featurizer",
+    "SketchSpec": "sdi_pipeline.engine.spec",
+    "Results": "sdi_pipeline.results",
+    "SDIError": "sdi_pipeline.errors",
+}
+__all__ = [
+    "Attribution",
+    "CheckpointSpec",
+    "Results",
+    "SDIError",
+    "SketchSpec",
+    "StepFeatures",
+    "StepFeaturizer",
+    "attribute",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sdi_pipeline' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

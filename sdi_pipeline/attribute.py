@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdi_pipeline import contract
+from sdi_pipeline import scores
 from sdi_pipeline.checkpoints import CheckpointSpec, load_checkpoint, load_into, resolve_eta
-from sdi_pipeline.errors import SDIError
-from sdi_pipeline.featurize import LossFn, StepFeaturizer
-from sdi_pipeline.layout import SlotLayout
-from sdi_pipeline.sketch.spec import SketchSpec
+from sdi_pipeline.engine.featurizer import LossFn, StepFeaturizer
+from sdi_pipeline.engine.slots import SlotLayout
+from sdi_pipeline.engine.spec import SketchSpec
+from sdi_pipeline.errors import CheckpointError
 
 
 @dataclass
@@ -34,10 +34,22 @@ class Attribution:
     train_layout: SlotLayout
     query_layout: SlotLayout
 
-    def top_k(self, k: int, step: int | None = None, sign: contract.Sign = "positive"):
+    def top_k(self, k: int, step: int | None = None, sign: scores.Sign = "positive"):
         """Top-k train examples per query: by TracIn, or by SDI at query slot ``step``."""
-        scores = self.tracin if step is None else self.sdi[:, :, step]
-        return contract.top_k(scores, k, sign)
+        return scores.top_k(self.tracin if step is None else self.sdi[:, :, step], k, sign)
+
+    def energy(self) -> torch.Tensor:
+        """(M, S_query): sum over training examples of |SDI|, in float64."""
+        return self._totals().energy
+
+    def signed_share(self) -> torch.Tensor:
+        """(M, S_query): each slot's signed share of the query's total influence."""
+        return self._totals().signed_share()
+
+    def _totals(self) -> scores.ScoreTotals:
+        totals = scores.ScoreTotals(self.sdi.shape[1], self.sdi.shape[2], k=1)
+        totals.update(self.sdi.cpu(), 0)
+        return totals
 
 
 def _as_spec(c: CheckpointSpec | str | Path) -> CheckpointSpec:
@@ -66,9 +78,9 @@ def attribute(
     """
     specs = [_as_spec(c) for c in checkpoints]
     if not specs:
-        raise SDIError("no checkpoints given")
+        raise CheckpointError("no checkpoints given")
     featurizer = StepFeaturizer(model, targets, spec, expected_steps=expected_steps)
-    sdi = matrix = None
+    sdi = matrix = None  # (N, M*S_q) and (N, S_tr, M*S_q) accumulators, made at checkpoint 1
     etas: list[float] = []
     layouts: tuple[SlotLayout, SlotLayout] | None = None
     for k, ck in enumerate(specs):
@@ -81,11 +93,18 @@ def attribute(
         qu = featurizer.featurize(query, loss_fn, progress=progress, desc=f"{tag} query")
         if layouts is None:
             layouts = (tr.layout, qu.layout)
-        part_sdi = contract.query_step_sdi(tr.values, qu.values) * eta
-        sdi = part_sdi if sdi is None else sdi + part_sdi
-        if with_step_matrix:
-            part = contract.step_matrix(tr.values, qu.values) * eta
-            matrix = part if matrix is None else matrix + part
+            n, s_tr, n_q = len(tr), tr.layout.n_slots, len(qu) * qu.layout.n_slots
+            device = tr.values.device
+            sdi = torch.zeros(n, n_q, device=device)
+            matrix = torch.zeros(n, s_tr, n_q, device=device) if with_step_matrix else None
+        assert sdi is not None
+        query_flat = scores.flat_queries(qu.values)
+        scores.add_sdi(sdi, tr.values, query_flat, eta)
+        if matrix is not None:
+            scores.add_step_matrix(matrix, tr.values, query_flat, eta)
     assert sdi is not None and layouts is not None
-    tracin = sdi.sum(dim=2)
-    return Attribution(sdi, tracin, matrix, etas, layouts[0], layouts[1])
+    s_q = layouts[1].n_slots
+    n_query = sdi.shape[1] // s_q
+    sdi3 = sdi.reshape(-1, n_query, s_q)
+    full = None if matrix is None else scores.step_matrix_layout(matrix, n_query, s_q)
+    return Attribution(sdi3, sdi3.sum(dim=2), full, etas, layouts[0], layouts[1])

@@ -6,9 +6,7 @@ its rank and the world size. The same code runs under every launcher.
 
 from __future__ import annotations
 
-import logging
 import os
-import resource
 import signal
 import socket
 import threading
@@ -33,14 +31,13 @@ from sdi_pipeline.checkpoints import (
     resolve_eta,
 )
 from sdi_pipeline.config import config_hash, train_hash
-from sdi_pipeline.errors import SDIError
-from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
+from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
+from sdi_pipeline.engine.spec import SketchSpec
+from sdi_pipeline.errors import ConfigError, SDIError
+from sdi_pipeline.logs import log, peak_rss_mb, setup_logging
 from sdi_pipeline.rundir import RunDir, Unit, run_units
-from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
-
-log = logging.getLogger("sdi_pipeline")
 
 # Exit status of a job stopped by SIGTERM/SIGINT before finishing its work (EX_TEMPFAIL).
 EXIT_INTERRUPTED = 75
@@ -48,23 +45,6 @@ EXIT_INTERRUPTED = 75
 
 class Interrupted(Exception):
     """The job was asked to stop (SIGTERM / SIGINT) between two batches."""
-
-
-def setup_logging(run: RunDir, name: str) -> None:
-    """Log to ``logs/<name>.log`` in the run dir and to stderr."""
-    run.logs_dir.mkdir(parents=True, exist_ok=True)
-    log.handlers.clear()
-    log.setLevel(logging.INFO)
-    fmt = logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s")
-    for handler in (logging.FileHandler(run.logs_dir / f"{name}.log"), logging.StreamHandler()):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-    log.propagate = False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -203,7 +183,7 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
     Returns 0 when all its units are done, EXIT_INTERRUPTED when stopped by a signal.
     """
     if world_size < 1 or not 0 <= rank < world_size:
-        raise SDIError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     setup_logging(RunDir(run_dir), f"worker-{rank:04d}")
     ctx = JobContext.open(run_dir)
     name = f"worker-{rank:04d}"

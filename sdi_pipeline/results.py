@@ -1,18 +1,30 @@
-"""Reading results.h5: top-k per query and step, SDI trajectories, per-step energy."""
+"""results.h5, format v2 (see docs/format.md): the one module that writes and reads it.
+
+:func:`write_results` creates the file under a temporary name and renames it when the
+writer's block completes; :class:`Results` reads it lazily (top-k per query and step, SDI
+trajectories, per-step energy, diagnostics). This module imports neither torch nor the
+engine nor Hydra, so opening results is light.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import h5py
 import numpy as np
 
-from sdi_pipeline.errors import SDIError
-from sdi_pipeline.merge import RESULTS_FORMAT, RESULTS_VERSION
+from sdi_pipeline.atomic import atomic_path
+from sdi_pipeline.errors import ConfigError, RunDirError
 
+RESULTS_FORMAT = "sdi-pipeline/results"
+RESULTS_VERSION = 2
 Sign = Literal["positive", "negative"]
+# Per-unit statistics kept in diagnostics/units (from the units' completion markers).
+UNIT_STATS = ("examples", "seconds", "examples_per_s", "peak_rss_mb", "rank")
 
 
 def find_results(path: str | Path) -> Path:
@@ -26,8 +38,8 @@ def find_results(path: str | Path) -> Path:
         done = sorted(p.glob("*/results.h5"), key=lambda f: f.stat().st_mtime)
         if done:
             return done[-1]
-        raise SDIError(f"{p} holds no complete run (no */results.h5): has the merge run?")
-    raise SDIError(f"no results at {p}")
+        raise RunDirError(f"{p} holds no complete run (no */results.h5): has the merge run?")
+    raise RunDirError(f"no results at {p}")
 
 
 class Results:
@@ -38,16 +50,23 @@ class Results:
         try:
             self._f = h5py.File(path, "r")
         except OSError as err:
-            raise SDIError(f"cannot read {path}: {err}") from err
+            raise RunDirError(f"cannot read {path}: {err}") from err
         if self._f.attrs.get("format") != RESULTS_FORMAT:
-            raise SDIError(f"{path} is not an sdi-pipeline results file")
+            raise RunDirError(f"{path} is not an sdi-pipeline results file")
         if int(self._f.attrs.get("format_version", -1)) != RESULTS_VERSION:
-            raise SDIError(f"{path} has results format {self._f.attrs.get('format_version')}")
+            raise RunDirError(
+                f"{path} has results format {self._f.attrs.get('format_version')}; this "
+                f"sdi-pipeline reads format {RESULTS_VERSION}: rerun sdi-merge on its run dir"
+            )
         attrs = self._f.attrs
         self.slot_names: list[str] = json.loads(str(attrs["slot_names"]))
+        self.train_slot_names: list[str] = json.loads(str(attrs["train_slot_names"]))
         self.etas: list[float] = json.loads(str(attrs["etas"]))
+        self.checkpoints: list[str] = json.loads(str(attrs["checkpoints"]))
         self.n_train = int(str(attrs["n_train"]))
         self.n_query = int(str(attrs["n_query"]))
+        self.config_hash = str(attrs["config_hash"])
+        self.k = int(str(attrs["topk"]))
 
     @classmethod
     def open(cls, path: str | Path) -> Results:
@@ -77,7 +96,7 @@ class Results:
     def sdi(self) -> h5py.Dataset:
         """(N_train, N_query, slots) SDI, read lazily; absent when it was too large to keep."""
         if "sdi" not in self._f:
-            raise SDIError(
+            raise RunDirError(
                 f"{self.path} has no full SDI tensor (it exceeded merge.sdi_max_gb); top-k, "
                 "TracIn and diagnostics are there. Rerun the merge with a larger limit to keep it."
             )
@@ -87,16 +106,16 @@ class Results:
     def sdi_matrix(self) -> h5py.Dataset:
         """(N_train, N_query, train slots, query slots), if the merge wrote it."""
         if "sdi_matrix" not in self._f:
-            raise SDIError(f"{self.path} has no step matrix: merge with merge.step_matrix=true")
+            raise RunDirError(f"{self.path} has no step matrix: merge with merge.step_matrix=true")
         return self._f["sdi_matrix"]  # type: ignore[return-value]
 
     def _slot(self, step: int | str | None) -> int | None:
         if step is None or isinstance(step, int):
             if isinstance(step, int) and not 0 <= step < len(self.slot_names):
-                raise SDIError(f"step {step} out of range: slots are {self.slot_names}")
+                raise ConfigError(f"step {step} out of range: slots are {self.slot_names}")
             return step
         if step not in self.slot_names:
-            raise SDIError(f"no slot '{step}': slots are {self.slot_names}")
+            raise ConfigError(f"no slot '{step}': slots are {self.slot_names}")
         return self.slot_names.index(step)
 
     def topk(
@@ -112,19 +131,29 @@ class Results:
         ``"step 3"``); ``sign="negative"`` gives the most negative first.
         """
         if sign not in ("positive", "negative"):
-            raise SDIError(f"sign must be 'positive' or 'negative', got {sign!r}")
+            raise ConfigError(f"sign must be 'positive' or 'negative', got {sign!r}")
         if not 0 <= query < self.n_query:
-            raise SDIError(f"query {query} out of range (0..{self.n_query - 1})")
+            raise ConfigError(f"query {query} out of range (0..{self.n_query - 1})")
         slot = self._slot(step)
-        group = self._f[f"topk/{'overall' if slot is None else 'per_step'}/{sign}"]
-        idx = np.asarray(group["indices"][query])  # type: ignore[index]
-        scores = np.asarray(group["scores"][query])  # type: ignore[index]
+        indices, scores = self.topk_arrays("overall" if slot is None else "per_step", sign)
+        idx, scores = indices[query], scores[query]
         if slot is not None:
             idx, scores = idx[slot], scores[slot]
         stored = len(idx)
         if k is not None and k > stored:
-            raise SDIError(f"only the top {stored} were kept (merge.topk); asked for {k}")
+            raise ConfigError(f"only the top {stored} were kept (merge.topk); asked for {k}")
         return [(int(i), float(s)) for i, s in zip(idx[:k], scores[:k], strict=True)]
+
+    def topk_arrays(self, scope: str, sign: Sign) -> tuple[np.ndarray, np.ndarray]:
+        """All queries' stored top-k: (indices, scores), (M, k) for ``scope="overall"`` (by
+        TracIn) or (M, S, k) for ``"per_step"`` (by SDI per query slot)."""
+        group = self._f[f"topk/{scope}/{sign}"]
+        assert isinstance(group, h5py.Group)
+        return np.asarray(group["indices"]), np.asarray(group["scores"])
+
+    def coverage(self) -> dict[str, int]:
+        """How many units and training examples the merge combined."""
+        return json.loads(str(self._f["diagnostics"].attrs["coverage"]))
 
     def trajectory(self, train_idx: int, query_idx: int) -> np.ndarray:
         """SDI of one (train, query) pair across slots; sums to their TracIn."""
@@ -155,7 +184,7 @@ class Results:
         try:
             import xarray as xr  # pyright: ignore[reportMissingImports]
         except ImportError as err:
-            raise SDIError("to_xarray() needs xarray: pip install xarray") from err
+            raise ConfigError("to_xarray() needs xarray: pip install xarray") from err
         data: dict[str, Any] = {
             "tracin": (("train", "query"), np.asarray(self.tracin)),
             "energy": (("query", "slot"), self.energy()),
@@ -163,3 +192,87 @@ class Results:
         if "sdi" in self._f:
             data["sdi"] = (("train", "query", "slot"), np.asarray(self._f["sdi"]))
         return xr.Dataset(data, coords={"slot": self.slot_names})
+
+
+class ResultsWriter:
+    """Fills an open results file; made by :func:`write_results`."""
+
+    def __init__(self, f: h5py.File, n_query: int, s_q: int, s_tr: int) -> None:
+        self._f = f
+        self.n_query, self.s_q, self.s_tr = n_query, s_q, s_tr
+
+    def create(self, n_train: int, *, sdi: bool, step_matrix: bool) -> None:
+        """Create the per-example datasets: TracIn always, SDI and the step matrix if asked."""
+        m, s_q = self.n_query, self.s_q
+        self._f.create_dataset("tracin", (n_train, m), "f4", chunks=True)
+        if sdi:
+            self._f.create_dataset("sdi", (n_train, m, s_q), "f4", chunks=True)
+        if step_matrix:
+            self._f.create_dataset("sdi_matrix", (n_train, m, self.s_tr, s_q), "f4", chunks=True)
+
+    def write_rows(
+        self,
+        start: int,
+        tracin: np.ndarray,
+        sdi: np.ndarray | None = None,
+        step_matrix: np.ndarray | None = None,
+    ) -> None:
+        """Rows ``start ..`` of TracIn (n, M), SDI (n, M, S_q), step matrix (n, M, S_tr, S_q);
+        SDI and the step matrix are written where their datasets exist."""
+        stop = start + tracin.shape[0]
+        self._f["tracin"][start:stop] = tracin  # type: ignore[index]
+        if sdi is not None and "sdi" in self._f:
+            self._f["sdi"][start:stop] = sdi  # type: ignore[index]
+        if step_matrix is not None and "sdi_matrix" in self._f:
+            self._f["sdi_matrix"][start:stop] = step_matrix  # type: ignore[index]
+
+    def write_topk(self, scope: str, sign: str, indices: np.ndarray, scores: np.ndarray) -> None:
+        group = self._f.require_group(f"topk/{scope}/{sign}")
+        group.create_dataset("indices", data=indices)
+        group.create_dataset("scores", data=scores)
+
+    def write_diagnostics(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """``diagnostics/<name>`` datasets (energy, signed_share, sketch norms, losses)."""
+        diag = self._f.require_group("diagnostics")
+        for name, values in arrays.items():
+            diag.create_dataset(name, data=values)
+
+    def write_units(self, names: Sequence[str], stats: Sequence[Mapping[str, Any]]) -> None:
+        """The per-unit table (names and :data:`UNIT_STATS`) and the coverage attribute."""
+        group = self._f.require_group("diagnostics/units")
+        group.create_dataset("name", data=np.array(list(names), dtype="S"))
+        for key in UNIT_STATS:
+            group.create_dataset(key, data=np.array([s.get(key, np.nan) for s in stats], "f8"))
+        self._f["diagnostics"].attrs["coverage"] = json.dumps(
+            {"units": len(names), "examples": int(sum(s.get("examples", 0) for s in stats))}
+        )
+
+
+@contextmanager
+def write_results(
+    path: Path,
+    *,
+    n_query: int,
+    query_layout: Mapping[str, Any],
+    train_layout: Mapping[str, Any],
+    slot_names: Sequence[str],
+    train_slot_names: Sequence[str],
+    attrs: Mapping[str, Any],
+) -> Iterator[ResultsWriter]:
+    """Write results.h5 at ``path``: under a temporary name, renamed when the block ends.
+
+    ``attrs`` are the scalar attributes (config_hash, n_train, sdi_stored, train_steps,
+    topk); ``etas`` and ``checkpoints`` among them are stored as JSON.
+    """
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        writer = ResultsWriter(f, n_query, len(slot_names), len(train_slot_names))
+        yield writer
+        f.attrs["format"] = RESULTS_FORMAT
+        f.attrs["format_version"] = RESULTS_VERSION
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if key in ("etas", "checkpoints") else value
+        f.attrs["n_query"] = n_query
+        f.attrs["query_layout"] = json.dumps(dict(query_layout))
+        f.attrs["train_layout"] = json.dumps(dict(train_layout))
+        f.attrs["slot_names"] = json.dumps(list(slot_names))
+        f.attrs["train_slot_names"] = json.dumps(list(train_slot_names))

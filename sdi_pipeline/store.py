@@ -11,7 +11,6 @@ complete, with no timestamps inside, so the same work written twice gives identi
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import h5py
 import numpy as np
 import torch
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.atomic import atomic_path
+from sdi_pipeline.errors import RunDirError
 
 FORMAT = "sdi-pipeline/sketches"
 FORMAT_VERSION = 1
@@ -61,30 +61,20 @@ def write_sketch_file(
 
     ``meta`` values must be JSON-serialisable; each becomes one attribute.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     values = sketch.detach().cpu().numpy().astype(dtype)
     rows = max(1, min(CHUNK_ROWS, values.shape[0]))
-    try:
-        with h5py.File(tmp, "w", track_order=False) as f:
-            f.create_dataset(
-                "indices", data=indices.cpu().numpy().astype(np.int64), track_times=False
-            )
-            f.create_dataset(
-                "sketch", data=values, chunks=(rows, *values.shape[1:]), track_times=False
-            )
-            f.create_dataset(
-                "loss", data=loss.detach().cpu().numpy().astype(np.float32), track_times=False
-            )
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["package_version"] = _package_version()
-            f.attrs["dtype"] = dtype
-            for key, value in sorted(meta.items()):
-                f.attrs[key] = json.dumps(value, sort_keys=True)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
+        f.create_dataset("indices", data=indices.cpu().numpy().astype(np.int64), track_times=False)
+        f.create_dataset("sketch", data=values, chunks=(rows, *values.shape[1:]), track_times=False)
+        f.create_dataset(
+            "loss", data=loss.detach().cpu().numpy().astype(np.float32), track_times=False
+        )
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["package_version"] = _package_version()
+        f.attrs["dtype"] = dtype
+        for key, value in sorted(meta.items()):
+            f.attrs[key] = json.dumps(value, sort_keys=True)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -93,7 +83,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         with h5py.File(path, "r") as f:
             return _meta(f, path)
     except OSError as err:
-        raise SDIError(
+        raise RunDirError(
             f"{path} is not a readable HDF5 file (truncated or corrupt: {err}); delete it and "
             "its completion marker, then rerun the job that wrote it"
         ) from err
@@ -103,16 +93,18 @@ def dataset(group: h5py.Group, name: str) -> h5py.Dataset:
     """The dataset ``name`` of ``group``; anything else there is a corrupt file."""
     obj = group.get(name)
     if not isinstance(obj, h5py.Dataset):
-        raise SDIError(f"{group.file.filename} lacks the dataset '{name}': the file is incomplete")
+        raise RunDirError(
+            f"{group.file.filename} lacks the dataset '{name}': the file is incomplete"
+        )
     return obj
 
 
 def _meta(f: h5py.File, path: Path) -> dict[str, Any]:
     if f.attrs.get("format") != FORMAT:
-        raise SDIError(f"{path} is not an sdi-pipeline sketch file")
+        raise RunDirError(f"{path} is not an sdi-pipeline sketch file")
     version = int(f.attrs.get("format_version", -1))
     if version != FORMAT_VERSION:
-        raise SDIError(
+        raise RunDirError(
             f"{path} has sketch format version {version}; this sdi-pipeline reads version "
             f"{FORMAT_VERSION}"
         )
@@ -125,7 +117,7 @@ def _meta(f: h5py.File, path: Path) -> dict[str, Any]:
             meta[key] = json.loads(value)
     n = indices.shape[0]
     if sketch.shape[0] != n or loss.shape[0] != n:
-        raise SDIError(f"{path} has datasets of different lengths: the file is corrupt")
+        raise RunDirError(f"{path} has datasets of different lengths: the file is corrupt")
     meta["n"] = int(n)
     meta["sketch_shape"] = tuple(int(s) for s in sketch.shape)
     return meta
@@ -143,7 +135,7 @@ def read_sketch_file(path: Path) -> SketchFile:
                 meta,
             )
     except OSError as err:
-        raise SDIError(
+        raise RunDirError(
             f"{path} is not a readable HDF5 file (truncated or corrupt: {err}); delete it and "
             "its completion marker, then rerun the job that wrote it"
         ) from err
@@ -176,7 +168,7 @@ class UnitReader:
                     out[...] = sketch[...]
                 return out, np.asarray(loss[...])
         except OSError as err:
-            raise SDIError(f"{path} became unreadable during the merge: {err}") from err
+            raise RunDirError(f"{path} became unreadable during the merge: {err}") from err
 
 
 def describe_mismatch(unit: dict[str, Any], query: dict[str, Any]) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sdi_pipeline import build
-from sdi_pipeline.report import plot_step_profiles, plot_trajectories
+from sdi_pipeline.plots import plot_step_profiles, plot_trajectories
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
 
@@ -74,7 +74,7 @@ def write_plots(run: RunDir, res: Results) -> list[Path]:
     names = res.slot_names
     paths = [plot_step_profiles(res.energy(), res.signed_share(), names, folder / "sdi_steps.png")]
     if res.has_sdi:  # trajectories need the full SDI tensor (see merge.sdi_max_gb)
-        first_query = torch.from_numpy(np.asarray(res.sdi[:, :1]))
+        first_query = np.asarray(res.sdi[:, :1])
         trajectories = folder / "sdi_trajectories_query0.png"
         paths.append(plot_trajectories(first_query, names, 0, trajectories))
     return paths

@@ -15,7 +15,6 @@ logger warns in the job's log and carries on disabled rather than failing the jo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,12 +28,11 @@ import h5py
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sdi_pipeline.results import UNIT_STATS, Results
 from sdi_pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
-
-    from sdi_pipeline.results import Results
 
 log = logging.getLogger("sdi_pipeline")
 
@@ -197,37 +195,31 @@ class WandbLogger:
             return
         import wandb
 
-        from sdi_pipeline.results import Results
-
         path = Path(results_path) if results_path is not None else self.run.results_path
         wrun = self._run
         config = _plain(self.run.load_config())
-        with Results.open(path) as res, h5py.File(res.path, "r") as f:
-            config["config_hash"] = str(f.attrs["config_hash"])
+        with Results.open(path) as res:
+            config["config_hash"] = res.config_hash
             wrun.config.update(config, allow_val_change=True)
             slots = res.slot_names
             energy, share = res.energy(), res.signed_share()
+            diagnostics = res.diagnostics()
             data: dict[str, Any] = {
                 "sdi/energy": _slot_table(wandb, energy, slots),
                 "sdi/signed_share": _slot_table(wandb, share, slots),
             }
             for scope in ("overall", "per_step"):
                 for sign in ("positive", "negative"):
-                    group = f[f"topk/{scope}/{sign}"]
-                    assert isinstance(group, h5py.Group)
+                    indices, scores = res.topk_arrays(scope, sign)
                     data[f"topk/{scope}/{sign}"] = _topk_table(
-                        wandb,
-                        np.asarray(group["indices"]),
-                        np.asarray(group["scores"]),
-                        slots if scope == "per_step" else None,
+                        wandb, indices, scores, slots if scope == "per_step" else None
                     )
-            train_slots = _layout_names(str(f.attrs["train_layout"]))
             data["sketch_norm/train"] = _table(
                 wandb,
                 ["checkpoint", "slot", "value"],
                 [
-                    [k, train_slots[s], float(v)]
-                    for (k, s), v in np.ndenumerate(np.asarray(f["diagnostics/train_sketch_norm"]))
+                    [k, res.train_slot_names[s], float(v)]
+                    for (k, s), v in np.ndenumerate(diagnostics["train_sketch_norm"])
                 ],
             )
             data["sketch_norm/query"] = _table(
@@ -235,20 +227,18 @@ class WandbLogger:
                 ["checkpoint", "query", "slot", "value"],
                 [
                     [k, j, slots[t], float(v)]
-                    for (k, j, t), v in np.ndenumerate(
-                        np.asarray(f["diagnostics/query_sketch_norm"])
-                    )
+                    for (k, j, t), v in np.ndenumerate(diagnostics["query_sketch_norm"])
                 ],
             )
-            data["units"] = _units_table(wandb, f)
+            data["units"] = _units_table(wandb, diagnostics)
             counts, edges, moments = _tracin_histogram(res.tracin)
             data["tracin/histogram"] = wandb.Histogram(np_histogram=(counts, edges))
-            coverage = _json_attr(f["diagnostics"].attrs["coverage"])
+            coverage = res.coverage()
             summary: dict[str, Any] = {
                 "n_train": res.n_train,
                 "n_query": res.n_query,
                 "n_slots": len(slots),
-                "topk": int(np.asarray(f.attrs["topk"]).item()),
+                "topk": res.k,
                 "sdi_stored": res.has_sdi,
                 "coverage/units": int(coverage["units"]),
                 "coverage/examples": int(coverage["examples"]),
@@ -302,16 +292,6 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _json_attr(value: Any) -> Any:
-    return json.loads(value.decode() if isinstance(value, bytes) else str(value))
-
-
-def _layout_names(layout_json: str) -> list[str]:
-    from sdi_pipeline.layout import SlotLayout
-
-    return SlotLayout.from_dict(_json_attr(layout_json)).slot_names()
-
-
 def _table(wandb: Any, columns: list[str], rows: list[list[Any]]) -> Any:
     if len(rows) > wandb.Table.MAX_ARTIFACT_ROWS:
         log.warning(
@@ -348,14 +328,14 @@ def _topk_table(
     return _table(wandb, ["query", "slot", "rank", "train_index", "score"], rows)
 
 
-def _units_table(wandb: Any, f: h5py.File) -> Any:
-    group = f["diagnostics/units"]
-    assert isinstance(group, h5py.Group)
-    keys = ["examples", "seconds", "examples_per_s", "peak_rss_mb", "rank"]
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.asarray(group["name"])]
-    columns = {key: np.asarray(group[key]) for key in keys}
-    rows = [[name, *(float(columns[key][u]) for key in keys)] for u, name in enumerate(names)]
-    return _table(wandb, ["unit", *keys], rows)
+def _units_table(wandb: Any, diagnostics: Mapping[str, np.ndarray]) -> Any:
+    """(unit, stats...) rows from results.h5's diagnostics/units table."""
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in diagnostics["units/name"]]
+    rows = [
+        [name, *(float(diagnostics[f"units/{key}"][u]) for key in UNIT_STATS)]
+        for u, name in enumerate(names)
+    ]
+    return _table(wandb, ["unit", *UNIT_STATS], rows)
 
 
 def _row_chunks(dataset: h5py.Dataset) -> Iterator[np.ndarray]:
@@ -393,18 +373,16 @@ def _plots(
     wandb: Any, res: Results, energy: np.ndarray, share: np.ndarray, folder: Path
 ) -> dict[str, Any]:
     """Step-profile plot and, with the full SDI stored, trajectory heatmaps, as wandb.Images."""
-    import torch
-
-    from sdi_pipeline import report
+    from sdi_pipeline import plots
 
     slots = list(res.slot_names)
     out: dict[str, Any] = {}
-    profile = report.plot_step_profiles(energy, share, slots, folder / "step_profiles.png")
+    profile = plots.plot_step_profiles(energy, share, slots, folder / "step_profiles.png")
     out["sdi/step_profiles"] = wandb.Image(str(profile))
     if res.has_sdi:
         # Only the first queries' (N, q, S) slice, read in one pass over the file's chunks.
-        first = torch.from_numpy(np.asarray(res.sdi[:, :TRAJECTORY_QUERIES, :]))
+        first = np.asarray(res.sdi[:, :TRAJECTORY_QUERIES, :])
         for j in range(first.shape[1]):
-            path = report.plot_trajectories(first, slots, j, folder / f"trajectories-{j}.png")
+            path = plots.plot_trajectories(first, slots, j, folder / f"trajectories-{j}.png")
             out[f"sdi/trajectories/query_{j:05d}"] = wandb.Image(str(path))
     return out

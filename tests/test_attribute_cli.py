@@ -17,12 +17,12 @@ from sdi_pipeline import build
 from sdi_pipeline.attribute import attribute
 from sdi_pipeline.attribute_cli import run as attribute_main
 from sdi_pipeline.compose import compose_config, conf_dir
+from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.jobs import run_worker
 from sdi_pipeline.merge import run_merge
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
-from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.status import format_status, run_status
 
 GROUP_OPTIONS = {

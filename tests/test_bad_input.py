@@ -9,9 +9,9 @@ from conftest import make_model
 from torch import nn
 
 from sdi_pipeline.checkpoints import load_checkpoint, load_into
+from sdi_pipeline.engine.featurizer import StepFeaturizer
+from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.featurize import StepFeaturizer
-from sdi_pipeline.sketch.spec import SketchSpec
 
 
 class Scale(nn.Module):

@@ -8,8 +8,8 @@ from conftest import make_model, parity_batch
 from oracle import oracle_step_gradients
 from torch.func import functional_call, grad, vmap
 
-from sdi_pipeline.featurize import StepFeaturizer
-from sdi_pipeline.layout import SlotLayout
+from sdi_pipeline.engine.featurizer import StepFeaturizer
+from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.toy.parity import parity_loss
 
 EDGES = ["tok_emb", "pos_emb", "block", "ln_f", "head"]

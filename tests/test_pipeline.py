@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader
 
 from sdi_pipeline.attribute import attribute
 from sdi_pipeline.build import build_dataset
+from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.jobs import EXIT_INTERRUPTED, run_query, run_worker
 from sdi_pipeline.merge import run_merge
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir, prepare_run
-from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_sketch_file, write_sketch_file
 from sdi_pipeline.toy.parity import parity_loss
 

@@ -13,16 +13,16 @@ import torch
 from conftest import make_model, parity_batch
 from torch import nn
 
-from sdi_pipeline.featurize import StepFeaturizer
-from sdi_pipeline.sketch.hashing import induced_buckets, induced_signs, make_count_sketch_hash
-from sdi_pipeline.sketch.kernels import (
+from sdi_pipeline.engine.featurizer import StepFeaturizer
+from sdi_pipeline.engine.hashing import induced_buckets, induced_signs, make_count_sketch_hash
+from sdi_pipeline.engine.kernels import (
     Workspace,
     choose_linear_kernel,
     embedding_weight,
     linear_weight_dense,
     linear_weight_fft,
 )
-from sdi_pipeline.sketch.spec import SketchSpec
+from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.toy.parity import parity_loss
 
 EDGES = ["tok_emb", "pos_emb", "block", "ln_f", "head"]
@@ -126,8 +126,8 @@ _SCRIPT = textwrap.dedent(
     import hashlib, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import make_model, parity_batch
-    from sdi_pipeline.featurize import StepFeaturizer
-    from sdi_pipeline.sketch.spec import SketchSpec
+    from sdi_pipeline.engine.featurizer import StepFeaturizer
+    from sdi_pipeline.engine.spec import SketchSpec
     from sdi_pipeline.toy.parity import parity_loss
     torch.set_num_threads(1)
     model, batch = make_model(), parity_batch(6)
@@ -178,7 +178,7 @@ def test_sketches_do_not_depend_on_module_registration_order(model, batch) -> No
 
 def _sketch_all(kind: str, seed: int, a, b):
     """Sketch two inputs with the same random map (one hash seed) for one kernel."""
-    from sdi_pipeline.sketch.kernels import count_sketch
+    from sdi_pipeline.engine.kernels import count_sketch
 
     m = 16
     if kind == "count":

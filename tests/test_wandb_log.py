@@ -36,7 +36,7 @@ from pipeline_helpers import toy_config
 
 from sdi_pipeline.jobs import run_query, run_worker
 from sdi_pipeline.merge import run_merge
-from sdi_pipeline.report import plot_step_profiles
+from sdi_pipeline.plots import plot_step_profiles
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir, prepare_run
 from sdi_pipeline.wandb_log import WandbLogger

@@ -1,0 +1,1 @@
+"""Compatibility path: the sketch engine lives in :mod:`sdi_pipeline.engine`."""

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdi_pipeline.featurize import StepFeaturizer
-from sdi_pipeline.sketch.spec import SketchSpec
+from sdi_pipeline.engine.featurizer import StepFeaturizer
+from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 
 # (d_model, d_mlp, seq_len, batch, vocab)

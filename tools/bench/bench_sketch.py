@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdi_pipeline import contract
-from sdi_pipeline.featurize import StepFeaturizer
-from sdi_pipeline.sketch.spec import SketchSpec
+from sdi_pipeline import scores
+from sdi_pipeline.engine.featurizer import StepFeaturizer
+from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_accuracy, parity_loss
 
@@ -422,8 +422,8 @@ def main() -> None:
     # ---- exact per-step gradients (ours): the ground truth of (c), compared in (d)
     t0 = time.perf_counter()
     exact_tr, exact_q = ours_features(base, None, [train, query])
-    sdi_exact = contract.query_step_sdi(exact_tr, exact_q)
-    tracin_exact = contract.tracin(exact_tr, exact_q)
+    sdi_exact = scores.query_step_sdi(exact_tr, exact_q)
+    tracin_exact = scores.tracin(exact_tr, exact_q)
     print(
         f"\nexact features (ours, spec=None): train {tuple(exact_tr.shape)}, query "
         f"{tuple(exact_q.shape)} in {time.perf_counter() - t0:.1f} s"
@@ -444,12 +444,12 @@ def main() -> None:
         errs: dict[str, list[float]] = {k: [] for k in ("o_sdi", "o_tr", "r_sdi", "r_tr")}
         for seed in args.seeds:
             o_tr, o_q = ours_features(base, SketchSpec(m=m, seed=seed), [train, query])
-            errs["o_sdi"].append(rel_err(contract.query_step_sdi(o_tr, o_q), sdi_exact))
-            errs["o_tr"].append(rel_err(contract.tracin(o_tr, o_q), tracin_exact))
+            errs["o_sdi"].append(rel_err(scores.query_step_sdi(o_tr, o_q), sdi_exact))
+            errs["o_tr"].append(rel_err(scores.tracin(o_tr, o_q), tracin_exact))
             (r_tr, r_q), n_blocks = ref_sketch_features(base, m_ref, seed, [train, query])
             assert n_blocks == n_params, (n_blocks, n_params)
-            errs["r_sdi"].append(rel_err(contract.query_step_sdi(r_tr, r_q), sdi_exact))
-            errs["r_tr"].append(rel_err(contract.tracin(r_tr, r_q), tracin_exact))
+            errs["r_sdi"].append(rel_err(scores.query_step_sdi(r_tr, r_q), sdi_exact))
+            errs["r_tr"].append(rel_err(scores.tracin(r_tr, r_q), tracin_exact))
         print(
             f"{4 * m:>14}{m:>8}{mean_std(errs['o_sdi']):>20}{mean_std(errs['o_tr']):>20}"
             f"{m_ref:>7}{mean_std(errs['r_sdi']):>20}{mean_std(errs['r_tr']):>20}"

@@ -13,8 +13,8 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from sdi_pipeline.sketch.hashing import induced_buckets, make_count_sketch_hash
-from sdi_pipeline.sketch.kernels import (
+from sdi_pipeline.engine.hashing import induced_buckets, make_count_sketch_hash
+from sdi_pipeline.engine.kernels import (
     Workspace,
     choose_linear_kernel,
     linear_weight_dense,

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sdi_pipeline.contributions import ModuleHandler
-from sdi_pipeline.errors import SDIError
-from sdi_pipeline.layout import SlotLayout, infer_layout
+from sdi_pipeline.engine.registry import LayerHandler
+from sdi_pipeline.engine.slots import SlotLayout, infer_layout
+from sdi_pipeline.errors import UnsupportedModel
 
 
 @dataclass
@@ -37,7 +37,7 @@ class _Call:
 class StepCapture:
     """Records target-module calls of one forward pass and dispatches their gradients."""
 
-    def __init__(self, model: nn.Module, handlers: dict[str, ModuleHandler]) -> None:
+    def __init__(self, model: nn.Module, handlers: dict[str, LayerHandler]) -> None:
         self.model = model
         self.handlers = handlers
         self._calls: list[_Call] = []
@@ -78,18 +78,18 @@ class StepCapture:
         self, name: str, module: nn.Module, inputs: tuple[object, ...], output: object
     ) -> torch.Tensor | None:
         if self._phase == "backward":
-            raise SDIError(
+            raise UnsupportedModel(
                 f"target module '{name}' ran again during backward: activation checkpointing "
                 "(recomputation) inside the targets is not supported; disable it for attribution."
             )
         if not torch.is_grad_enabled():
-            raise SDIError(
+            raise UnsupportedModel(
                 f"target module '{name}' ran with gradients disabled (torch.no_grad() or "
                 "torch.inference_mode()): the loss function must run the forward pass with "
                 "autograd on so per-step gradients can be taken."
             )
         if not isinstance(output, torch.Tensor):
-            raise SDIError(
+            raise UnsupportedModel(
                 f"target module '{name}' returned {type(output).__name__}, not a tensor; "
                 "only modules with a single tensor output can be targeted."
             )
@@ -114,19 +114,19 @@ class StepCapture:
         """Validate the recorded calls and fix the slot of each; returns the layout."""
         never = sorted(n for n in self.handlers if all(c.module_name != n for c in self._calls))
         if never and len(never) == len(self.handlers):
-            raise SDIError(
+            raise UnsupportedModel(
                 "none of the target modules ran in the forward pass of loss_fn: check that "
                 "loss_fn calls the model the featurizer was built with."
             )
         if never:
-            raise SDIError(
+            raise UnsupportedModel(
                 f"target modules never ran in the forward pass: {', '.join(never)}. Their "
                 "parameters get no gradient; leave them out of the targets."
             )
         for call in self._calls:
             for act in call.activations:
                 if act.dim() > 0 and act.shape[0] != batch_size:
-                    raise SDIError(
+                    raise UnsupportedModel(
                         f"target module '{call.module_name}' (call {call.use + 1}) got an input "
                         f"of shape {tuple(act.shape)} but the loss has {batch_size} examples: "
                         "target modules must take the batch on dim 0 (batch_first)."

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import UnsupportedModel
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,14 @@ def infer_layout(
     odd = {n: c for n, c in counts.items() if c not in (1, tau)}
     if odd:
         listed = ", ".join(f"'{n}' ran {c}x" for n, c in sorted(odd.items()))
-        raise SDIError(
+        raise UnsupportedModel(
             f"target modules were called different numbers of times: the loop ran {tau} steps "
             f"but {listed}. A module called several times per loop step (or in only some "
             "steps) cannot be assigned to a step; target separate modules per call, or "
             "leave it out of the targets."
         )
     if expected_steps is not None and tau != expected_steps:
-        raise SDIError(
+        raise UnsupportedModel(
             f"the target modules ran {tau} times per forward pass but expected_steps="
             f"{expected_steps}; check the model's loop count or the targets (a module used "
             "twice per step doubles the apparent step count)."
@@ -87,7 +87,7 @@ def infer_layout(
         elif idx > last:
             placement[name] = "readout"
         else:
-            raise SDIError(
+            raise UnsupportedModel(
                 f"target module '{name}' runs once, between loop steps (call {idx} of the "
                 f"loop's calls {first}..{last}): it is neither prelude nor readout and cannot "
                 "be assigned to a step. Leave it out of the targets."

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdi_pipeline.errors import ConfigError
+
 
 def stable_seed(seed: int, name: str, role: str) -> int:
     """A 63-bit generator seed that depends only on ``seed``, ``name`` and ``role``."""
@@ -42,7 +44,7 @@ class CountSketchHash:
 def make_count_sketch_hash(seed: int, name: str, role: str, dim: int, m: int) -> CountSketchHash:
     """Draw a CountSketch hash for a ``dim``-dimensional input into ``m`` buckets, on the CPU."""
     if m <= 0:
-        raise ValueError(f"sketch size m must be positive, got {m}")
+        raise ConfigError(f"sketch size m must be positive, got {m}")
     gen = torch.Generator(device="cpu")
     gen.manual_seed(stable_seed(seed, name, role))
     buckets = torch.randint(0, m, (dim,), generator=gen, dtype=torch.int64)

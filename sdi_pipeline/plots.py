@@ -1,4 +1,4 @@
-"""Summaries of SDI for people: per-step energy and share, top-k tables, plots."""
+"""Plots of SDI for people: per-step energy and share, trajectories of top examples."""
 
 from __future__ import annotations
 
@@ -6,37 +6,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-
-
-def step_energy(sdi: torch.Tensor) -> torch.Tensor:
-    """SDI energy per query and slot: sum_i |SDI[i, j, t]|, shape (M, S)."""
-    return sdi.abs().sum(dim=0)
-
-
-def signed_share(sdi: torch.Tensor) -> torch.Tensor:
-    """Signed share of each slot in a query's total influence, shape (M, S).
-
-    share[j, t] = sum_i SDI[i, j, t] / sum_t' |sum_i SDI[i, j, t']|: its absolute values sum
-    to 1 over slots, and the sign says whether the training set as a whole pushes the query's
-    loss up or down through that step.
-    """
-    per_slot = sdi.sum(dim=0)
-    total = per_slot.abs().sum(dim=1, keepdim=True)
-    return per_slot / total.clamp_min(torch.finfo(per_slot.dtype).tiny)
 
 
 def plot_step_profiles(
-    energy: np.ndarray | torch.Tensor,
-    share: np.ndarray | torch.Tensor,
+    energy: np.ndarray,
+    share: np.ndarray,
     slot_names: Sequence[str],
     path: str | Path,
     title: str = "",
 ) -> Path:
     """Plot per-slot SDI energy and signed share (median and IQR over queries); save PNG.
 
-    ``energy`` and ``share`` are (M, S), as :func:`step_energy` / :func:`signed_share` or
-    results.h5's diagnostics give them.
+    ``energy`` and ``share`` are (M, S), as results.h5's diagnostics (or
+    :class:`~sdi_pipeline.scores.ScoreTotals`) give them.
     """
     import matplotlib
 
@@ -68,7 +50,7 @@ def plot_step_profiles(
 
 
 def plot_trajectories(
-    sdi: torch.Tensor, slot_names: Sequence[str], query: int, path: str | Path, top: int = 12
+    sdi: np.ndarray, slot_names: Sequence[str], query: int, path: str | Path, top: int = 12
 ) -> Path:
     """Heatmap of SDI trajectories (train examples x loop steps) of one query's top examples.
 
@@ -80,9 +62,9 @@ def plot_trajectories(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = sdi[:, query, :].double()
-    order = scores.sum(dim=1).abs().argsort(descending=True)[:top]
-    rows = scores[order].numpy()
+    scores = np.asarray(sdi[:, query, :], dtype=np.float64)
+    order = np.argsort(-np.abs(scores.sum(axis=1)), kind="stable")[:top]
+    rows = scores[order]
     limit = float(abs(rows).max()) or 1.0
     width = max(6.0, 2.5 + 0.6 * len(slot_names))
     fig, ax = plt.subplots(figsize=(width, 1.4 + 0.32 * len(order)))

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from sdi_pipeline.sketch.hashing import CountSketchHash
+from sdi_pipeline.engine.hashing import CountSketchHash
 
 LinearKernel = Literal["fft", "dense"]
 
@@ -69,7 +69,7 @@ def linear_weight_dense(
     ``delta`` is (B, T, d_out), ``x`` is (B, T, d_in). The induced signs factor as
     ``s_row(i) s_col(j)``, so they are applied to ``delta`` and ``x`` before the matmul and
     the materialised gradient only needs a scatter into ``buckets`` (the induced ones, see
-    :func:`~sdi_pipeline.sketch.hashing.induced_buckets`). Examples are processed in chunks so the
+    :func:`~sdi_pipeline.engine.hashing.induced_buckets`). Examples are processed in chunks so the
     gradients never exceed ``MAX_CHUNK_ELEMENTS``.
     """
     b, _, d_out = delta.shape

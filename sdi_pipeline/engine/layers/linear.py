@@ -1,0 +1,79 @@
+"""``nn.Linear``: weight by TensorSketch (FFT or dense kernel), bias analytically.
+
+For one call with inputs x (B, T, d_in) and output gradients delta (B, T, d_out), example
+b's weight gradient is sum_t delta[b, t] x[b, t]^T and its bias gradient sum_t delta[b, t].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdi_pipeline.engine.hashing import CountSketchHash, induced_buckets, make_count_sketch_hash
+from sdi_pipeline.engine.kernels import (
+    choose_linear_kernel,
+    count_sketch,
+    linear_weight_dense,
+    linear_weight_fft,
+)
+from sdi_pipeline.engine.registry import LayerHandler, register_layer, tokens
+from sdi_pipeline.engine.spec import SketchSpec
+
+
+@register_layer(nn.Linear)
+class LinearHandler(LayerHandler):
+    """Exact: one batched matmul per call. Sketch: TensorSketch, never forming d_out x d_in
+    per example unless the dense kernel is the cheaper way to the same sketch."""
+
+    param_attrs = ("weight", "bias")
+
+    def __init__(self, module, params, spec, offsets, workspace=None) -> None:
+        super().__init__(module, params, spec, offsets, workspace)
+        # Built lazily, once per device: only the dense kernel needs the d_out*d_in table.
+        self._induced: dict[torch.device, torch.Tensor] = {}
+
+    def per_example(self, activations, grad):
+        w, b = self.by_attr.get("weight"), self.by_attr.get("bias")
+        delta = tokens(grad, grad.shape[-1])
+        out: dict[str, torch.Tensor] = {}
+        if w is not None:
+            x = tokens(activations[0], w.shape[1])
+            out[w.name] = torch.bmm(delta.transpose(1, 2), x)
+        if b is not None:
+            out[b.name] = delta.sum(dim=1)
+        return out
+
+    def hash_tables(self, spec: SketchSpec) -> dict[str, CountSketchHash]:
+        tables: dict[str, CountSketchHash] = {}
+        if w := self.by_attr.get("weight"):
+            d_out, d_in = w.shape
+            tables["row"] = make_count_sketch_hash(spec.seed, w.name, "row", d_out, spec.m)
+            tables["col"] = make_count_sketch_hash(spec.seed, w.name, "col", d_in, spec.m)
+        if b := self.by_attr.get("bias"):
+            tables["vec"] = make_count_sketch_hash(spec.seed, b.name, "vec", b.numel, spec.m)
+        return tables
+
+    def _induced_on(self, device: torch.device, h: dict[str, CountSketchHash]) -> torch.Tensor:
+        if device not in self._induced:
+            self._induced[device] = induced_buckets(h["row"], h["col"])
+        return self._induced[device]
+
+    def sketch(self, activations, grad, out, hashes) -> None:
+        assert self.spec is not None
+        w, b = self.by_attr.get("weight"), self.by_attr.get("bias")
+        d_out = grad.shape[-1]
+        delta = tokens(grad, d_out)
+        if w is not None:
+            x = tokens(activations[0], w.shape[1])
+            kernel = self.spec.kernel
+            if kernel == "auto":
+                kernel = choose_linear_kernel(delta.shape[1], d_out, x.shape[2], self.spec.m)
+            if kernel == "dense":
+                induced = self._induced_on(grad.device, hashes)
+                linear_weight_dense(
+                    delta, x, hashes["row"], hashes["col"], induced, out, self.workspace
+                )
+            else:
+                out += linear_weight_fft(delta, x, hashes["row"], hashes["col"])
+        if b is not None:
+            out += count_sketch(delta.sum(dim=1), hashes["vec"])
