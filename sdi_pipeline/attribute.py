@@ -7,6 +7,8 @@ are checked against.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,3 +110,18 @@ def attribute(
     sdi3 = sdi.reshape(-1, n_query, s_q)
     full = None if matrix is None else scores.step_matrix_layout(matrix, n_query, s_q)
     return Attribution(sdi3, sdi3.sum(dim=2), full, etas, layouts[0], layouts[1])
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`attribute`.
+
+    ``from sdi_pipeline import attribute`` gives the function, but once this module is
+    imported the package attribute of the same name is the module: calling it still runs
+    the attribution.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Attribution:
+        return attribute(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

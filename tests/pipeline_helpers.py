@@ -12,6 +12,9 @@ import torch
 from conftest import make_model
 from torch.utils.data import Dataset
 
+from sdi_pipeline.jobs import run_query, run_worker
+from sdi_pipeline.merge import run_merge
+from sdi_pipeline.rundir import RunDir, prepare_run
 from sdi_pipeline.toy.checkpoints import parity_from_checkpoints
 from sdi_pipeline.toy.parity import parity_loss
 
@@ -55,6 +58,16 @@ def toy_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+def run_all(cfg: dict[str, Any], workers: int = 1) -> RunDir:
+    """Prepare a run of ``cfg``, run its query job, ``workers`` workers and the merge."""
+    run = prepare_run(cfg)
+    assert run_query(run.path) == 0
+    for rank in range(workers):
+        assert run_worker(run.path, rank, workers) == 0
+    assert run_merge(run.path) == 0
+    return run
 
 
 def slow_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import toy_config
+from pipeline_helpers import run_all, toy_config
 from torch.utils.data import DataLoader
 
 from sdi_pipeline.attribute import attribute
@@ -30,15 +30,6 @@ from sdi_pipeline.store import read_sketch_file, write_sketch_file
 from sdi_pipeline.toy.parity import parity_loss
 
 TESTS = Path(__file__).parent
-
-
-def run_all(cfg: dict, workers: int) -> RunDir:
-    run = prepare_run(cfg)
-    assert run_query(run.path) == 0
-    for rank in range(workers):
-        assert run_worker(run.path, rank, workers) == 0
-    assert run_merge(run.path) == 0
-    return run
 
 
 def digest(path: Path) -> str:
@@ -236,9 +227,18 @@ def test_merge_refuses_a_duplicated_block(finished: RunDir) -> None:
     )
 
 
-def test_merge_refuses_query_sketches_of_another_config(finished: RunDir) -> None:
+def test_merge_refuses_missing_query_sketches(finished: RunDir) -> None:
     (finished.query_dir / "ckpt-001.h5").unlink()
     _refused(finished, "query sketches for checkpoint 1 missing")
+
+
+def test_merge_refuses_query_sketches_of_another_config(finished: RunDir) -> None:
+    _rewrite(finished.query_dir / "ckpt-000.h5", config_hash="0123456789abcdef")
+    _refused(
+        finished,
+        "query/ckpt-000.h5 was made for config 0123456789abcdef, not "
+        f"{finished.stored_hash()}; rerun sdi-query",
+    )
 
 
 def test_a_second_query_set_reuses_the_train_units(tmp_path) -> None:

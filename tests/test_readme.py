@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pipeline_helpers import toy_config, write_toy_checkpoints
-from test_pipeline import run_all
+from pipeline_helpers import run_all, toy_config, write_toy_checkpoints
 from torch.utils.data import DataLoader
 
 from sdi_pipeline.cli import JOBS

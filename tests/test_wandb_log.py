@@ -32,10 +32,8 @@ from typing import Any
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from pipeline_helpers import toy_config
+from pipeline_helpers import run_all, toy_config
 
-from sdi_pipeline.jobs import run_query, run_worker
-from sdi_pipeline.merge import run_merge
 from sdi_pipeline.plots import plot_step_profiles
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir, prepare_run
@@ -145,14 +143,6 @@ class OfflineRun:
 
 
 # -- the run, logged once for all the tests ----------------------------------------------
-
-
-def run_all(cfg: dict[str, Any]) -> RunDir:
-    run = prepare_run(cfg)
-    assert run_query(run.path) == 0
-    assert run_worker(run.path, 0, 1) == 0
-    assert run_merge(run.path) == 0
-    return run
 
 
 @dataclass
