@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError, DataError
 
 FORMATS = ("npy", "pt", "h5", "hf", "jsonl")
 _ALIASES = {"hdf5": "h5", "json": "jsonl", "datasets": "hf", "pth": "pt"}
@@ -50,24 +50,24 @@ class _RowSource(Protocol):
 
 
 def _as_token_row(value: Any, where: str) -> torch.Tensor:
-    """One row as a fresh 1-D int64 tensor; an SDIError if it is not 1-D integers."""
+    """One row as a fresh 1-D int64 tensor; a DataError if it is not 1-D integers."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise SDIError(f"{where} holds {value.dtype} values; token ids must be integers")
+            raise DataError(f"{where} holds {value.dtype} values; token ids must be integers")
         if value.dim() != 1:
-            raise SDIError(f"{where} is {value.dim()}-D; each sequence must be 1-D token ids")
+            raise DataError(f"{where} is {value.dim()}-D; each sequence must be 1-D token ids")
         return value.to(torch.int64, copy=True)
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as err:  # ragged nested lists and the like
-        raise SDIError(f"{where} is not a flat list of token ids ({err})") from err
+        raise DataError(f"{where} is not a flat list of token ids ({err})") from err
     if arr.size == 0:
         # json's [] parses as float64; an empty sequence is still a valid (empty) row.
         arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
-        raise SDIError(f"{where} holds {arr.dtype} values; token ids must be integers")
+        raise DataError(f"{where} holds {arr.dtype} values; token ids must be integers")
     if arr.ndim != 1:
-        raise SDIError(f"{where} is {arr.ndim}-D; each sequence must be 1-D token ids")
+        raise DataError(f"{where} is {arr.ndim}-D; each sequence must be 1-D token ids")
     return torch.from_numpy(np.array(arr, dtype=np.int64, copy=True))
 
 
@@ -77,12 +77,12 @@ def _check_int_dtype(dtype: np.dtype[Any] | torch.dtype, where: str) -> None:
     else:
         bad = dtype.kind not in "iu"
     if bad:
-        raise SDIError(f"{where} holds {dtype} values; token ids must be integers")
+        raise DataError(f"{where} holds {dtype} values; token ids must be integers")
 
 
 def _check_2d(shape: Sequence[int], where: str) -> None:
     if len(shape) != 2:
-        raise SDIError(
+        raise DataError(
             f"{where} has shape {tuple(shape)}; expected a 2-D (N, T) array of token ids"
         )
 
@@ -177,18 +177,18 @@ class _JsonlSource:
         try:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SDIError(
+            raise DataError(
                 f"{where} is not valid JSON ({err.__class__.__name__}: {err}); "
                 "expected one JSON object per line (JSON Lines)"
             ) from None
         if not isinstance(obj, dict):
-            raise SDIError(
+            raise DataError(
                 f"{where} is a JSON {type(obj).__name__}, not an object; expected one object "
                 f"per line with a '{self.column}' list"
             )
         if self.column not in obj:
             keys = ", ".join(sorted(obj)) or "none"
-            raise SDIError(f"{where} has no column '{self.column}' (its keys: {keys})")
+            raise DataError(f"{where} has no column '{self.column}' (its keys: {keys})")
         return _as_token_row(obj[self.column], f"{where} column '{self.column}'")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -219,13 +219,13 @@ def _detect_format(path: Path) -> str:
             return "hf"
         if (path / "dataset_dict.json").is_file():
             return "hf"  # _load_hf explains that one split must be chosen
-        raise SDIError(
+        raise DataError(
             f"cannot tell the format of directory {path}: it is not a Hugging Face dataset "
             f"saved with save_to_disk (no {' or '.join(_HF_MARKERS)}); point path at a file"
         )
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise SDIError(
+        raise DataError(
             f"cannot tell the format of {path} from its suffix '{path.suffix}'; use one of "
             f"{', '.join(_SUFFIXES)} or set format= to one of {', '.join(FORMATS)}"
         )
@@ -244,7 +244,7 @@ def _load_npy(path: Path, allow_pickle: bool) -> _RowSource:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
                 shape, dtype = arr.shape, arr.dtype
     except (ValueError, OSError) as err:
-        raise SDIError(f"{path} is not a readable .npy file ({err})") from err
+        raise DataError(f"{path} is not a readable .npy file ({err})") from err
     if dtype.hasobject:
         return _load_ragged_npy(path, shape, allow_pickle)
     _check_int_dtype(dtype, str(path))
@@ -254,20 +254,20 @@ def _load_npy(path: Path, allow_pickle: bool) -> _RowSource:
 
 def _load_ragged_npy(path: Path, shape: tuple[int, ...], allow_pickle: bool) -> _RowSource:
     if not allow_pickle:
-        raise SDIError(
+        raise DataError(
             f"{path} is an object array (ragged sequences), which numpy stores with pickle; "
             "loading it can run arbitrary code. If you trust the file, pass allow_pickle=True "
             "(or save a 2-D padded array, .h5 or .jsonl instead)"
         )
     if len(shape) != 1:
-        raise SDIError(
+        raise DataError(
             f"{path} is a {len(shape)}-D object array; ragged sequences must be a 1-D object "
             "array of 1-D integer arrays"
         )
     try:
         rows = np.load(path, allow_pickle=True)
     except Exception as err:  # unpickling can fail in many ways
-        raise SDIError(f"{path} could not be unpickled ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path} could not be unpickled ({type(err).__name__}: {err})") from err
     # The whole array is in memory already, so check every row now rather than mid-run.
     for i, r in enumerate(rows):
         _as_token_row(r, f"{path} row {i}")
@@ -282,7 +282,7 @@ def _load_pt(path: Path, key: str) -> _RowSource:
             obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises a zoo of types for bad or unsafe files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SDIError(
+        raise DataError(
             f"{path} could not be loaded with torch.load(weights_only=True): {first}. Save a "
             "plain tensor, list of tensors or dict of them with torch.save"
         ) from err
@@ -290,7 +290,7 @@ def _load_pt(path: Path, key: str) -> _RowSource:
     if isinstance(obj, Mapping):
         if key not in obj:
             keys = ", ".join(str(k) for k in obj) or "none"
-            raise SDIError(f"{path} is a dict with no key '{key}' (its keys: {keys}); set key=")
+            raise DataError(f"{path} is a dict with no key '{key}' (its keys: {keys}); set key=")
         obj = obj[key]
         where = f"{path}['{key}']"
     if isinstance(obj, torch.Tensor):
@@ -300,12 +300,12 @@ def _load_pt(path: Path, key: str) -> _RowSource:
     if isinstance(obj, (list, tuple)):
         for i, r in enumerate(obj):
             if not isinstance(r, torch.Tensor):
-                raise SDIError(
+                raise DataError(
                     f"{where} row {i} is a {type(r).__name__}; a list must hold 1-D integer tensors"
                 )
             _as_token_row(r, f"{where} row {i}")
         return _InMemorySource(obj, where)
-    raise SDIError(
+    raise DataError(
         f"{where} holds a {type(obj).__name__}; expected a 2-D integer tensor, a list of 1-D "
         "integer tensors, or a dict holding one of those"
     )
@@ -317,14 +317,14 @@ def _load_h5(path: Path, key: str) -> _RowSource:
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise SDIError(f"{path} is not a readable HDF5 file ({err})") from err
+        raise DataError(f"{path} is not a readable HDF5 file ({err})") from err
     with f:
         if key not in f:
             keys = ", ".join(f.keys()) or "none"
-            raise SDIError(f"{path} has no dataset '{key}' (top-level keys: {keys}); set key=")
+            raise DataError(f"{path} has no dataset '{key}' (top-level keys: {keys}); set key=")
         node = f[key]
         if not isinstance(node, h5py.Dataset):
-            raise SDIError(f"{path}['{key}'] is an HDF5 {type(node).__name__}, not a dataset")
+            raise DataError(f"{path}['{key}'] is an HDF5 {type(node).__name__}, not a dataset")
         where = f"{path}['{key}']"
         _check_int_dtype(node.dtype, where)
         _check_2d(node.shape, where)
@@ -346,7 +346,7 @@ def _load_jsonl(path: Path, column: str, stop: int | None) -> _RowSource:
                         break  # rows past the window are never read
                 pos += len(line)
     except OSError as err:
-        raise SDIError(f"cannot read {path} ({err})") from err
+        raise DataError(f"cannot read {path} ({err})") from err
     return _JsonlSource(
         path, column, np.asarray(starts, dtype=np.int64), np.asarray(line_numbers, dtype=np.int64)
     )
@@ -356,24 +356,24 @@ def _load_hf(path: Path, column: str) -> _RowSource:
     try:
         datasets = importlib.import_module("datasets")
     except ImportError as err:
-        raise SDIError(
+        raise DataError(
             f"{path} is a Hugging Face dataset directory; reading it needs the `datasets` "
             "package: pip install datasets"
         ) from err
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # a damaged or foreign directory
-        raise SDIError(
+        raise DataError(
             f"{path} could not be read with datasets.load_from_disk ({type(err).__name__}: {err})"
         ) from err
     if not hasattr(ds, "column_names") or isinstance(ds.column_names, Mapping):
         splits = ", ".join(ds.keys()) if hasattr(ds, "keys") else "?"
-        raise SDIError(
+        raise DataError(
             f"{path} is a DatasetDict with splits {splits}; point path at one split's "
             f"directory (e.g. {path / 'train'})"
         )
     if column not in ds.column_names:
-        raise SDIError(
+        raise DataError(
             f"{path} has no column '{column}' (its columns: {', '.join(ds.column_names)}); "
             "set column="
         )
@@ -399,7 +399,7 @@ class TokenDataset(torch.utils.data.Dataset):
             Only set it for files you trust.
 
     Raises:
-        SDIError: for a missing or unreadable file, unknown format, non-integer or non-2-D data,
+        DataError: for a missing or unreadable file, unknown format, non-integer or non-2-D data,
             a missing column or key, an empty selection, or an offset past the end.
     """
 
@@ -416,25 +416,29 @@ class TokenDataset(torch.utils.data.Dataset):
     ) -> None:
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            raise SDIError(f"dataset path {self.path} does not exist")
+            raise DataError(f"dataset path {self.path} does not exist")
         if not isinstance(offset, int) or offset < 0:
-            raise SDIError(f"offset must be a non-negative integer, got {offset!r} ({self.path})")
+            raise ConfigError(
+                f"offset must be a non-negative integer, got {offset!r} ({self.path})"
+            )
         if limit is not None and (not isinstance(limit, int) or limit <= 0):
-            raise SDIError(f"limit must be a positive integer or None, got {limit!r} ({self.path})")
+            raise ConfigError(
+                f"limit must be a positive integer or None, got {limit!r} ({self.path})"
+            )
         fmt = _ALIASES.get(format.lower(), format.lower())
         if fmt == "auto":
             fmt = _detect_format(self.path)
         elif fmt not in FORMATS:
-            raise SDIError(
+            raise DataError(
                 f"unknown format '{format}' for {self.path}; "
                 f"use auto or one of {', '.join(FORMATS)}"
             )
         if fmt == "hf" and not self.path.is_dir():
-            raise SDIError(
+            raise DataError(
                 f"format=hf needs a directory written by save_to_disk; {self.path} is a file"
             )
         if fmt != "hf" and self.path.is_dir():
-            raise SDIError(f"format={fmt} needs a file; {self.path} is a directory")
+            raise DataError(f"format={fmt} needs a file; {self.path} is a directory")
         self.format = fmt
         key = "input_ids" if key is None else key
 
@@ -453,9 +457,9 @@ class TokenDataset(torch.utils.data.Dataset):
 
         total = len(source)
         if total == 0:
-            raise SDIError(f"{self.path} contains no rows (an empty dataset)")
+            raise DataError(f"{self.path} contains no rows (an empty dataset)")
         if offset >= total:
-            raise SDIError(
+            raise DataError(
                 f"offset={offset} is beyond the end of {self.path}, which has {total} rows"
             )
         self.offset = offset
@@ -517,17 +521,17 @@ class PadCollate:
 
     def __init__(self, pad_id: int = 0) -> None:
         if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-            raise SDIError(f"PadCollate pad_id must be an integer token id, got {pad_id!r}")
+            raise DataError(f"PadCollate pad_id must be an integer token id, got {pad_id!r}")
         self.pad_id = pad_id
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if len(examples) == 0:
-            raise SDIError("PadCollate got an empty batch")
+            raise DataError("PadCollate got an empty batch")
         rows: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         for n, ex in enumerate(examples):
             if not isinstance(ex, Mapping) or "input_ids" not in ex:
-                raise SDIError(
+                raise DataError(
                     f"PadCollate needs examples with an 'input_ids' entry; example {n} is "
                     f"{type(ex).__name__}"
                     + (f" with keys {', '.join(map(str, ex))}" if isinstance(ex, Mapping) else "")
@@ -537,7 +541,7 @@ class PadCollate:
             if "attention_mask" in ex:
                 mask = torch.as_tensor(ex["attention_mask"]).to(torch.int64)
                 if mask.shape != ids.shape:
-                    raise SDIError(
+                    raise DataError(
                         f"PadCollate example {n}: attention_mask shape {tuple(mask.shape)} "
                         f"differs from input_ids shape {tuple(ids.shape)}"
                     )
@@ -554,7 +558,7 @@ class PadCollate:
         others = {k for ex in examples for k in ex} - {"input_ids", "attention_mask"}
         for k in sorted(others):
             if not all(k in ex for ex in examples):
-                raise SDIError(f"PadCollate: key '{k}' is present in only some examples")
+                raise DataError(f"PadCollate: key '{k}' is present in only some examples")
             out[k] = default_collate([ex[k] for ex in examples])
         return out
 

@@ -14,20 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import DataError
 
 
 def _input_ids(batch: Any, loss_name: str) -> torch.Tensor:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         keys = f" with keys {', '.join(map(str, batch))}" if isinstance(batch, Mapping) else ""
-        raise SDIError(
+        raise DataError(
             f"{loss_name} needs a batch dict with 'input_ids' (B, T); got "
             f"{type(batch).__name__}{keys}"
         )
     ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise SDIError(f"{loss_name}: batch['input_ids'] must be a (B, T) tensor, got {shape}")
+        raise DataError(f"{loss_name}: batch['input_ids'] must be a (B, T) tensor, got {shape}")
     return ids
 
 
@@ -36,12 +36,12 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, loss_name: str) -> torch.
     raw = model(input_ids)
     out = raw if isinstance(raw, torch.Tensor) else getattr(raw, "logits", None)
     if not isinstance(out, torch.Tensor):
-        raise SDIError(
+        raise DataError(
             f"{loss_name}: model(input_ids) returned {type(raw).__name__}; expected logits "
             "(B, T, vocab) or an output object with a .logits attribute"
         )
     if out.dim() != 3 or out.shape[:2] != input_ids.shape:
-        raise SDIError(
+        raise DataError(
             f"{loss_name}: model(input_ids) returned shape {tuple(out.shape)} for input_ids of "
             f"shape {tuple(input_ids.shape)}; expected logits (B, T, vocab)"
         )
@@ -63,7 +63,7 @@ def next_token_loss(model: nn.Module, batch: Any, ignore_index: int = -100) -> t
     With Hydra: ``{_target_: sdi_pipeline.losses.next_token_loss, _partial_: true}``.
 
     Raises:
-        SDIError: if the batch or logits have the wrong shape, or some example has no target
+        DataError: if the batch or logits have the wrong shape, or some example has no target
             position (fewer than two real tokens).
     """
     name = "next_token_loss"
@@ -74,7 +74,7 @@ def next_token_loss(model: nn.Module, batch: Any, ignore_index: int = -100) -> t
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise SDIError(
+            raise DataError(
                 f"{name}: attention_mask shape {shape} differs from input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
@@ -82,7 +82,7 @@ def next_token_loss(model: nn.Module, batch: Any, ignore_index: int = -100) -> t
     counts = (targets != ignore_index).sum(dim=1)
     empty = int((counts == 0).sum())
     if empty:
-        raise SDIError(
+        raise DataError(
             f"{name}: {empty} of {len(counts)} example(s) in the batch have no target positions "
             "(each needs at least two real tokens); filter out such short sequences"
         )
@@ -107,14 +107,14 @@ def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     name = "answer_token_loss"
     input_ids = _input_ids(batch, name)
     if "target" not in batch:
-        raise SDIError(
+        raise DataError(
             f"{name} needs batch['target'] (B,) class ids; batch keys: {', '.join(batch)}"
         )
     target = torch.as_tensor(batch["target"])
     if target.dim() == 2 and target.shape[1] == 1:
         target = target[:, 0]
     if target.shape != input_ids.shape[:1] or target.is_floating_point():
-        raise SDIError(
+        raise DataError(
             f"{name}: batch['target'] must be (B,) integer class ids with B={input_ids.shape[0]}, "
             f"got {target.dtype} of shape {tuple(target.shape)}"
         )

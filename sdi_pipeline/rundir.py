@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from sdi_pipeline import config as config_mod
 from sdi_pipeline.atomic import write_json_atomic, write_text_atomic
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError, RunDirError
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class RunDir:
         """
         recorded = self.recorded_train_size()
         if recorded is not None and recorded != n_train:
-            raise SDIError(
+            raise RunDirError(
                 f"data.train has {n_train} examples, but run {self.path} was prepared with "
                 f"{recorded} ({self.train_size_path.name}): the data changed under the same "
                 "config. Restore it, or start a new run (another run.name or run.id)"
@@ -211,7 +211,7 @@ class RunDir:
 
     def stored_hash(self) -> str:
         if not self.hash_path.exists():
-            raise SDIError(f"{self.path} is not a run directory (no config.hash)")
+            raise RunDirError(f"{self.path} is not a run directory (no config.hash)")
         return self.hash_path.read_text().strip()
 
     def check_hash(self, digest: str, cfg: DictConfig) -> None:
@@ -230,7 +230,7 @@ class RunDir:
                 lines(stored_view), lines(now_view), "run's config", "this config", lineterm=""
             )
         )
-        raise SDIError(
+        raise RunDirError(
             f"config hash {digest} differs from the run's {stored} ({self.path}); the fields "
             f"that change the attribution differ:\n{diff or '(only installed schema defaults)'}\n"
             "Use another run.id (or run.name) for a different attribution, or the sdi-pipeline "
@@ -289,7 +289,7 @@ def prepare_run(data: Any) -> RunDir:
     cfg.checkpoints.paths = resolve_checkpoints(list(cfg.checkpoints.paths))
     etas = cfg.checkpoints.etas
     if etas is not None and len(etas) != len(cfg.checkpoints.paths):
-        raise SDIError(
+        raise ConfigError(
             f"checkpoints.etas has {len(etas)} values for {len(cfg.checkpoints.paths)} "
             "checkpoints: give one per checkpoint, or null to read them from the files"
         )
