@@ -11,9 +11,16 @@ from torch.func import functional_call, grad, vmap
 from sdi_pipeline.engine import registry
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.layers.embedding import EmbeddingHandler
+from sdi_pipeline.engine.layers.generic import GenericHandler
 from sdi_pipeline.engine.layers.linear import LinearHandler
 from sdi_pipeline.engine.layers.opacus import OpacusHandler
-from sdi_pipeline.engine.registry import LayerHandler, TargetParam, handler_for, register_layer
+from sdi_pipeline.engine.registry import (
+    Call,
+    LayerHandler,
+    TargetParam,
+    handler_for,
+    register_layer,
+)
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import UnsupportedModel
 
@@ -64,16 +71,28 @@ def test_lookup_resolves_subclasses_that_keep_the_forward() -> None:
     assert handler_for(_PlainLinearSubclass(3, 2), ["weight", "bias"]) is LinearHandler
     assert handler_for(nn.Embedding(5, 2), ["weight"]) is EmbeddingHandler
     assert handler_for(nn.LayerNorm(3), ["weight", "bias"]) is OpacusHandler
-    # An overridden forward is not nn.Linear's math; Opacus keys on exact types: refused.
-    assert handler_for(_ScaledLinear(3, 2), ["weight", "bias"]) is None
-    assert handler_for(_Gain(3), ["gain"]) is None
+    # An overridden forward is not nn.Linear's math, and Opacus keys on exact types: the
+    # generic torch.func fallback takes these, as any other module with parameters.
+    assert handler_for(_ScaledLinear(3, 2), ["weight", "bias"]) is GenericHandler
+    assert handler_for(_Gain(3), ["gain"]) is GenericHandler
+    assert handler_for(nn.MultiheadAttention(4, 2), ["in_proj_weight"]) is GenericHandler
 
 
-def test_unsupported_module_is_refused_naming_the_supported_types() -> None:
-    with pytest.raises(
-        UnsupportedModel, match=r"'core.gain'.*_Gain.*supported are nn\.Embedding, nn\.Linear"
-    ):
-        StepFeaturizer(_Looped(_Gain(6)), ["core"], SketchSpec(m=64))
+class _Centred(nn.Module):
+    """Subtracts the batch mean: examples are not independent."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(dim=0, keepdim=True)) * self.gain
+
+
+def test_generic_fallback_refuses_a_module_that_mixes_examples() -> None:
+    featurizer = StepFeaturizer(_Looped(_Centred(6)), ["core"], SketchSpec(m=64))
+    with pytest.raises(UnsupportedModel, match=r"'core' \(_Centred\) does not treat examples"):
+        featurizer.featurize([torch.randn(4, 7, 4)], _loss)
 
 
 def test_a_new_layer_type_is_one_registered_class(monkeypatch) -> None:
@@ -83,9 +102,9 @@ def test_a_new_layer_type_is_one_registered_class(monkeypatch) -> None:
 
     @register_layer(_Gain)
     class GainHandler(LayerHandler):
-        def per_example(self, activations, grad):
+        def per_example(self, call, grad):
             (p,) = self.params
-            x = activations[0].reshape(grad.shape[0], -1, grad.shape[-1])
+            x = call.input().reshape(grad.shape[0], -1, grad.shape[-1])
             return {p.name: (x * grad.reshape(x.shape)).sum(dim=1)}
 
     torch.manual_seed(0)
@@ -129,7 +148,7 @@ def test_dedicated_handlers_agree_with_the_generic_opacus_path(module: nn.Module
     outs = []
     for cls in (dedicated, OpacusHandler):
         out = torch.zeros(3, width)
-        cls(module, params, None, offsets).contribute([inputs], out_grad, out)
+        cls(module, params, None, offsets).contribute(Call("layer", 0, (inputs,)), out_grad, out)
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
@@ -139,6 +158,6 @@ def test_dedicated_handlers_agree_with_the_generic_opacus_path(module: nn.Module
 
     own = {n: p.detach() for n, p in module.named_parameters()}
     expected = vmap(grad(contrib), in_dims=(None, 0, 0))(own, inputs, out_grad)
-    exact = dedicated(module, params, None, None).per_example([inputs], out_grad)  # type: ignore[misc]
+    exact = dedicated(module, params, None, None).per_example(Call("layer", 0, (inputs,)), out_grad)  # type: ignore[misc]
     for p in params:
         torch.testing.assert_close(exact[p.name].reshape(3, *p.shape), expected[p.attr])

@@ -1,15 +1,21 @@
 """Hooks that see every call of the target modules and route its gradient to a step slot.
 
-During a capture, a forward hook on each module owning target parameters records the call
-(its inputs, detached) and hooks the call's output tensor. When backward reaches that
-output, the hook receives d(sum of losses)/d(output of *this call*) -- the unrolled graph's
-gradient for this use of the shared weights -- and the module's handler adds the per-example
-contribution into the slot of the call's loop step.
+During a capture, a forward hook on each module using target parameters records the call
+(its args and kwargs, detached) and hooks the call's output tensor. When backward reaches
+that output, the hook receives d(sum of losses)/d(output of *this call*) -- the unrolled
+graph's gradient for this use of the shared weights -- and the module's handler adds the
+per-example contribution into the slot of the call's loop step.
 
 All model parameters are frozen for the capture (restored afterwards), so backward computes
 activation gradients only and no weight gradient is ever formed or accumulated. A call whose
 output does not require grad (frozen weights, inputs that need no gradient) gets a fresh leaf
-as output so the gradient still reaches it.
+as output so the gradient still reaches it. A call made for the whole batch at once -- inputs
+and output with a first dimension of 1 that the model broadcasts over the batch, such as
+position embeddings of ``(1, T)`` ids -- has its output and inputs expanded to the batch, so
+its gradient arrives per example (the model computes the same values).
+
+While a handler recomputes its module (the generic fallback does), the hooks stand aside:
+nested calls of other target modules inside that recomputation are not calls of the model.
 """
 
 from __future__ import annotations
@@ -17,21 +23,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from sdi_pipeline.engine.registry import LayerHandler
+from sdi_pipeline.engine.registry import Call, LayerHandler
 from sdi_pipeline.engine.slots import SlotLayout, infer_layout
 from sdi_pipeline.errors import UnsupportedModel
-
-
-@dataclass
-class _Call:
-    module_name: str
-    use: int
-    activations: list[torch.Tensor] = field(default_factory=list)
 
 
 class StepCapture:
@@ -40,9 +40,11 @@ class StepCapture:
     def __init__(self, model: nn.Module, handlers: dict[str, LayerHandler]) -> None:
         self.model = model
         self.handlers = handlers
-        self._calls: list[_Call] = []
+        self._calls: list[Call] = []
         self._uses: dict[str, int] = {}
         self._phase = "idle"
+        self._suspended = False
+        self._batch_size: int | None = None
         self._slots: dict[str, list[int]] = {}
         self._buffer: torch.Tensor | None = None
 
@@ -52,7 +54,9 @@ class StepCapture:
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         handles = [
-            h.module.register_forward_hook(functools.partial(self._on_forward, name))
+            h.module.register_forward_hook(
+                functools.partial(self._on_forward, name), with_kwargs=True
+            )
             for name, h in self.handlers.items()
         ]
         try:
@@ -66,17 +70,33 @@ class StepCapture:
                 p.requires_grad_(flag)
             self.reset()
 
-    def reset(self) -> None:
-        """Forget the current forward pass (its calls, buffer and layout)."""
+    def reset(self, batch_size: int | None = None) -> None:
+        """Forget the current forward pass; ``batch_size``: the next one's, if known."""
         self._calls = []
         self._uses = {}
         self._slots = {}
         self._buffer = None
+        self._batch_size = batch_size
         self._phase = "forward"
 
+    @contextmanager
+    def _handler_running(self) -> Iterator[None]:
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = False
+
     def _on_forward(
-        self, name: str, module: nn.Module, inputs: tuple[object, ...], output: object
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: object,
     ) -> torch.Tensor | None:
+        if self._suspended:
+            return None
         if self._phase == "backward":
             raise UnsupportedModel(
                 f"target module '{name}' ran again during backward: activation checkpointing "
@@ -93,22 +113,36 @@ class StepCapture:
                 f"target module '{name}' returned {type(output).__name__}, not a tensor; "
                 "only modules with a single tensor output can be targeted."
             )
+        batch = self._batch_size
+
+        def detach(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            value = value.detach()
+            if broadcast and value.dim() > 0 and value.shape[0] == 1:
+                value = value.expand(batch, *value.shape[1:])
+            return value
+
+        broadcast = batch is not None and batch > 1 and output.dim() > 0 and output.shape[0] == 1
+        if broadcast:
+            assert batch is not None
+            output = output.expand(batch, *output.shape[1:])
         use = self._uses.get(name, 0)
         self._uses[name] = use + 1
-        call = _Call(name, use, [t.detach() for t in inputs if isinstance(t, torch.Tensor)])
+        call = Call(name, use, tree_map(detach, args), tree_map(detach, kwargs))
         self._calls.append(call)
+        with self._handler_running():
+            self.handlers[name].on_forward(call, output)
         out = output if output.requires_grad else output.detach().requires_grad_()
         out.register_hook(functools.partial(self._on_grad, call))
-        return out if out is not output else None
+        return out if (out is not output or broadcast) else None
 
-    def _on_grad(self, call: _Call, grad: torch.Tensor) -> None:
+    def _on_grad(self, call: Call, grad: torch.Tensor) -> None:
         assert self._buffer is not None, "gradient arrived outside capture.backward"
         slot = self._slots[call.module_name][call.use]
-        with torch.no_grad():
-            self.handlers[call.module_name].contribute(
-                call.activations, grad.detach(), self._buffer[slot]
-            )
-        call.activations = []  # free the inputs as soon as this call is done
+        with torch.no_grad(), self._handler_running():
+            self.handlers[call.module_name].contribute(call, grad.detach(), self._buffer[slot])
+        call.free()  # free the inputs as soon as this call is done
 
     def finish_forward(self, batch_size: int, expected_steps: int | None) -> SlotLayout:
         """Validate the recorded calls and fix the slot of each; returns the layout."""
@@ -121,16 +155,18 @@ class StepCapture:
         if never:
             raise UnsupportedModel(
                 f"target modules never ran in the forward pass: {', '.join(never)}. Their "
-                "parameters get no gradient; leave them out of the targets."
+                "parameters get no gradient through a call; leave them out of the targets (a "
+                "module whose parent uses its parameters without calling it needs a handler "
+                "for the parent that claims its subtree, as nn.MultiheadAttention has)."
             )
         for call in self._calls:
-            for act in call.activations:
-                if act.dim() > 0 and act.shape[0] != batch_size:
-                    raise UnsupportedModel(
-                        f"target module '{call.module_name}' (call {call.use + 1}) got an input "
-                        f"of shape {tuple(act.shape)} but the loss has {batch_size} examples: "
-                        "target modules must take the batch on dim 0 (batch_first)."
-                    )
+            rows = _rows(call)
+            if rows is not None and rows != batch_size:
+                raise UnsupportedModel(
+                    f"target module '{call.module_name}' (call {call.use + 1}) got an input "
+                    f"with {rows} rows on dim 0 but the loss has {batch_size} examples: target "
+                    "modules must take the batch on dim 0 (batch_first)."
+                )
         calls: dict[str, list[int]] = {}
         for i, call in enumerate(self._calls):
             calls.setdefault(call.module_name, []).append(i)
@@ -148,3 +184,11 @@ class StepCapture:
             self._buffer = None
         self._calls = []
         self._uses = {}
+
+
+def _rows(call: Call) -> int | None:
+    """Dim 0 of the call's main input, or None if it has no tensor input of rank >= 1."""
+    for value in (*call.args, *call.kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.dim() > 0 else None
+    return None

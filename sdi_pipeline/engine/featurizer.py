@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from sdi_pipeline.engine.capture import StepCapture
@@ -55,6 +56,16 @@ class StepFeatures:
         )
 
 
+def _batch_size_hint(batch: Any) -> int | None:
+    """Dim 0 of the batch's first tensor: lets calls broadcast over the batch be expanded.
+
+    The loss's length is checked against it (a loss_fn may slice the batch otherwise)."""
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
 class StepFeaturizer:
     """Per-example per-step gradient sketches (or exact gradients) of target modules.
 
@@ -81,7 +92,9 @@ class StepFeaturizer:
         self.spec = spec
         self.expected_steps = expected_steps
         self.target_modules = resolve_target_modules(model, targets)
-        self.params, owners = collect_target_params(model, self.target_modules)
+        uses, owners = collect_target_params(model, self.target_modules)
+        # One entry per parameter (a tied one has several uses, one per using module).
+        self.params = list({p.name: p for p in reversed(uses)}.values())[::-1]
         offsets: dict[str, int] | None = None
         if spec is None:
             offsets, total = {}, 0
@@ -92,12 +105,12 @@ class StepFeaturizer:
         else:
             self.width = spec.m
         by_module: dict[str, list[TargetParam]] = {}
-        for p in self.params:
+        for p in uses:
             by_module.setdefault(p.module_name, []).append(p)
         workspace = Workspace()  # one scratch buffer shared by all handlers
         self.handlers: dict[str, LayerHandler] = {
             name: handler(owners[name], by_module[name], spec, offsets, workspace)
-            for name, handler in classify(owners, self.params).items()
+            for name, handler in classify(owners, uses).items()
         }
         self._capture = StepCapture(model, self.handlers)
 
@@ -106,7 +119,7 @@ class StepFeaturizer:
         return self.spec is None
 
     def _batch(self, batch: Any, loss_fn: LossFn, first_index: int) -> StepFeatures:
-        self._capture.reset()
+        self._capture.reset(_batch_size_hint(batch))
         loss = loss_fn(self.model, batch)
         if not isinstance(loss, torch.Tensor):
             raise DataError(f"loss_fn must return a tensor of per-example losses, got {type(loss)}")

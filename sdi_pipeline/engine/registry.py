@@ -21,7 +21,8 @@ of two summed sketches has no cross-parameter terms: E<S(g), S(g')> = sum_p <g_p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from torch import nn
 from sdi_pipeline.engine.hashing import CountSketchHash, make_count_sketch_hash
 from sdi_pipeline.engine.kernels import Workspace, count_sketch
 from sdi_pipeline.engine.spec import SketchSpec
+from sdi_pipeline.errors import UnsupportedModel
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,33 @@ class TargetParam:
         for s in self.shape:
             n *= s
         return n
+
+
+@dataclass
+class Call:
+    """One call of a module during a forward pass: its inputs (tensors detached)."""
+
+    module_name: str
+    use: int
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def input(self) -> torch.Tensor:
+        """The call's main input: its first positional tensor, else its first tensor kwarg."""
+        for value in (*self.args, *self.kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                return value
+        raise UnsupportedModel(f"module '{self.module_name}' was called without a tensor input")
+
+    def free(self) -> None:
+        """Drop the inputs once the call's gradient is done."""
+        self.args, self.kwargs = (), {}
+
+
+# How a parameter's gradient is sketched: "tensor" is the TensorSketch of the weight matrix as
+# stored (rows x cols, induced hash of a row and a column hash), "count" the CountSketch of the
+# flattened gradient. Tied uses of one parameter must agree, so their sketches add up.
+SketchMap = Literal["tensor", "count"]
 
 
 def tokens(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -81,6 +110,8 @@ class LayerHandler:
     #: Names of the module's own parameters this handler knows the gradient of; ``None``:
     #: any parameter.
     param_attrs: tuple[str, ...] | None = None
+    #: The sketch map of each parameter (by its name in the module); default "count".
+    sketch_maps: ClassVar[dict[str, SketchMap]] = {}
 
     def __init__(
         self,
@@ -98,9 +129,14 @@ class LayerHandler:
         self.workspace = workspace or Workspace()
         self._hashes = HashTables(self.hash_tables(spec) if spec is not None else {})
 
-    def per_example(
-        self, activations: list[torch.Tensor], grad: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    @classmethod
+    def sketch_map(cls, attr: str) -> SketchMap:
+        return cls.sketch_maps.get(attr, "count")
+
+    def on_forward(self, call: Call, output: torch.Tensor) -> None:
+        """Called once per call in the forward pass, with the call's (batched) output."""
+
+    def per_example(self, call: Call, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each target parameter's per-example gradient for this call: name -> (B, *shape)."""
         raise NotImplementedError
 
@@ -113,24 +149,22 @@ class LayerHandler:
 
     def sketch(
         self,
-        activations: list[torch.Tensor],
+        call: Call,
         grad: torch.Tensor,
         out: torch.Tensor,
         hashes: dict[str, CountSketchHash],
     ) -> None:
         """Add this call's per-example sketch into ``out`` (B, m)."""
-        grads = self.per_example(activations, grad)
+        grads = self.per_example(call, grad)
         for p in self.params:  # by name: the float summation order is fixed
             out += count_sketch(grads[p.name].reshape(grad.shape[0], -1).float(), hashes[p.name])
 
-    def contribute(
-        self, activations: list[torch.Tensor], grad: torch.Tensor, out: torch.Tensor
-    ) -> None:
+    def contribute(self, call: Call, grad: torch.Tensor, out: torch.Tensor) -> None:
         """Add this call's per-example contributions into ``out`` (B, width)."""
         if self.spec is not None:
-            self.sketch(activations, grad, out, self._hashes.on(grad.device))
+            self.sketch(call, grad, out, self._hashes.on(grad.device))
             return
-        for name, values in self.per_example(activations, grad).items():
+        for name, values in self.per_example(call, grad).items():
             off = self.offsets[name]
             numel = values[0].numel()
             out[:, off : off + numel] += values.reshape(values.shape[0], -1)
@@ -145,6 +179,9 @@ class _Registration:
     # The gradient math holds for the base class's forward; a subclass that overrides it
     # is not covered by the registration.
     same_forward: bool
+    # The module's forward uses its submodules' parameters without calling them (as
+    # nn.MultiheadAttention does with out_proj): the handler owns its whole subtree.
+    claims_subtree: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,40 +189,66 @@ class _Fallback:
     handler: HandlerClass
     accepts: Callable[[nn.Module], bool]
     describe: Callable[[], str]
+    priority: int
 
 
-_LAYERS: dict[type[nn.Module], _Registration] = {}
+# Keyed by type, or by "module.QualName" for types of optional packages (not imported here).
+_LAYERS: dict[type[nn.Module] | str, _Registration] = {}
 _FALLBACKS: list[_Fallback] = []
 
 
 def register_layer(
-    *module_types: type[nn.Module], same_forward: bool = True
+    *module_types: type[nn.Module] | str, same_forward: bool = True, claims_subtree: bool = False
 ) -> Callable[[HandlerClass], HandlerClass]:
     """Class decorator: the handler computes the gradients of these module types.
 
-    Subclasses of a registered type use its handler as long as they keep its ``forward``
-    (``same_forward=False`` also accepts overridden forwards).
+    A type may be given as ``"package.module.ClassName"`` so that its package need not be
+    installed. Subclasses of a registered type use its handler as long as they keep its
+    ``forward`` (``same_forward=False`` also accepts overridden forwards).
+    ``claims_subtree``: the module's forward uses its submodules' parameters directly, so
+    all parameters under it are its handler's.
     """
 
     def decorate(handler: HandlerClass) -> HandlerClass:
         for t in module_types:
-            _LAYERS[t] = _Registration(handler, same_forward)
+            _LAYERS[t] = _Registration(handler, same_forward, claims_subtree)
         return handler
 
     return decorate
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _registration(module: nn.Module) -> tuple[type, _Registration] | None:
+    """The nearest registered base of the module's type, and its registration."""
+    _load_builtin_layers()
+    for base in type(module).__mro__:
+        reg = _LAYERS.get(base) or _LAYERS.get(_qualified(base))
+        if reg is not None:
+            return base, reg
+    return None
+
+
+def claims_subtree(module: nn.Module) -> bool:
+    """Whether the module's handler owns every parameter under the module."""
+    found = _registration(module)
+    return found is not None and found[1].claims_subtree
+
+
 def register_fallback(
-    accepts: Callable[[nn.Module], bool], describe: Callable[[], str]
+    accepts: Callable[[nn.Module], bool], describe: Callable[[], str], priority: int = 0
 ) -> Callable[[HandlerClass], HandlerClass]:
     """Class decorator: the handler takes any module ``accepts`` says yes to.
 
-    Fallbacks are tried in registration order after the dedicated handlers; ``describe``
+    Fallbacks are tried after the dedicated handlers, lowest ``priority`` first; ``describe``
     says in an error message which module types the fallback covers.
     """
 
     def decorate(handler: HandlerClass) -> HandlerClass:
-        _FALLBACKS.append(_Fallback(handler, accepts, describe))
+        _FALLBACKS.append(_Fallback(handler, accepts, describe, priority))
+        _FALLBACKS.sort(key=lambda f: f.priority)
         return handler
 
     return decorate
@@ -219,5 +282,11 @@ def handler_for(module: nn.Module, attrs: Sequence[str]) -> HandlerClass | None:
 def supported_description() -> str:
     """Which module types can be sketched, for error messages."""
     _load_builtin_layers()
-    names = ", ".join(f"nn.{t.__name__}" for t in _LAYERS)
+
+    def name(t: type | str) -> str:
+        if isinstance(t, str):
+            return t
+        return f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else _qualified(t)
+
+    names = ", ".join(name(t) for t in _LAYERS)
     return " and ".join([names, *(f.describe() for f in _FALLBACKS)])

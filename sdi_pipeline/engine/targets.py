@@ -17,6 +17,7 @@ from torch import nn
 from sdi_pipeline.engine.registry import (
     HandlerClass,
     TargetParam,
+    claims_subtree,
     handler_for,
     supported_description,
 )
@@ -62,15 +63,18 @@ def resolve_target_modules(
 def collect_target_params(
     model: nn.Module, module_names: Sequence[str]
 ) -> tuple[list[TargetParam], dict[str, nn.Module]]:
-    """Trainable parameters under the target modules, sorted by name, and their owners.
+    """Every use of the trainable parameters under the target modules, and the modules.
 
-    Raises :class:`UnsupportedModel` for a parameter whose module type no layer handler
-    covers, for tied parameters owned by two modules, and when the targets hold no
-    trainable parameter.
+    A parameter is used by the module that holds it, or by the nearest ancestor whose
+    handler claims its subtree (``nn.MultiheadAttention``). A tied parameter held by
+    several modules (input and output embeddings) has one use per module, wherever those
+    modules are: each call's gradient is a part of the parameter's gradient. Uses are sorted
+    by parameter name, then module. Raises :class:`UnsupportedModel` when the targets hold
+    no trainable parameter.
     """
     named_modules = dict(model.named_modules())
     param_names = {id(p): n for n, p in model.named_parameters()}
-    module_params = {id(p): p for p in model.parameters()}
+    param_by_id = {id(p): p for p in model.parameters()}
     wanted: set[int] = set()
     for name in module_names:
         for p in named_modules[name].parameters():
@@ -81,24 +85,29 @@ def collect_target_params(
             f"the target modules {list(module_names)} hold no trainable parameters "
             "(requires_grad=True)"
         )
-    owners: dict[int, tuple[str, str]] = {}  # parameter -> (owning module, its name there)
+    claimants = [n for n, m in named_modules.items() if claims_subtree(m)]
+
+    def claimant_of(mname: str) -> str | None:
+        inside = [c for c in claimants if not c or mname == c or mname.startswith(f"{c}.")]
+        return min(inside, key=len) if inside else None
+
+    uses: set[tuple[int, str, str]] = set()  # (parameter, using module, name there)
     for mname, module in named_modules.items():
         for attr, p in module.named_parameters(recurse=False):
             if id(p) not in wanted:
                 continue
-            if id(p) in owners and owners[id(p)][0] != mname:
-                raise UnsupportedModel(
-                    f"parameter '{param_names[id(p)]}' is shared by modules '{owners[id(p)][0]}' "
-                    f"and '{mname}' (tied weights): its uses cannot be told apart by module. "
-                    "Leave one of the two modules out of the targets."
-                )
-            owners[id(p)] = (mname, attr)
+            owner = claimant_of(mname)
+            if owner is None:
+                uses.add((id(p), mname, attr))
+            else:
+                full = f"{mname}.{attr}" if mname else attr
+                uses.add((id(p), owner, full[len(owner) + 1 :] if owner else full))
     params = sorted(
         (
-            TargetParam(param_names[pid], mname, attr, tuple(module_params[pid].shape))
-            for pid, (mname, attr) in owners.items()
+            TargetParam(param_names[pid], mname, attr, tuple(param_by_id[pid].shape))
+            for pid, mname, attr in uses
         ),
-        key=lambda tp: tp.name,
+        key=lambda tp: (tp.name, tp.module_name),
     )
     owner_modules = {p.module_name: named_modules[p.module_name] for p in params}
     return params, owner_modules
@@ -107,9 +116,10 @@ def collect_target_params(
 def classify(
     owners: dict[str, nn.Module], params: Sequence[TargetParam]
 ) -> dict[str, HandlerClass]:
-    """The layer handler class of each owning module, by registry lookup.
+    """The layer handler class of each using module, by registry lookup.
 
-    Raises :class:`UnsupportedModel` naming the first parameter no handler covers.
+    Raises :class:`UnsupportedModel` naming the first parameter no handler covers, or a
+    tied parameter whose uses would be sketched by different maps.
     """
     by_module: dict[str, list[TargetParam]] = {}
     for p in params:
@@ -123,8 +133,19 @@ def classify(
             raise UnsupportedModel(
                 f"target parameter '{p.name}' {p.shape} belongs to module '{mname}' of "
                 f"type {type(module).__name__}, which cannot be sketched: supported are "
-                f"{supported_description()}. Register one with "
-                "opacus.grad_sample.register_grad_sampler, or leave the module out."
+                f"{supported_description()}. Register a layer handler for it "
+                "(sdi_pipeline.engine.registry.register_layer), or leave the module out."
             )
         handlers[mname] = handler
+    maps: dict[str, set[str]] = {}
+    for p in params:
+        maps.setdefault(p.name, set()).add(handlers[p.module_name].sketch_map(p.attr))
+    mixed = sorted(name for name, kinds in maps.items() if len(kinds) > 1)
+    if mixed:
+        users = [f"'{p.module_name}'" for p in params if p.name == mixed[0]]
+        raise UnsupportedModel(
+            f"parameter '{mixed[0]}' is tied between modules {', '.join(users)} whose "
+            "handlers sketch it differently (TensorSketch vs CountSketch), so their parts "
+            "would not add up; leave one of them out of the targets or use exact mode"
+        )
     return handlers

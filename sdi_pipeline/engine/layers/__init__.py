@@ -4,6 +4,6 @@ To support a new layer type, add a file here with a :class:`~sdi_pipeline.engine
 LayerHandler` subclass decorated with ``@register_layer(MyModule)`` and import it below.
 """
 
-from sdi_pipeline.engine.layers import embedding, linear, opacus
+from sdi_pipeline.engine.layers import conv1d, embedding, generic, linear, opacus
 
-__all__ = ["embedding", "linear", "opacus"]
+__all__ = ["conv1d", "embedding", "generic", "linear", "opacus"]

@@ -5,12 +5,14 @@ Example b's gradient is sum_t e_{id[b, t]} delta[b, t]^T; rows of ``padding_idx`
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from sdi_pipeline.engine.hashing import CountSketchHash, make_count_sketch_hash
 from sdi_pipeline.engine.kernels import embedding_weight
-from sdi_pipeline.engine.registry import LayerHandler, register_layer, tokens
+from sdi_pipeline.engine.registry import LayerHandler, SketchMap, register_layer, tokens
 from sdi_pipeline.engine.spec import SketchSpec
 
 
@@ -19,16 +21,17 @@ class EmbeddingHandler(LayerHandler):
     """Exact: a per-example (vocab x dim) scatter. Sketch: a signed shift per token, no FFT."""
 
     param_attrs = ("weight",)
+    sketch_maps: ClassVar[dict[str, SketchMap]] = {"weight": "tensor"}
 
     @property
     def padding_idx(self) -> int | None:
         pad = getattr(self.module, "padding_idx", None)
         return None if pad is None else int(pad)
 
-    def per_example(self, activations, grad):
+    def per_example(self, call, grad):
         w = self.by_attr["weight"]
         vocab, dim = w.shape
-        ids = activations[0].reshape(grad.shape[0], -1)
+        ids = call.input().reshape(grad.shape[0], -1)
         delta = tokens(grad, dim)
         b, t = ids.shape
         rows = (torch.arange(b, device=ids.device)[:, None] * vocab + ids).reshape(-1)
@@ -47,8 +50,8 @@ class EmbeddingHandler(LayerHandler):
             "col": make_count_sketch_hash(spec.seed, w.name, "col", dim, spec.m),
         }
 
-    def sketch(self, activations, grad, out, hashes) -> None:
+    def sketch(self, call, grad, out, hashes) -> None:
         dim = self.by_attr["weight"].shape[1]
-        ids = activations[0].reshape(grad.shape[0], -1)
+        ids = call.input().reshape(grad.shape[0], -1)
         delta = tokens(grad, dim)
         out += embedding_weight(ids, delta, hashes["row"], hashes["col"], self.padding_idx)

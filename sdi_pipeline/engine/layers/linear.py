@@ -6,6 +6,8 @@ b's weight gradient is sum_t delta[b, t] x[b, t]^T and its bias gradient sum_t d
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -16,7 +18,7 @@ from sdi_pipeline.engine.kernels import (
     linear_weight_dense,
     linear_weight_fft,
 )
-from sdi_pipeline.engine.registry import LayerHandler, register_layer, tokens
+from sdi_pipeline.engine.registry import LayerHandler, SketchMap, register_layer, tokens
 from sdi_pipeline.engine.spec import SketchSpec
 
 
@@ -26,19 +28,29 @@ class LinearHandler(LayerHandler):
     per example unless the dense kernel is the cheaper way to the same sketch."""
 
     param_attrs = ("weight", "bias")
+    sketch_maps: ClassVar[dict[str, SketchMap]] = {"weight": "tensor"}
 
     def __init__(self, module, params, spec, offsets, workspace=None) -> None:
         super().__init__(module, params, spec, offsets, workspace)
         # Built lazily, once per device: only the dense kernel needs the d_out*d_in table.
         self._induced: dict[torch.device, torch.Tensor] = {}
 
-    def per_example(self, activations, grad):
+    def _in_features(self, weight_shape: tuple[int, ...]) -> int:
+        return weight_shape[1]
+
+    def _rows_cols(self, delta: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors whose outer products sum to the weight's gradient, as it is stored
+        (rows x cols): (delta, x) for nn.Linear's (d_out, d_in) weight."""
+        return delta, x
+
+    def per_example(self, call, grad):
         w, b = self.by_attr.get("weight"), self.by_attr.get("bias")
         delta = tokens(grad, grad.shape[-1])
         out: dict[str, torch.Tensor] = {}
         if w is not None:
-            x = tokens(activations[0], w.shape[1])
-            out[w.name] = torch.bmm(delta.transpose(1, 2), x)
+            x = tokens(call.input(), self._in_features(w.shape))
+            rows, cols = self._rows_cols(delta, x)
+            out[w.name] = torch.bmm(rows.transpose(1, 2), cols)
         if b is not None:
             out[b.name] = delta.sum(dim=1)
         return out
@@ -46,9 +58,9 @@ class LinearHandler(LayerHandler):
     def hash_tables(self, spec: SketchSpec) -> dict[str, CountSketchHash]:
         tables: dict[str, CountSketchHash] = {}
         if w := self.by_attr.get("weight"):
-            d_out, d_in = w.shape
-            tables["row"] = make_count_sketch_hash(spec.seed, w.name, "row", d_out, spec.m)
-            tables["col"] = make_count_sketch_hash(spec.seed, w.name, "col", d_in, spec.m)
+            n_rows, n_cols = w.shape
+            tables["row"] = make_count_sketch_hash(spec.seed, w.name, "row", n_rows, spec.m)
+            tables["col"] = make_count_sketch_hash(spec.seed, w.name, "col", n_cols, spec.m)
         if b := self.by_attr.get("bias"):
             tables["vec"] = make_count_sketch_hash(spec.seed, b.name, "vec", b.numel, spec.m)
         return tables
@@ -58,22 +70,24 @@ class LinearHandler(LayerHandler):
             self._induced[device] = induced_buckets(h["row"], h["col"])
         return self._induced[device]
 
-    def sketch(self, activations, grad, out, hashes) -> None:
+    def sketch(self, call, grad, out, hashes) -> None:
         assert self.spec is not None
         w, b = self.by_attr.get("weight"), self.by_attr.get("bias")
-        d_out = grad.shape[-1]
-        delta = tokens(grad, d_out)
+        delta = tokens(grad, grad.shape[-1])
         if w is not None:
-            x = tokens(activations[0], w.shape[1])
+            x = tokens(call.input(), self._in_features(w.shape))
+            rows, cols = self._rows_cols(delta, x)
             kernel = self.spec.kernel
             if kernel == "auto":
-                kernel = choose_linear_kernel(delta.shape[1], d_out, x.shape[2], self.spec.m)
+                kernel = choose_linear_kernel(
+                    rows.shape[1], rows.shape[2], cols.shape[2], self.spec.m
+                )
             if kernel == "dense":
                 induced = self._induced_on(grad.device, hashes)
                 linear_weight_dense(
-                    delta, x, hashes["row"], hashes["col"], induced, out, self.workspace
+                    rows, cols, hashes["row"], hashes["col"], induced, out, self.workspace
                 )
             else:
-                out += linear_weight_fft(delta, x, hashes["row"], hashes["col"])
+                out += linear_weight_fft(rows, cols, hashes["row"], hashes["col"])
         if b is not None:
             out += count_sketch(delta.sum(dim=1), hashes["vec"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from sdi_pipeline.engine.registry import LayerHandler, register_fallback
 
 
@@ -33,14 +35,15 @@ class OpacusHandler(LayerHandler):
         own = dict(module.named_parameters(recurse=False))
         self._own = [(own[p.attr], p) for p in self.params]
 
-    def per_example(self, activations, grad):
+    def per_example(self, call, grad):
         # Opacus samplers skip parameters with requires_grad=False, and the capture freezes
         # all parameters so that backward computes no weight gradients: unfreeze ours here.
         saved = [p.requires_grad for p, _ in self._own]
         for p, _ in self._own:
             p.requires_grad_(True)
         try:
-            samples = self._sampler(self.module, activations, grad)
+            inputs = [a for a in call.args if isinstance(a, torch.Tensor)]
+            samples = self._sampler(self.module, inputs, grad)
         finally:
             for (p, _), flag in zip(self._own, saved, strict=True):
                 p.requires_grad_(flag)
