@@ -16,15 +16,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdi_pipeline.config import (
-    AttributionConfig,
-    LocalLauncherConfig,
-    PrepareLauncherConfig,
-    SlurmLauncherConfig,
-    explain,
-    structured,
-)
+from sdi_pipeline.config import AttributionConfig, explain, structured
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.launchers import LAUNCHERS
 from sdi_pipeline.messages import did_you_mean
 
 GROUPS = ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
@@ -43,11 +37,14 @@ def conf_dir() -> Path:
 
 
 def register_schemas() -> None:
+    """Store the config schemas in Hydra's ConfigStore (``conf/`` names them as defaults).
+
+    ``conf/launcher/<name>.yaml`` builds on ``<name>_schema``, one per launcher.
+    """
     cs = ConfigStore.instance()
     cs.store(name="attribution_schema", node=AttributionConfig)
-    cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
-    cs.store(group="launcher", name="slurm_schema", node=SlurmLauncherConfig)
-    cs.store(group="launcher", name="prepare_schema", node=PrepareLauncherConfig)
+    for launcher in LAUNCHERS.values():
+        cs.store(group="launcher", name=f"{launcher.name}_schema", node=launcher.schema)
 
 
 def _options(group: str) -> list[str]:

@@ -109,58 +109,6 @@ class RuntimeConfig:
 
 
 @dataclass
-class LocalLauncherConfig:
-    """Run the query job, ``workers`` worker processes and the merge on this machine."""
-
-    name: str = "local"
-    workers: int = 2
-    # Torch threads per worker; null splits this machine's cores evenly between workers.
-    threads_per_worker: int | None = None
-
-
-@dataclass
-class SlurmLauncherConfig:
-    """Submit a query job, a worker job array and a dependent merge job with submitit."""
-
-    name: str = "slurm"
-    array_size: int = 8
-    # At most this many array tasks run at once (sbatch --array=0-N%P); null: no limit.
-    array_parallelism: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_min: int = 120
-    mem_gb: float = 16.0
-    cpus_per_task: int = 4
-    gpus_per_task: int = 0
-    constraint: str | None = None
-    # Extra sbatch parameters, e.g. {mail-type: FAIL}.
-    additional: dict[str, Any] = field(default_factory=dict)
-    query_time_min: int = 60
-    merge_time_min: int = 60
-    merge_mem_gb: float = 32.0
-    merge_cpus: int = 4
-    # Requeues after preemption or timeout before a task gives up.
-    max_requeues: int = 3
-
-
-@dataclass
-class PrepareLauncherConfig:
-    """Only create the run directory and print the commands to run the jobs by hand."""
-
-    name: str = "prepare"
-    # The world size used in the printed worker commands.
-    workers: int = 4
-
-
-LAUNCHERS: dict[str, type] = {
-    "local": LocalLauncherConfig,
-    "slurm": SlurmLauncherConfig,
-    "prepare": PrepareLauncherConfig,
-}
-
-
-@dataclass
 class WandbConfig:
     """Weights & Biases logging (not part of the hash)."""
 
@@ -181,7 +129,8 @@ class AttributionConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # LocalLauncherConfig or SlurmLauncherConfig, chosen by launcher.name (see structured()).
+    # The schema of one launcher of sdi_pipeline.launchers.LAUNCHERS, chosen by launcher.name
+    # (see structured()).
     launcher: Any = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
     schema_version: int = SCHEMA_VERSION
@@ -239,11 +188,14 @@ def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
 
 def structured(data: Any) -> DictConfig:
     """Merge ``data`` onto the schema: unknown keys and wrong types fail with their name."""
+    # Imported here: the launchers import the run directory code, which imports this module.
+    from sdi_pipeline.launchers import LAUNCHERS
+
     base = OmegaConf.structured(AttributionConfig)
     name = OmegaConf.select(OmegaConf.create(data), "launcher.name", default="local")
     if name not in LAUNCHERS:
         raise SDIError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
-    base.launcher = OmegaConf.structured(LAUNCHERS[name])
+    base.launcher = OmegaConf.structured(LAUNCHERS[name].schema)
     try:
         merged = OmegaConf.merge(base, data)
     except OmegaConfBaseException as err:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,32 @@ from omegaconf import DictConfig, OmegaConf
 from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.rundir import RunDir, run_units
+
+
+@dataclass
+class SlurmLauncherConfig:
+    """Submit a query job, a worker job array and a dependent merge job with submitit."""
+
+    name: str = "slurm"
+    array_size: int = 8
+    # At most this many array tasks run at once (sbatch --array=0-N%P); null: no limit.
+    array_parallelism: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 120
+    mem_gb: float = 16.0
+    cpus_per_task: int = 4
+    gpus_per_task: int = 0
+    constraint: str | None = None
+    # Extra sbatch parameters, e.g. {mail-type: FAIL}.
+    additional: dict[str, Any] = field(default_factory=dict)
+    query_time_min: int = 60
+    merge_time_min: int = 60
+    merge_mem_gb: float = 32.0
+    merge_cpus: int = 4
+    # Requeues after preemption or timeout before a task gives up.
+    max_requeues: int = 3
 
 
 class _Task:
