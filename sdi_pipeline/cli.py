@@ -1,14 +1,13 @@
 """Command-line entry points: ``sdi-worker``, ``sdi-query``, ``sdi-merge``, ``sdi-status``.
 
 Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
-rank=3 world_size=8``. Under a SLURM job array, rank and world size default to the array
-task id and count. ``python -m sdi_pipeline.cli <worker|query|merge|status> ...`` runs the
+rank=3 world_size=8``. In launcher=slurm's job array, rank and world size default to the
+array task id and count. ``python -m sdi_pipeline.cli <worker|query|merge|status> ...`` runs the
 same entry points. A user mistake prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -57,15 +56,11 @@ def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
 
 def _worker(argv: list[str]) -> int:
     from sdi_pipeline.jobs import run_worker
+    from sdi_pipeline.launchers import array_task_count, array_task_id
 
     args = parse_kv(argv, ["run_dir"], ["rank", "world_size"])
-    env = os.environ
-    rank = _int(args, "rank") if "rank" in args else int(env.get("SLURM_ARRAY_TASK_ID", 0))
-    world = (
-        _int(args, "world_size")
-        if "world_size" in args
-        else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    )
+    rank = _int(args, "rank") if "rank" in args else array_task_id()
+    world = _int(args, "world_size") if "world_size" in args else array_task_count()
     return run_worker(args["run_dir"], rank, world)
 
 

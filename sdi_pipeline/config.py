@@ -103,7 +103,7 @@ class RuntimeConfig:
     """How a job runs on its machine (not part of the hash)."""
 
     device: str = "auto"
-    # Torch threads; null: SLURM_CPUS_PER_TASK inside a SLURM job, else torch's default.
+    # Torch threads; null: a job's CPU allocation under launcher=slurm, else torch's default.
     threads: int | None = None
     progress: bool = True
 

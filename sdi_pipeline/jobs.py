@@ -35,6 +35,7 @@ from sdi_pipeline.checkpoints import (
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
+from sdi_pipeline.launchers import allocated_cpus
 from sdi_pipeline.rundir import RunDir, Unit, run_units
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
@@ -99,11 +100,7 @@ class JobContext:
         self.cfg = cfg
         self.hash = config_hash(self.cfg)
         self.train_hash = train_hash(self.cfg)
-        threads = (
-            os.environ.get("SDI_THREADS")
-            or self.cfg.runtime.threads
-            or os.environ.get("SLURM_CPUS_PER_TASK")
-        )
+        threads = os.environ.get("SDI_THREADS") or self.cfg.runtime.threads or allocated_cpus()
         if threads:
             torch.set_num_threads(int(threads))
         self.progress = bool(self.cfg.runtime.progress) and os.environ.get("SDI_PROGRESS") != "0"

@@ -84,11 +84,6 @@ class RunDir:
         return self.path / "train.hash"
 
     @property
-    def slurm_jobs_path(self) -> Path:
-        """The ids of the run's last SLURM submission (launcher=slurm or slurm/submit.sh)."""
-        return self.path / "commands" / "slurm.json"
-
-    @property
     def train_size_path(self) -> Path:
         return self.path / "train.size"
 

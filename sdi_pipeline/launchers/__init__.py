@@ -4,6 +4,9 @@ Each launcher module owns its config schema (the ``launcher`` section of a run's
 and its launch function. :data:`LAUNCHERS` is the one table of them: config validation,
 Hydra's schema registration, ``sdi-attribute`` and ``sdi-status`` all read it, so a new
 launcher is one module, one entry here and one ``conf/launcher/<name>.yaml``.
+
+The defaults a job takes from its cluster environment (worker rank and world size, torch
+threads) are exported here too, so the jobs need not know which scheduler set them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from sdi_pipeline.launchers import local, prepare, slurm
+from sdi_pipeline.launchers.slurm import allocated_cpus, array_task_count, array_task_id
 from sdi_pipeline.rundir import RunDir
+
+__all__ = [
+    "LAUNCHERS",
+    "Launcher",
+    "allocated_cpus",
+    "array_task_count",
+    "array_task_id",
+]
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,9 @@ LAUNCHERS: dict[str, Launcher] = {
     launcher.name: launcher
     for launcher in (
         Launcher("local", local.LocalLauncherConfig, local.launch_local),
-        Launcher("slurm", slurm.SlurmLauncherConfig, slurm.launch_slurm),
+        Launcher(
+            "slurm", slurm.SlurmLauncherConfig, slurm.launch_slurm, status_lines=slurm.status_lines
+        ),
         Launcher("prepare", prepare.PrepareLauncherConfig, prepare.launch_prepare, runs_jobs=False),
     )
 }

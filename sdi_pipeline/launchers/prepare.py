@@ -1,7 +1,6 @@
 """The prepare launcher: create the run directory and print the commands that run its jobs.
 
-For running the jobs by hand, on any machines that see the run directory (or with the
-batch templates in ``slurm/``).
+For running the jobs by hand, on any machines that see the run directory.
 """
 
 from __future__ import annotations
