@@ -36,7 +36,7 @@ from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import StepFeatures, StepFeaturizer
 from sdi_pipeline.launchers import allocated_cpus
-from sdi_pipeline.rundir import RunDir, Unit, run_units
+from sdi_pipeline.rundir import RunDir, Unit, rank_units, run_units
 from sdi_pipeline.sketch.spec import SketchSpec
 from sdi_pipeline.store import read_meta, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
@@ -212,7 +212,7 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
     run.check_train_size(len(train))
-    mine = run_units(ctx.cfg, len(train))[rank::world_size]
+    mine = rank_units(run_units(ctx.cfg, len(train)), rank, world_size)
     todo = [u for u in mine if not run.is_done(u)]
     log.info(
         "rank %d/%d on %s (%s): %d units, %d already done",

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.rundir import RunDir, run_units
+from sdi_pipeline.rundir import RunDir, rank_units, run_units
 
 
 @dataclass
@@ -235,7 +235,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         return 0
     world = int(cfg.launcher.array_size)
     units = run_units(cfg, n_train)
-    ranks = [r for r in range(world) if any(not run.is_done(u) for u in units[r::world])]
+    ranks = [r for r in range(world) if not all(map(run.is_done, rank_units(units, r, world)))]
     need_query = any(not run.query_path(k).exists() for k in range(len(cfg.checkpoints.paths)))
     after: list[str] = []
     submitted: dict[str, Any] = {"run_dir": str(run.path)}
