@@ -14,6 +14,7 @@ import argparse
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline import build
+from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.cli import guarded
 
 
@@ -54,7 +55,7 @@ def run(argv: list[str]) -> int:
         return 0
     if cfg.checkpoints.prepare is not None:
         build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
-    cfg.checkpoints.paths = build.resolve_checkpoints(list(cfg.checkpoints.paths))
+    cfg.checkpoints.paths = resolve_checkpoint_paths(cfg.checkpoints.paths)
     n_train = preflight(cfg)
     run_dir = prepare_run(cfg)
     run_dir.record_train_size(n_train)

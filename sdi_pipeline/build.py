@@ -6,8 +6,6 @@ Model, loss and datasets are Hydra ``_target_`` nodes, built with
 
 from __future__ import annotations
 
-import glob
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.featurize import LossFn
 
@@ -69,20 +68,9 @@ def build_collate(cfg: DictConfig) -> Any:
     return collate
 
 
-def resolve_checkpoints(patterns: list[str]) -> list[str]:
-    """Expand paths and globs in order (each glob sorted); every pattern must match."""
-    paths: list[str] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern))
-            if not found:
-                raise SDIError(f"checkpoint glob '{pattern}' matches no file")
-            paths.extend(str(Path(p).resolve()) for p in found)
-        else:
-            if not Path(pattern).is_file():
-                raise SDIError(f"checkpoint not found: {pattern}")
-            paths.append(str(Path(pattern).resolve()))
-    return paths
+# Checkpoint paths and globs are expanded in one place (sdi_pipeline.checkpoints); the run
+# directory code resolves them through this name.
+resolve_checkpoints = resolve_checkpoint_paths
 
 
 def pick_device(cfg: DictConfig) -> torch.device:

@@ -1,11 +1,12 @@
-"""Loading checkpoints safely and reading their TracIn weight eta."""
+"""Finding checkpoint files, loading them safely and reading their TracIn weight eta."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,27 @@ class CheckpointSpec:
 
     path: str | Path
     eta: float | None = None
+
+
+def resolve_checkpoint_paths(patterns: Iterable[str], *, strict: bool = True) -> list[str]:
+    """Expand checkpoint paths and globs in order (each glob's matches sorted), made absolute.
+
+    ``strict``: every glob must match and every path must be a file, else an error names
+    the pattern. Not strict, for callers that may run before the checkpoints exist: a glob
+    that matches nothing adds nothing, and paths are kept whether or not they exist.
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern))
+            if strict and not found:
+                raise SDIError(f"checkpoint glob '{pattern}' matches no file")
+        else:
+            if strict and not Path(pattern).is_file():
+                raise SDIError(f"checkpoint not found: {pattern}")
+            found = [pattern]
+        paths.extend(str(Path(p).resolve()) for p in found)
+    return paths
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
