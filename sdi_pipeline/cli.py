@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError, SDIError
 
 
 def parse_kv(
@@ -23,13 +23,13 @@ def parse_kv(
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise SDIError(f"arguments are key=value pairs, got '{arg}'")
+            raise ConfigError(f"arguments are key=value pairs, got '{arg}'")
         if key not in known:
-            raise SDIError(f"unknown argument '{key}'; expected {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown argument '{key}'; expected {', '.join(sorted(known))}")
         out[key] = value
     missing = [k for k in required if k not in out]
     if missing:
-        raise SDIError(f"missing argument(s): {', '.join(f'{k}=...' for k in missing)}")
+        raise ConfigError(f"missing argument(s): {', '.join(f'{k}=...' for k in missing)}")
     return out
 
 
@@ -37,7 +37,7 @@ def _int(args: dict[str, str], key: str) -> int:
     try:
         return int(args[key])
     except ValueError as err:
-        raise SDIError(f"{key} must be an integer, got '{args[key]}'") from err
+        raise ConfigError(f"{key} must be an integer, got '{args[key]}'") from err
 
 
 def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
@@ -95,7 +95,7 @@ status_main = guarded(_status)
 
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] not in JOBS:
-        raise SDIError(f"usage: python -m sdi_pipeline.cli {{{','.join(JOBS)}}} key=value ...")
+        raise ConfigError(f"usage: python -m sdi_pipeline.cli {{{','.join(JOBS)}}} key=value ...")
     return JOBS[argv[0]](argv[1:])
 
 

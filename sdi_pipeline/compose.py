@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdi_pipeline.config import AttributionConfig, explain, structured
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.launchers import LAUNCHERS
 from sdi_pipeline.messages import did_you_mean
 
@@ -29,7 +29,7 @@ def conf_dir() -> Path:
     env = os.environ.get("SDI_CONF_DIR")
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
     if not (path / "config.yaml").is_file():
-        raise SDIError(
+        raise ConfigError(
             f"cannot find sdi-pipeline's conf/ at {path}: install the package from a checkout "
             "(pip install -e .) or point SDI_CONF_DIR at a copy of conf/"
         )
@@ -85,9 +85,9 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
             cfg = compose("config", overrides=extra)
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
-            raise SDIError(explain(err, OmegaConf.structured(AttributionConfig))) from err
-        raise SDIError(_hint(str(err))) from err
+            raise ConfigError(explain(err, OmegaConf.structured(AttributionConfig))) from err
+        raise ConfigError(_hint(str(err))) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise SDIError(f"config values still missing (???): {', '.join(missing)}")
+        raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
     return structured(OmegaConf.to_container(cfg, resolve=False))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdi_pipeline.atomic import write_text_atomic
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError, RunDirError
 from sdi_pipeline.messages import did_you_mean
 
 SCHEMA_VERSION = 1
@@ -146,11 +146,11 @@ _CHOICES = {
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check values the schema's types cannot: one clear SDIError for the first problem."""
+    """Check values the schema's types cannot: one clear ConfigError for the first problem."""
     for (section, key), allowed in _CHOICES.items():
         value = cfg[section][key]
         if value not in allowed:
-            raise SDIError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
     positive = {
         "sketch.m": cfg.sketch.m,
         "data.batch_size": cfg.data.batch_size,
@@ -159,18 +159,18 @@ def validate(cfg: DictConfig) -> None:
     }
     for name, value in positive.items():
         if value <= 0:
-            raise SDIError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if cfg.sketch.train_steps == "summed" and cfg.merge.step_matrix:
-        raise SDIError(
+        raise ConfigError(
             "merge.step_matrix=true needs per-step train sketches: set sketch.train_steps=full"
         )
     for name in ("model", "analysis.loss", "data.train", "data.query"):
         if OmegaConf.select(cfg, name) is None:
-            raise SDIError(f"{name} is not set: give a Hydra _target_ node for it")
+            raise ConfigError(f"{name} is not set: give a Hydra _target_ node for it")
     if not cfg.checkpoints.paths:
-        raise SDIError("checkpoints.paths is empty: list checkpoint files or globs")
+        raise ConfigError("checkpoints.paths is empty: list checkpoint files or globs")
     if not cfg.analysis.targets:
-        raise SDIError("analysis.targets is empty: name the looped block, e.g. [block]")
+        raise ConfigError("analysis.targets is empty: name the looped block, e.g. [block]")
 
 
 def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
@@ -194,12 +194,12 @@ def structured(data: Any) -> DictConfig:
     base = OmegaConf.structured(AttributionConfig)
     name = OmegaConf.select(OmegaConf.create(data), "launcher.name", default="local")
     if name not in LAUNCHERS:
-        raise SDIError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
+        raise ConfigError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
     base.launcher = OmegaConf.structured(LAUNCHERS[name].schema)
     try:
         merged = OmegaConf.merge(base, data)
     except OmegaConfBaseException as err:
-        raise SDIError(f"invalid config: {explain(err, base)}") from err
+        raise ConfigError(f"invalid config: {explain(err, base)}") from err
     assert isinstance(merged, DictConfig)
     validate(merged)
     return merged
@@ -241,11 +241,11 @@ def save(cfg: DictConfig, path: Path) -> None:
 def load(path: Path) -> DictConfig:
     """Read a run's config.yaml back onto the schema."""
     if not path.is_file():
-        raise SDIError(f"no config at {path}: is this a run directory made by sdi-attribute?")
+        raise RunDirError(f"no config at {path}: is this a run directory made by sdi-attribute?")
     raw = OmegaConf.load(path)
     version = raw.get("schema_version") if isinstance(raw, DictConfig) else None
     if version != SCHEMA_VERSION:
-        raise SDIError(
+        raise RunDirError(
             f"{path} has config schema version {version}, this sdi-pipeline reads version "
             f"{SCHEMA_VERSION}: run it with the sdi-pipeline version that made the run"
         )

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from sdi_pipeline.attribute_cli import run as attribute_main
 from sdi_pipeline.cli import JOBS
 from sdi_pipeline.compose import compose_config, conf_dir
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.launchers import (
     LAUNCHERS,
     allocated_cpus,
@@ -34,7 +34,7 @@ def test_every_launcher_composes(tmp_path, capsys, name: str) -> None:
 
 
 def test_an_unknown_launcher_name_is_one_line_listing_the_launchers() -> None:
-    with pytest.raises(SDIError) as err:
+    with pytest.raises(ConfigError) as err:
         compose_config(["launcher.name=pbs"])
     assert str(err.value) == f"launcher.name='pbs' is not one of {', '.join(LAUNCHERS)}"
     assert list(LAUNCHERS) == ["local", "slurm", "prepare"]

@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.atomic import write_json_atomic
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.rundir import RunDir, rank_units, run_units
 
 
@@ -226,7 +226,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     """Submit what is missing and print how to follow it; returns 0 once submitted."""
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:
-        raise SDIError(
+        raise ConfigError(
             f"launcher=slurm needs SLURM's {' and '.join(missing)} on PATH: run sdi-attribute "
             "on a cluster login node (or use launcher=local)"
         )
