@@ -14,6 +14,7 @@ import argparse
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline import build
+from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.cli import guarded
 
 
@@ -45,6 +46,7 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from sdi_pipeline.compose import compose_config
+    from sdi_pipeline.launchers import LAUNCHERS
     from sdi_pipeline.rundir import prepare_run
 
     cfg = compose_config(args.overrides, args.config_dir)
@@ -53,31 +55,16 @@ def run(argv: list[str]) -> int:
         return 0
     if cfg.checkpoints.prepare is not None:
         build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
-    cfg.checkpoints.paths = build.resolve_checkpoints(list(cfg.checkpoints.paths))
+    cfg.checkpoints.paths = resolve_checkpoint_paths(cfg.checkpoints.paths)
     n_train = preflight(cfg)
     run_dir = prepare_run(cfg)
     run_dir.record_train_size(n_train)
     print(f"[sdi] run dir {run_dir.path} ({n_train} training examples)", flush=True)
-    if cfg.launcher.name == "prepare":
-        world = int(cfg.launcher.workers)
-        print("[sdi] run the jobs by hand, on any machines that see this directory:")
-        print(f"  sdi-query  run_dir={run_dir.path}")
-        print(
-            f"  sdi-worker run_dir={run_dir.path} rank=R world_size={world}   # R = 0..{world - 1}"
-        )
-        print(f"  sdi-merge  run_dir={run_dir.path}   # after all of the above")
-        print(f"  sdi-status run_dir={run_dir.path}")
-        return 0
-    if cfg.launcher.name == "slurm":
-        from sdi_pipeline.launchers.slurm import launch_slurm
-
-        code = launch_slurm(run_dir, run_dir.load_config(), n_train)
-    else:
-        from sdi_pipeline.launchers.local import launch_local
-
-        code = launch_local(run_dir, run_dir.load_config(), n_train)
-    # SLURM returns once submitted: the same command after the merge prints the summary.
-    if code == 0 and run_dir.results_path.exists():
+    launcher = LAUNCHERS[cfg.launcher.name]
+    code = launcher.launch(run_dir, run_dir.load_config(), n_train)
+    # A launcher that submits returns before the merge: the same command run after the
+    # merge prints the summary.
+    if code == 0 and launcher.runs_jobs and run_dir.results_path.exists():
         from sdi_pipeline.summary import print_summary
 
         print_summary(run_dir)

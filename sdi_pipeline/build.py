@@ -6,8 +6,6 @@ Model, loss and datasets are Hydra ``_target_`` nodes, built with
 
 from __future__ import annotations
 
-import glob
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,30 +14,31 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from sdi_pipeline.errors import SDIError
-from sdi_pipeline.featurize import LossFn
+from sdi_pipeline.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.engine.featurizer import LossFn
+from sdi_pipeline.errors import ConfigError, DataError
 
 
 def instantiate_node(node: Any, what: str) -> Any:
     try:
         return instantiate(node)
     except InstantiationException as err:
-        raise SDIError(f"cannot build {what}: {err}") from err
+        raise ConfigError(f"cannot build {what}: {err}") from err
     except Exception as err:  # a user factory failing is a config problem, not ours
-        raise SDIError(f"cannot build {what}: {type(err).__name__}: {err}") from err
+        raise ConfigError(f"cannot build {what}: {type(err).__name__}: {err}") from err
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
     model = instantiate_node(cfg.model, "the model (model._target_)")
     if not isinstance(model, nn.Module):
-        raise SDIError(f"model._target_ built a {type(model).__name__}, not a torch nn.Module")
+        raise ConfigError(f"model._target_ built a {type(model).__name__}, not a torch nn.Module")
     return model
 
 
 def build_loss(cfg: DictConfig) -> LossFn:
     loss: LossFn = instantiate_node(cfg.analysis.loss, "the loss (analysis.loss)")
     if not callable(loss):
-        raise SDIError(
+        raise ConfigError(
             "analysis.loss must build a callable loss_fn(model, batch); for a plain function "
             "add `_partial_: true` to its node"
         )
@@ -50,12 +49,12 @@ def build_dataset(cfg: DictConfig, which: str) -> Any:
     """The train or query dataset: anything with ``__len__`` and ``__getitem__``."""
     data = instantiate_node(cfg.data[which], f"the {which} dataset (data.{which})")
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        raise SDIError(
+        raise DataError(
             f"data.{which} built a {type(data).__name__}, which is not a map-style dataset "
             "(needs __len__ and __getitem__)"
         )
     if len(data) == 0:
-        raise SDIError(f"data.{which} is empty")
+        raise DataError(f"data.{which} is empty")
     return data
 
 
@@ -65,30 +64,19 @@ def build_collate(cfg: DictConfig) -> Any:
         return None
     collate = instantiate_node(cfg.data.collate, "the collate function (data.collate)")
     if not callable(collate):
-        raise SDIError("data.collate must build a callable collate_fn(list_of_examples)")
+        raise ConfigError("data.collate must build a callable collate_fn(list_of_examples)")
     return collate
 
 
-def resolve_checkpoints(patterns: list[str]) -> list[str]:
-    """Expand paths and globs in order (each glob sorted); every pattern must match."""
-    paths: list[str] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern))
-            if not found:
-                raise SDIError(f"checkpoint glob '{pattern}' matches no file")
-            paths.extend(str(Path(p).resolve()) for p in found)
-        else:
-            if not Path(pattern).is_file():
-                raise SDIError(f"checkpoint not found: {pattern}")
-            paths.append(str(Path(pattern).resolve()))
-    return paths
+# Checkpoint paths and globs are expanded in one place (sdi_pipeline.checkpoints); the run
+# directory code resolves them through this name.
+resolve_checkpoints = resolve_checkpoint_paths
 
 
 def pick_device(cfg: DictConfig) -> torch.device:
     choice = cfg.runtime.device
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SDIError("runtime.device=cuda but no CUDA device is visible")
+        raise ConfigError("runtime.device=cuda but no CUDA device is visible")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

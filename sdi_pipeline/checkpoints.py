@@ -1,11 +1,12 @@
-"""Loading checkpoints safely and reading their TracIn weight eta."""
+"""Finding checkpoint files, loading them safely and reading their TracIn weight eta."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import CheckpointError
 from sdi_pipeline.messages import shortened
 
 
@@ -25,6 +26,27 @@ class CheckpointSpec:
     eta: float | None = None
 
 
+def resolve_checkpoint_paths(patterns: Iterable[str], *, strict: bool = True) -> list[str]:
+    """Expand checkpoint paths and globs in order (each glob's matches sorted), made absolute.
+
+    ``strict``: every glob must match and every path must be a file, else an error names
+    the pattern. Not strict, for callers that may run before the checkpoints exist: a glob
+    that matches nothing adds nothing, and paths are kept whether or not they exist.
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern))
+            if strict and not found:
+                raise CheckpointError(f"checkpoint glob '{pattern}' matches no file")
+        else:
+            if strict and not Path(pattern).is_file():
+                raise CheckpointError(f"checkpoint not found: {pattern}")
+            found = [pattern]
+        paths.extend(str(Path(p).resolve()) for p in found)
+    return paths
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """Load a checkpoint onto the CPU.
 
@@ -33,19 +55,20 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
-        raise SDIError(f"checkpoint not found: {p}")
+        raise CheckpointError(f"checkpoint not found: {p}")
     try:
         data = torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
-        raise SDIError(
+        raise CheckpointError(
             f"checkpoint {p} holds objects other than tensors and plain containers, which "
             f"weights_only loading refuses ({str(err).splitlines()[0]}). If you trust the "
-            "file, allow full unpickling (trust_checkpoints=true)."
+            "file, allow full unpickling: checkpoints.trust=true in the config "
+            "(trust_checkpoints=True for attribute())."
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise SDIError(f"cannot read checkpoint {p}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
     if not isinstance(data, Mapping):
-        raise SDIError(f"checkpoint {p} holds a {type(data).__name__}, not a dict")
+        raise CheckpointError(f"checkpoint {p} holds a {type(data).__name__}, not a dict")
     return dict(data)
 
 
@@ -91,7 +114,7 @@ def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Pat
             parts.append(f"unexpected keys {shortened(unexpected, 5)}")
         if shapes:
             parts.append(f"shape mismatches {shortened(shapes, 3)}")
-        raise SDIError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}")
+        raise CheckpointError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}")
     model.load_state_dict(state)
 
 
@@ -99,7 +122,7 @@ def resolve_eta(spec: CheckpointSpec, checkpoint: Mapping[str, Any]) -> float:
     """The spec's eta if set, else the checkpoint's; must be finite."""
     eta = spec.eta if spec.eta is not None else eta_of(checkpoint)
     if not math.isfinite(eta):
-        raise SDIError(f"checkpoint {spec.path}: eta must be finite, got {eta}")
+        raise CheckpointError(f"checkpoint {spec.path}: eta must be finite, got {eta}")
     return float(eta)
 
 

@@ -1,18 +1,17 @@
 """Command-line entry points: ``sdi-worker``, ``sdi-query``, ``sdi-merge``, ``sdi-status``.
 
 Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
-rank=3 world_size=8``. Under a SLURM job array, rank and world size default to the array
-task id and count. ``python -m sdi_pipeline.cli <worker|query|merge|status> ...`` runs the
+rank=3 world_size=8``. In launcher=slurm's job array, rank and world size default to the
+array task id and count. ``python -m sdi_pipeline.cli <worker|query|merge|status> ...`` runs the
 same entry points. A user mistake prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError, SDIError
 
 
 def parse_kv(
@@ -24,13 +23,13 @@ def parse_kv(
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise SDIError(f"arguments are key=value pairs, got '{arg}'")
+            raise ConfigError(f"arguments are key=value pairs, got '{arg}'")
         if key not in known:
-            raise SDIError(f"unknown argument '{key}'; expected {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown argument '{key}'; expected {', '.join(sorted(known))}")
         out[key] = value
     missing = [k for k in required if k not in out]
     if missing:
-        raise SDIError(f"missing argument(s): {', '.join(f'{k}=...' for k in missing)}")
+        raise ConfigError(f"missing argument(s): {', '.join(f'{k}=...' for k in missing)}")
     return out
 
 
@@ -38,7 +37,7 @@ def _int(args: dict[str, str], key: str) -> int:
     try:
         return int(args[key])
     except ValueError as err:
-        raise SDIError(f"{key} must be an integer, got '{args[key]}'") from err
+        raise ConfigError(f"{key} must be an integer, got '{args[key]}'") from err
 
 
 def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
@@ -57,15 +56,11 @@ def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
 
 def _worker(argv: list[str]) -> int:
     from sdi_pipeline.jobs import run_worker
+    from sdi_pipeline.launchers import array_task_count, array_task_id
 
     args = parse_kv(argv, ["run_dir"], ["rank", "world_size"])
-    env = os.environ
-    rank = _int(args, "rank") if "rank" in args else int(env.get("SLURM_ARRAY_TASK_ID", 0))
-    world = (
-        _int(args, "world_size")
-        if "world_size" in args
-        else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    )
+    rank = _int(args, "rank") if "rank" in args else array_task_id()
+    world = _int(args, "world_size") if "world_size" in args else array_task_count()
     return run_worker(args["run_dir"], rank, world)
 
 
@@ -100,7 +95,7 @@ status_main = guarded(_status)
 
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] not in JOBS:
-        raise SDIError(f"usage: python -m sdi_pipeline.cli {{{','.join(JOBS)}}} key=value ...")
+        raise ConfigError(f"usage: python -m sdi_pipeline.cli {{{','.join(JOBS)}}} key=value ...")
     return JOBS[argv[0]](argv[1:])
 
 

@@ -16,15 +16,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdi_pipeline.config import (
-    AttributionConfig,
-    LocalLauncherConfig,
-    PrepareLauncherConfig,
-    SlurmLauncherConfig,
-    explain,
-    structured,
-)
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.config import AttributionConfig, explain, structured
+from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.launchers import LAUNCHERS
 from sdi_pipeline.messages import did_you_mean
 
 GROUPS = ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
@@ -35,7 +29,7 @@ def conf_dir() -> Path:
     env = os.environ.get("SDI_CONF_DIR")
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
     if not (path / "config.yaml").is_file():
-        raise SDIError(
+        raise ConfigError(
             f"cannot find sdi-pipeline's conf/ at {path}: install the package from a checkout "
             "(pip install -e .) or point SDI_CONF_DIR at a copy of conf/"
         )
@@ -43,11 +37,14 @@ def conf_dir() -> Path:
 
 
 def register_schemas() -> None:
+    """Store the config schemas in Hydra's ConfigStore (``conf/`` names them as defaults).
+
+    ``conf/launcher/<name>.yaml`` builds on ``<name>_schema``, one per launcher.
+    """
     cs = ConfigStore.instance()
     cs.store(name="attribution_schema", node=AttributionConfig)
-    cs.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
-    cs.store(group="launcher", name="slurm_schema", node=SlurmLauncherConfig)
-    cs.store(group="launcher", name="prepare_schema", node=PrepareLauncherConfig)
+    for launcher in LAUNCHERS.values():
+        cs.store(group="launcher", name=f"{launcher.name}_schema", node=launcher.schema)
 
 
 def _options(group: str) -> list[str]:
@@ -88,9 +85,9 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
             cfg = compose("config", overrides=extra)
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
-            raise SDIError(explain(err, OmegaConf.structured(AttributionConfig))) from err
-        raise SDIError(_hint(str(err))) from err
+            raise ConfigError(explain(err, OmegaConf.structured(AttributionConfig))) from err
+        raise ConfigError(_hint(str(err))) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise SDIError(f"config values still missing (???): {', '.join(missing)}")
+        raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
     return structured(OmegaConf.to_container(cfg, resolve=False))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdi_pipeline.atomic import write_text_atomic
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import ConfigError, RunDirError
 from sdi_pipeline.messages import did_you_mean
 
 SCHEMA_VERSION = 1
@@ -103,61 +103,9 @@ class RuntimeConfig:
     """How a job runs on its machine (not part of the hash)."""
 
     device: str = "auto"
-    # Torch threads; null: SLURM_CPUS_PER_TASK inside a SLURM job, else torch's default.
+    # Torch threads; null: a job's CPU allocation under launcher=slurm, else torch's default.
     threads: int | None = None
     progress: bool = True
-
-
-@dataclass
-class LocalLauncherConfig:
-    """Run the query job, ``workers`` worker processes and the merge on this machine."""
-
-    name: str = "local"
-    workers: int = 2
-    # Torch threads per worker; null splits this machine's cores evenly between workers.
-    threads_per_worker: int | None = None
-
-
-@dataclass
-class SlurmLauncherConfig:
-    """Submit a query job, a worker job array and a dependent merge job with submitit."""
-
-    name: str = "slurm"
-    array_size: int = 8
-    # At most this many array tasks run at once (sbatch --array=0-N%P); null: no limit.
-    array_parallelism: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_min: int = 120
-    mem_gb: float = 16.0
-    cpus_per_task: int = 4
-    gpus_per_task: int = 0
-    constraint: str | None = None
-    # Extra sbatch parameters, e.g. {mail-type: FAIL}.
-    additional: dict[str, Any] = field(default_factory=dict)
-    query_time_min: int = 60
-    merge_time_min: int = 60
-    merge_mem_gb: float = 32.0
-    merge_cpus: int = 4
-    # Requeues after preemption or timeout before a task gives up.
-    max_requeues: int = 3
-
-
-@dataclass
-class PrepareLauncherConfig:
-    """Only create the run directory and print the commands to run the jobs by hand."""
-
-    name: str = "prepare"
-    # The world size used in the printed worker commands.
-    workers: int = 4
-
-
-LAUNCHERS: dict[str, type] = {
-    "local": LocalLauncherConfig,
-    "slurm": SlurmLauncherConfig,
-    "prepare": PrepareLauncherConfig,
-}
 
 
 @dataclass
@@ -181,7 +129,8 @@ class AttributionConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # LocalLauncherConfig or SlurmLauncherConfig, chosen by launcher.name (see structured()).
+    # The schema of one launcher of sdi_pipeline.launchers.LAUNCHERS, chosen by launcher.name
+    # (see structured()).
     launcher: Any = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
     schema_version: int = SCHEMA_VERSION
@@ -197,11 +146,11 @@ _CHOICES = {
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check values the schema's types cannot: one clear SDIError for the first problem."""
+    """Check values the schema's types cannot: one clear ConfigError for the first problem."""
     for (section, key), allowed in _CHOICES.items():
         value = cfg[section][key]
         if value not in allowed:
-            raise SDIError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
     positive = {
         "sketch.m": cfg.sketch.m,
         "data.batch_size": cfg.data.batch_size,
@@ -210,18 +159,18 @@ def validate(cfg: DictConfig) -> None:
     }
     for name, value in positive.items():
         if value <= 0:
-            raise SDIError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if cfg.sketch.train_steps == "summed" and cfg.merge.step_matrix:
-        raise SDIError(
+        raise ConfigError(
             "merge.step_matrix=true needs per-step train sketches: set sketch.train_steps=full"
         )
     for name in ("model", "analysis.loss", "data.train", "data.query"):
         if OmegaConf.select(cfg, name) is None:
-            raise SDIError(f"{name} is not set: give a Hydra _target_ node for it")
+            raise ConfigError(f"{name} is not set: give a Hydra _target_ node for it")
     if not cfg.checkpoints.paths:
-        raise SDIError("checkpoints.paths is empty: list checkpoint files or globs")
+        raise ConfigError("checkpoints.paths is empty: list checkpoint files or globs")
     if not cfg.analysis.targets:
-        raise SDIError("analysis.targets is empty: name the looped block, e.g. [block]")
+        raise ConfigError("analysis.targets is empty: name the looped block, e.g. [block]")
 
 
 def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
@@ -239,15 +188,18 @@ def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
 
 def structured(data: Any) -> DictConfig:
     """Merge ``data`` onto the schema: unknown keys and wrong types fail with their name."""
+    # Imported here: the launchers import the run directory code, which imports this module.
+    from sdi_pipeline.launchers import LAUNCHERS
+
     base = OmegaConf.structured(AttributionConfig)
     name = OmegaConf.select(OmegaConf.create(data), "launcher.name", default="local")
     if name not in LAUNCHERS:
-        raise SDIError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
-    base.launcher = OmegaConf.structured(LAUNCHERS[name])
+        raise ConfigError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
+    base.launcher = OmegaConf.structured(LAUNCHERS[name].schema)
     try:
         merged = OmegaConf.merge(base, data)
     except OmegaConfBaseException as err:
-        raise SDIError(f"invalid config: {explain(err, base)}") from err
+        raise ConfigError(f"invalid config: {explain(err, base)}") from err
     assert isinstance(merged, DictConfig)
     validate(merged)
     return merged
@@ -289,11 +241,11 @@ def save(cfg: DictConfig, path: Path) -> None:
 def load(path: Path) -> DictConfig:
     """Read a run's config.yaml back onto the schema."""
     if not path.is_file():
-        raise SDIError(f"no config at {path}: is this a run directory made by sdi-attribute?")
+        raise RunDirError(f"no config at {path}: is this a run directory made by sdi-attribute?")
     raw = OmegaConf.load(path)
     version = raw.get("schema_version") if isinstance(raw, DictConfig) else None
     if version != SCHEMA_VERSION:
-        raise SDIError(
+        raise RunDirError(
             f"{path} has config schema version {version}, this sdi-pipeline reads version "
             f"{SCHEMA_VERSION}: run it with the sdi-pipeline version that made the run"
         )

@@ -34,8 +34,9 @@ from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import ConfigError, SDIError
+from sdi_pipeline.launchers import allocated_cpus
 from sdi_pipeline.logs import log, peak_rss_mb, setup_logging
-from sdi_pipeline.rundir import RunDir, Unit, run_units
+from sdi_pipeline.rundir import RunDir, Unit, rank_units, run_units
 from sdi_pipeline.store import read_meta, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
 
@@ -70,8 +71,8 @@ class JobContext:
 
     ``SDI_THREADS`` and ``SDI_PROGRESS=0`` in the environment (set by the local launcher
     for its parallel workers) override ``runtime.threads`` and ``runtime.progress``. With
-    neither, a SLURM job uses its allocation (``SLURM_CPUS_PER_TASK``), not every core of
-    the node.
+    neither, a cluster job uses its CPU allocation (:func:`launchers.allocated_cpus`), not
+    every core of the node.
     """
 
     def __init__(self, cfg: DictConfig, run: RunDir | None = None) -> None:
@@ -79,11 +80,7 @@ class JobContext:
         self.cfg = cfg
         self.hash = config_hash(self.cfg)
         self.train_hash = train_hash(self.cfg)
-        threads = (
-            os.environ.get("SDI_THREADS")
-            or self.cfg.runtime.threads
-            or os.environ.get("SLURM_CPUS_PER_TASK")
-        )
+        threads = os.environ.get("SDI_THREADS") or self.cfg.runtime.threads or allocated_cpus()
         if threads:
             torch.set_num_threads(int(threads))
         self.progress = bool(self.cfg.runtime.progress) and os.environ.get("SDI_PROGRESS") != "0"
@@ -158,7 +155,7 @@ class JobContext:
 
     @contextmanager
     def signals_stop(self) -> Iterator[None]:
-        """While inside, SIGTERM (SLURM preemption) and SIGINT stop after the current batch."""
+        """While inside, SIGTERM (preemption) and SIGINT stop after the current batch."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -195,7 +192,7 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
     run.check_train_size(len(train))
-    mine = run_units(ctx.cfg, len(train))[rank::world_size]
+    mine = rank_units(run_units(ctx.cfg, len(train)), rank, world_size)
     todo = [u for u in mine if not run.is_done(u)]
     log.info(
         "rank %d/%d on %s (%s): %d units, %d already done",

@@ -61,6 +61,15 @@ def run_units(cfg: DictConfig, n_train: int) -> list[Unit]:
     return enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size))
 
 
+def rank_units(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
+    """The share of rank ``rank`` of ``world_size``: every ``world_size``-th unit from ``rank``.
+
+    The ranks' shares partition the units, and interleaving spreads each block's
+    checkpoints (adjacent in :func:`enumerate_units`) over the ranks.
+    """
+    return units[rank::world_size]
+
+
 class RunDir:
     """A run directory on disk."""
 
@@ -82,11 +91,6 @@ class RunDir:
     @property
     def train_hash_path(self) -> Path:
         return self.path / "train.hash"
-
-    @property
-    def slurm_jobs_path(self) -> Path:
-        """The ids of the run's last SLURM submission (launcher=slurm or slurm/submit.sh)."""
-        return self.path / "commands" / "slurm.json"
 
     @property
     def train_size_path(self) -> Path:

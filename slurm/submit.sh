@@ -16,7 +16,8 @@ query=$(submit --output="$logs/sbatch-query-%j.out" "$@" "$here/query.sbatch")
 workers=$(submit --array="$array" --output="$logs/sbatch-worker-%A_%a.out" "$@" "$here/worker.sbatch")
 merge=$(submit --dependency="afterok:$query:$workers" --kill-on-invalid-dep=yes \
     --output="$logs/sbatch-merge-%j.out" "$@" "$here/merge.sbatch")
-# Recorded where sdi-status looks for the run's jobs (the same file launcher=slurm writes).
+# Recorded where sdi-status looks for the run's jobs: the same file launcher=slurm writes
+# (jobs_path in sdi_pipeline/launchers/slurm.py).
 python3 - "$RUN_DIR" "$query" "$workers" "$array" "$merge" <<'EOF'
 import json, os, sys
 run_dir, query, workers, array, merge = sys.argv[1:]

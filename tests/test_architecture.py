@@ -83,3 +83,15 @@ def test_public_api_is_importable_from_the_top_level_and_the_old_paths() -> None
         "SketchSpec",
         "Results",
     }
+
+
+def test_only_the_slurm_launcher_knows_slurm_commands() -> None:
+    words = ("sbatch", "sacct", "squeue", "scontrol", "SLURM_")
+    found = [
+        f"{path.relative_to(PACKAGE)}: {word}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "slurm.py"
+        for word in words
+        if word in path.read_text()
+    ]
+    assert found == []

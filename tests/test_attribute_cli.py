@@ -20,6 +20,7 @@ from sdi_pipeline.compose import compose_config, conf_dir
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.jobs import run_worker
+from sdi_pipeline.launchers.slurm import jobs_path
 from sdi_pipeline.merge import run_merge
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
@@ -132,7 +133,7 @@ def test_slurm_launcher_submits_query_array_and_dependent_merge(tmp_path, monkey
     assert "#SBATCH --kill-on-invalid-dep=yes" in merge
     # The three jobs pickle the same entry points a user runs by hand.
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
-    assert '"query": "1000"' in RunDir(run_path).slurm_jobs_path.read_text()
+    assert '"query": "1000"' in jobs_path(RunDir(run_path)).read_text()
     # sdi-status shows each job's state from sacct, and what to do after a failure.
     rows = ["1000|COMPLETED", "1001_0|COMPLETED", "1001_1|FAILED", "1001_2|COMPLETED",
             "1002|CANCELLED by 0"]  # fmt: skip

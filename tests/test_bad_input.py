@@ -13,7 +13,7 @@ from sdi_pipeline.engine import registry
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.layers.generic import GenericHandler
 from sdi_pipeline.engine.spec import SketchSpec
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.errors import CheckpointError, SDIError
 
 
 class Scale(nn.Module):
@@ -155,12 +155,17 @@ def test_bad_sketch_size_is_refused() -> None:
 
 def test_checkpoint_that_does_not_fit_the_model(tmp_path) -> None:
     torch.save({"model_state_dict": {"body.weight": torch.zeros(3, 3)}}, tmp_path / "c.pt")
-    with pytest.raises(SDIError, match=r"does not fit the model: missing keys .*shape mismatches"):
+    with pytest.raises(
+        CheckpointError, match=r"does not fit the model: missing keys .*shape mismatches"
+    ):
         load_into(Looped(), load_checkpoint(tmp_path / "c.pt"), tmp_path / "c.pt")
 
 
 def test_checkpoint_with_pickled_objects_needs_trust(tmp_path) -> None:
     torch.save({"model_state_dict": {}, "extra": Scale(2)}, tmp_path / "c.pt")
-    with pytest.raises(SDIError, match="weights_only loading refuses"):
+    with pytest.raises(CheckpointError, match="weights_only loading refuses") as err:
         load_checkpoint(tmp_path / "c.pt")
+    # The config key and the attribute() argument that allow it.
+    assert "checkpoints.trust=true" in str(err.value)
+    assert "trust_checkpoints=True" in str(err.value)
     assert "extra" in load_checkpoint(tmp_path / "c.pt", trust=True)

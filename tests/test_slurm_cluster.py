@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from pipeline_helpers import cli_overrides
 
+from sdi_pipeline.launchers.slurm import jobs_path, slurm_jobs
 from sdi_pipeline.rundir import RunDir, Unit, run_units
 from sdi_pipeline.status import run_status
 
@@ -115,7 +116,7 @@ def _run_dir(out: str) -> RunDir:
 
 
 def _submitted(run: RunDir) -> dict:
-    return json.loads(run.slurm_jobs_path.read_text())
+    return json.loads(jobs_path(run).read_text())
 
 
 def _sacct(*ids: str) -> list[dict[str, str]]:
@@ -340,6 +341,6 @@ def test_sbatch_templates_run_and_requeue_on_the_cluster(cluster, tmp_path, loca
     assert all(after[name] == t for name, t in before.items())
     tasks = {r["JobID"]: r["State"] for r in _sacct(array)}
     assert tasks == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED"}, tasks
-    status = run_status(run).slurm  # submit.sh recorded its jobs for sdi-status
-    assert status is not None and (status.query, status.array, status.merge) == ids.groups()
+    jobs = slurm_jobs(run)  # submit.sh recorded its jobs for sdi-status
+    assert jobs is not None and (jobs.query, jobs.array, jobs.merge) == ids.groups()
     _assert_same_results(run.results_path, local_results)

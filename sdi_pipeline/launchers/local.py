@@ -14,16 +14,25 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from sdi_pipeline.atomic import write_text_atomic
 from sdi_pipeline.rundir import RunDir, run_units
 
 EXIT_CTRL_C = 130
+
+
+@dataclass
+class LocalLauncherConfig:
+    """Run the query job, ``workers`` worker processes and the merge on this machine."""
+
+    name: str = "local"
+    workers: int = 2
+    # Torch threads per worker; null splits this machine's cores evenly between workers.
+    threads_per_worker: int | None = None
 
 
 def job_command(job: str, run: RunDir, *extra: str) -> list[str]:
@@ -72,6 +81,9 @@ def _run_one(run: RunDir, name: str, cmd: list[str], env: dict[str, str]) -> int
 
 def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     """Run everything on this machine; returns the exit status (0 when results.h5 exists)."""
+    # Here, not at the top: the launcher table (read by config validation) stays cheap.
+    import torch
+
     workers = int(cfg.launcher.workers)
     cores = os.cpu_count() or 1
     threads = int(cfg.launcher.threads_per_worker or max(1, cores // workers))
@@ -122,6 +134,8 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
 
 
 def _follow(run: RunDir, units: list, procs: list[subprocess.Popen]) -> None:
+    from tqdm.auto import tqdm
+
     done = sum(run.is_done(u) for u in units)
     with tqdm(total=len(units), initial=done, desc="units", unit="unit") as bar:
         while any(p.poll() is None for p in procs):

@@ -5,6 +5,10 @@
 which resumes from the completion markers. Running the same command again submits only
 what is missing: the query job if its files are not there, array tasks for ranks with units
 left, and the merge.
+
+Everything else the package knows about SLURM is here too: the defaults a job takes from
+its SLURM environment, where a run records its submitted jobs, and their states for
+``sdi-status``.
 """
 
 from __future__ import annotations
@@ -13,14 +17,131 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.atomic import write_json_atomic
-from sdi_pipeline.errors import SDIError
-from sdi_pipeline.rundir import RunDir, run_units
+from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.rundir import RunDir, rank_units, run_units
+
+
+@dataclass
+class SlurmLauncherConfig:
+    """Submit a query job, a worker job array and a dependent merge job with submitit."""
+
+    name: str = "slurm"
+    array_size: int = 8
+    # At most this many array tasks run at once (sbatch --array=0-N%P); null: no limit.
+    array_parallelism: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 120
+    mem_gb: float = 16.0
+    cpus_per_task: int = 4
+    gpus_per_task: int = 0
+    constraint: str | None = None
+    # Extra sbatch parameters, e.g. {mail-type: FAIL}.
+    additional: dict[str, Any] = field(default_factory=dict)
+    query_time_min: int = 60
+    merge_time_min: int = 60
+    merge_mem_gb: float = 32.0
+    merge_cpus: int = 4
+    # Requeues after preemption or timeout before a task gives up.
+    max_requeues: int = 3
+
+
+def jobs_path(run: RunDir) -> Path:
+    """The ids of the run's last SLURM submission (launcher=slurm or slurm/submit.sh)."""
+    return run.path / "commands" / "slurm.json"
+
+
+def array_task_id() -> int:
+    """This job array task's index (``SLURM_ARRAY_TASK_ID``): a worker's default rank; else 0."""
+    return int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+
+
+def array_task_count() -> int:
+    """The job array's size (``SLURM_ARRAY_TASK_COUNT``): a worker's default world size; else 1."""
+    return int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+
+
+def allocated_cpus() -> str | None:
+    """The CPUs per task of this SLURM job (``SLURM_CPUS_PER_TASK``); None outside one.
+
+    A job uses its allocation for its torch threads, not every core of the node.
+    """
+    return os.environ.get("SLURM_CPUS_PER_TASK")
+
+
+@dataclass
+class SlurmJobs:
+    """The run's last SLURM submission (``commands/slurm.json``) and its jobs' states."""
+
+    query: str | None
+    array: str | None
+    merge: str | None
+    # Job id (array tasks as ``<array>_<task>``) -> state, as sacct reports it.
+    states: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    def role_states(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        """(role, [(job id, state), ...]) for query, workers and merge, in that order."""
+        roles = [("query", self.query), ("workers", self.array), ("merge", self.merge)]
+        return [
+            (role, [(j, s) for j, s in self.states.items() if j.split("_")[0] == job])
+            for role, job in roles
+            if job is not None
+        ]
+
+
+def slurm_jobs(run: RunDir) -> SlurmJobs | None:
+    """States of the jobs last submitted for this run (None if it was never submitted)."""
+    path = jobs_path(run)
+    if not path.exists():
+        return None
+    sub = json.loads(path.read_text())
+    jobs = SlurmJobs(sub.get("query"), (sub.get("workers") or {}).get("array"), sub.get("merge"))
+    ids = [j for j in (jobs.query, jobs.array, jobs.merge) if j]
+    if shutil.which("sacct") is None:
+        jobs.error = "sacct is not on PATH"
+        return jobs
+    try:
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        jobs.error = f"sacct failed: {' '.join(str(getattr(err, 'stderr', '') or err).split())}"
+        return jobs
+    for line in out.splitlines():
+        job, _, state = line.partition("|")
+        if job:
+            jobs.states[job] = state.split(" ")[0]  # "CANCELLED by 0" -> "CANCELLED"
+    return jobs
+
+
+def status_lines(run: RunDir, merged: bool) -> list[str]:
+    """``sdi-status``'s lines on the run's SLURM jobs and, after a failure, what to do."""
+    jobs = slurm_jobs(run)
+    if jobs is None:
+        return []
+    lines = ["  SLURM jobs (commands/slurm.json):"]
+    if jobs.error:
+        lines.append(f"    states unknown: {jobs.error}")
+    for role, states in jobs.role_states():
+        shown = ", ".join(f"{j} {s}" for j, s in states) or "not in sacct"
+        lines.append(f"    {role:8s}{shown}")
+    ended = set(jobs.states.values())
+    if not merged and ended & {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"}:
+        lines.append(
+            "  fix the cause (see the logs above), then run the same command again "
+            "(sdi-attribute or slurm/submit.sh): finished work is not redone"
+        )
+    return lines
 
 
 class _Task:
@@ -105,7 +226,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     """Submit what is missing and print how to follow it; returns 0 once submitted."""
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:
-        raise SDIError(
+        raise ConfigError(
             f"launcher=slurm needs SLURM's {' and '.join(missing)} on PATH: run sdi-attribute "
             "on a cluster login node (or use launcher=local)"
         )
@@ -114,7 +235,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         return 0
     world = int(cfg.launcher.array_size)
     units = run_units(cfg, n_train)
-    ranks = [r for r in range(world) if any(not run.is_done(u) for u in units[r::world])]
+    ranks = [r for r in range(world) if not all(map(run.is_done, rank_units(units, r, world)))]
     need_query = any(not run.query_path(k).exists() for k in range(len(cfg.checkpoints.paths)))
     after: list[str] = []
     submitted: dict[str, Any] = {"run_dir": str(run.path)}
@@ -140,7 +261,7 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         merge_executor.update_parameters(slurm_additional_parameters=extra)
     merge = merge_executor.submit(_Task("merge", str(run.path)))
     submitted["merge"] = str(merge.job_id)
-    write_json_atomic(run.slurm_jobs_path, submitted)
+    write_json_atomic(jobs_path(run), submitted)
     ids = ",".join([*after, str(merge.job_id)])
     print(f"[sdi] submitted to SLURM: {json.dumps(submitted)}")
     print(f"[sdi] run dir: {run.path}")

@@ -7,25 +7,26 @@ them. ``ensure_toy_checkpoints`` is the launcher's ``checkpoints.prepare`` hook.
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdi_pipeline.errors import SDIError
+from sdi_pipeline.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.errors import CheckpointError, ConfigError
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import ParityData, make_parity_dataset
 
 
 def _first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
     patterns = [paths] if isinstance(paths, str) else list(paths)
-    files = sorted(f for p in patterns for f in (glob.glob(p) if glob.has_magic(p) else [p]))
+    # Not strict: building the toy model or data before its checkpoints exist is this error.
+    files = sorted(resolve_checkpoint_paths(patterns, strict=False))
     if not files or not Path(files[0]).is_file():
-        raise SDIError(f"no toy checkpoint found at {patterns}: run sdi-train-toy first")
+        raise CheckpointError(f"no toy checkpoint found at {patterns}: run sdi-train-toy first")
     data = torch.load(files[0], map_location="cpu", weights_only=True)
     if "model_config" not in data or "task" not in data:
-        raise SDIError(f"{files[0]} is not a toy checkpoint (no model_config / task)")
+        raise CheckpointError(f"{files[0]} is not a toy checkpoint (no model_config / task)")
     return data
 
 
@@ -55,7 +56,7 @@ def parity_from_checkpoints(
 
         seed = int(task["seed"]) + HELD_OUT_SEED_OFFSET
         return make_parity_dataset(limit or 16, n_bits=int(task["n_bits"]), seed=seed)
-    raise SDIError(f"split must be 'train' or 'query', got {split!r}")
+    raise ConfigError(f"split must be 'train' or 'query', got {split!r}")
 
 
 def ensure_toy_checkpoints(out_dir: str) -> None:

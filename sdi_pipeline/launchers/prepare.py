@@ -1,0 +1,32 @@
+"""The prepare launcher: create the run directory and print the commands that run its jobs.
+
+For running the jobs by hand, on any machines that see the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from sdi_pipeline.rundir import RunDir
+
+
+@dataclass
+class PrepareLauncherConfig:
+    """Only create the run directory and print the commands to run the jobs by hand."""
+
+    name: str = "prepare"
+    # The world size used in the printed worker commands.
+    workers: int = 4
+
+
+def launch_prepare(run: RunDir, cfg: DictConfig, n_train: int) -> int:
+    """Print the sdi-query / sdi-worker / sdi-merge / sdi-status commands; returns 0."""
+    world = int(cfg.launcher.workers)
+    print("[sdi] run the jobs by hand, on any machines that see this directory:")
+    print(f"  sdi-query  run_dir={run.path}")
+    print(f"  sdi-worker run_dir={run.path} rank=R world_size={world}   # R = 0..{world - 1}")
+    print(f"  sdi-merge  run_dir={run.path}   # after all of the above")
+    print(f"  sdi-status run_dir={run.path}")
+    return 0
