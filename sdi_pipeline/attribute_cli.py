@@ -29,6 +29,7 @@ def preflight(cfg: DictConfig) -> int:
         ctx.use_checkpoint(k)
     ctx.progress = False
     ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight")
+    print(f"[sdi] targets: {ctx.featurizer.assignment}", flush=True)
     return len(train)
 
 

@@ -201,6 +201,8 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
     for i, unit in enumerate(todo):
         try:
             stats = _unit(ctx, train, unit, f"[{i + 1}/{len(todo)}] {unit.name}", rank, world_size)
+            if i == 0:
+                log.info("targets: %s", ctx.featurizer.assignment)
         except Interrupted:
             log.warning("stopped during %s; it will be redone on restart", unit.name)
             return EXIT_INTERRUPTED
@@ -290,12 +292,13 @@ def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
         meta = ctx.base_meta(info) | {
             "kind": "query",
             "layout": feats.layout.to_dict(),
+            "assignment": ctx.featurizer.assignment,
             "config_hash": ctx.hash,
         }
         write_sketch_file(
             path, torch.arange(len(query)), feats.values, feats.loss, meta, ctx.cfg.sketch.dtype
         )
-        log.info("wrote %s (%d queries, %s)", path, len(query), feats.layout.describe())
+        log.info("wrote %s (%d queries; targets: %s)", path, len(query), ctx.featurizer.assignment)
         seconds = time.perf_counter() - started
         wandb_log.log({"query/checkpoint": k, "query/seconds": seconds, "query/n": len(query)})
     return 0

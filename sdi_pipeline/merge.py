@@ -175,6 +175,7 @@ def run_merge(run_dir: str | Path) -> int:
         "sdi_stored": bool(store_sdi),
         "train_steps": str(cfg.sketch.train_steps),
         "topk": k_top,
+        "assignment": str(plan.query_meta[0].get("assignment") or q_layout.describe()),
     }
     with write_results(
         run.results_path,

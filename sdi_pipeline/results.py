@@ -67,6 +67,8 @@ class Results:
         self.n_query = int(str(attrs["n_query"]))
         self.config_hash = str(attrs["config_hash"])
         self.k = int(str(attrs["topk"]))
+        #: Which target modules went to which slots, in words.
+        self.assignment = str(attrs["assignment"])
 
     @classmethod
     def open(cls, path: str | Path) -> Results:

@@ -38,6 +38,7 @@ def print_summary(run: RunDir, k: int = 3) -> None:
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
     with Results.open(run.path) as res:
+        print(f"targets: {res.assignment}")
         energy = res.energy()
         loop = [s for s, name in enumerate(res.slot_names) if name.startswith("step ")]
         for j in range(res.n_query):

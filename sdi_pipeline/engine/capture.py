@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from sdi_pipeline.engine.registry import Call, LayerHandler
-from sdi_pipeline.engine.slots import SlotLayout, infer_layout
+from sdi_pipeline.engine.slots import SlotLayout, describe_assignment, infer_layout
 from sdi_pipeline.errors import UnsupportedModel
 
 
@@ -47,6 +47,8 @@ class StepCapture:
         self._batch_size: int | None = None
         self._slots: dict[str, list[int]] = {}
         self._buffer: torch.Tensor | None = None
+        #: Which modules went to which slots in the last forward pass, in words.
+        self.assignment: str | None = None
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
@@ -171,6 +173,7 @@ class StepCapture:
         for i, call in enumerate(self._calls):
             calls.setdefault(call.module_name, []).append(i)
         layout, self._slots = infer_layout(calls, expected_steps)
+        self.assignment = describe_assignment(self._slots, layout)
         return layout
 
     def backward(self, loss: torch.Tensor, buffer: torch.Tensor) -> None:

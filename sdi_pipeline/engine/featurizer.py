@@ -118,6 +118,12 @@ class StepFeaturizer:
     def exact(self) -> bool:
         return self.spec is None
 
+    @property
+    def assignment(self) -> str | None:
+        """What the last batch showed, in words: ``4 loop steps of block.* (6 modules),
+        prelude: tok_emb``; None before the first batch."""
+        return self._capture.assignment
+
     def _batch(self, batch: Any, loss_fn: LossFn, first_index: int) -> StepFeatures:
         self._capture.reset(_batch_size_hint(batch))
         loss = loss_fn(self.model, batch)

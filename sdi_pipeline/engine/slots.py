@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdi_pipeline.errors import UnsupportedModel
+from sdi_pipeline.messages import shortened
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,63 @@ class SlotLayout:
         return f"{self.loop_steps} loop steps" + (f" + {' + '.join(extra)}" if extra else "")
 
 
+def _check_interleaving(calls: dict[str, list[int]], tau: int) -> None:
+    """Refuse looped modules whose k-th calls do not all come before their (k+1)-th calls.
+
+    A loop body runs once per step, so every module's k-th call falls between the others'
+    (k-1)-th and (k+1)-th. Several blocks each applied several times in a row (ALBERT with
+    num_hidden_groups > 1: group 1 twice, then group 2 twice) also call every module tau
+    times, but binning "the k-th calls" would mix different layer applications in one step.
+    """
+    for k in range(tau - 1):
+        late = max(calls, key=lambda n: calls[n][k])
+        early = min(calls, key=lambda n: calls[n][k + 1])
+        if calls[late][k] > calls[early][k + 1]:
+
+            def positions(name: str) -> str:
+                return f"'{name}' at calls {shortened(calls[name], 6)}"
+
+            raise UnsupportedModel(
+                f"the looped target modules do not run one loop step at a time: '{late}' "
+                f"makes its call {k + 1} after '{early}' makes its call {k + 2} "
+                f"({positions(late)}; {positions(early)}, counting all target-module calls of "
+                "one forward pass in order). The targets hold several blocks that each run "
+                "several times in a row (e.g. ALBERT with num_hidden_groups > 1): target one "
+                "of them, or modules that run once per loop step."
+            )
+
+
+def describe_assignment(slots: dict[str, list[int]], layout: SlotLayout) -> str:
+    """What was inferred, for logs: ``4 loop steps of core.* (6 modules), prelude: wte``."""
+    roles: dict[str, list[str]] = {"loop": [], "prelude": [], "readout": []}
+    for name, used in sorted(slots.items()):
+        if layout.prelude and used == [0]:
+            roles["prelude"].append(name)
+        elif layout.readout and used == [layout.n_slots - 1]:
+            roles["readout"].append(name)
+        else:
+            roles["loop"].append(name)
+    parts = [f"{layout.loop_steps} loop steps of {_names(roles['loop'])}"]
+    parts += [f"{role}: {_names(roles[role])}" for role in ("prelude", "readout") if roles[role]]
+    return ", ".join(parts)
+
+
+def _names(names: list[str]) -> str:
+    """Module names, a shared dotted prefix folded to ``prefix.*``."""
+    if len(names) <= 1:
+        return ", ".join(names) or "(none)"
+    prefix = names[0].split(".")
+    for name in names[1:]:
+        parts = name.split(".")
+        n = 0
+        while n < min(len(prefix), len(parts)) and prefix[n] == parts[n]:
+            n += 1
+        prefix = prefix[:n]
+    if prefix:
+        return f"{'.'.join(prefix)}.* ({len(names)} modules)"
+    return shortened(names, 6)
+
+
 def infer_layout(
     calls: dict[str, list[int]], expected_steps: int | None = None
 ) -> tuple[SlotLayout, dict[str, list[int]]]:
@@ -77,6 +135,7 @@ def infer_layout(
             "twice per step doubles the apparent step count)."
         )
     looped = {n for n, c in counts.items() if c == tau} if tau > 1 else set(counts)
+    _check_interleaving({n: calls[n] for n in looped}, tau)
     loop_calls = [i for n in looped for i in calls[n]]
     first, last = min(loop_calls), max(loop_calls)
     placement: dict[str, str] = {}
