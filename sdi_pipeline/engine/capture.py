@@ -6,13 +6,17 @@ that output, the hook receives d(sum of losses)/d(output of *this call*) -- the 
 graph's gradient for this use of the shared weights -- and the module's handler adds the
 per-example contribution into the slot of the call's loop step.
 
-All model parameters are frozen for the capture (restored afterwards), so backward computes
-activation gradients only and no weight gradient is ever formed or accumulated. A call whose
-output does not require grad (frozen weights, inputs that need no gradient) gets a fresh leaf
-as output so the gradient still reaches it. A call made for the whole batch at once -- inputs
-and output with a first dimension of 1 that the model broadcasts over the batch, such as
-position embeddings of ``(1, T)`` ids -- has its output and inputs expanded to the batch, so
-its gradient arrives per example (the model computes the same values).
+Backward asks autograd for the gradients of the recorded call outputs only
+(``torch.autograd.grad``), so activation gradients are computed and no weight gradient is
+ever formed or accumulated; the parameters keep ``requires_grad`` as the user set it, so
+modules that branch on it (the fused inference fast path of ``nn.TransformerEncoderLayer``
+and ``nn.MultiheadAttention``) run as in training. A call whose output does not require grad
+gets a fresh leaf as output so the gradient still reaches it.
+
+A call made for the whole batch at once -- inputs and output with a first dimension of 1
+that the model broadcasts over the batch, such as position embeddings of ``(1, T)`` ids --
+has its output and inputs expanded to the batch, so its gradient arrives per example (the
+model computes the same values).
 
 While a handler recomputes its module (the generic fallback does), the hooks stand aside:
 nested calls of other target modules inside that recomputation are not calls of the model.
@@ -41,6 +45,7 @@ class StepCapture:
         self.model = model
         self.handlers = handlers
         self._calls: list[Call] = []
+        self._outputs: list[torch.Tensor] = []  # the hooked output of each call
         self._uses: dict[str, int] = {}
         self._phase = "idle"
         self._suspended = False
@@ -52,9 +57,7 @@ class StepCapture:
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        """Install the forward hooks and freeze all parameters for the duration."""
-        params = list(self.model.parameters())
-        flags = [p.requires_grad for p in params]
+        """Install the forward hooks for the duration."""
         handles = [
             h.module.register_forward_hook(
                 functools.partial(self._on_forward, name), with_kwargs=True
@@ -62,19 +65,16 @@ class StepCapture:
             for name, h in self.handlers.items()
         ]
         try:
-            for p in params:
-                p.requires_grad_(False)
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for p, flag in zip(params, flags, strict=True):
-                p.requires_grad_(flag)
             self.reset()
 
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the current forward pass; ``batch_size``: the next one's, if known."""
         self._calls = []
+        self._outputs = []
         self._uses = {}
         self._slots = {}
         self._buffer = None
@@ -137,6 +137,7 @@ class StepCapture:
             self.handlers[name].on_forward(call, output)
         out = output if output.requires_grad else output.detach().requires_grad_()
         out.register_hook(functools.partial(self._on_grad, call))
+        self._outputs.append(out)
         return out if (out is not output or broadcast) else None
 
     def _on_grad(self, call: Call, grad: torch.Tensor) -> None:
@@ -177,15 +178,18 @@ class StepCapture:
         return layout
 
     def backward(self, loss: torch.Tensor, buffer: torch.Tensor) -> None:
-        """Backpropagate ``loss.sum()``; each call's contribution lands in ``buffer`` (S, B, W)."""
+        """Backpropagate ``loss.sum()`` to the calls' outputs; each call's contribution lands
+        in ``buffer`` (S, B, W)."""
         self._buffer = buffer
         self._phase = "backward"
         try:
-            loss.sum().backward()
+            # Outputs the loss does not depend on get no gradient: their contribution is 0.
+            torch.autograd.grad(loss.sum(), self._outputs, allow_unused=True)
         finally:
             self._phase = "forward"
             self._buffer = None
         self._calls = []
+        self._outputs = []
         self._uses = {}
 
 

@@ -36,15 +36,7 @@ class OpacusHandler(LayerHandler):
         self._own = [(own[p.attr], p) for p in self.params]
 
     def per_example(self, call, grad):
-        # Opacus samplers skip parameters with requires_grad=False, and the capture freezes
-        # all parameters so that backward computes no weight gradients: unfreeze ours here.
-        saved = [p.requires_grad for p, _ in self._own]
-        for p, _ in self._own:
-            p.requires_grad_(True)
-        try:
-            inputs = [a for a in call.args if isinstance(a, torch.Tensor)]
-            samples = self._sampler(self.module, inputs, grad)
-        finally:
-            for (p, _), flag in zip(self._own, saved, strict=True):
-                p.requires_grad_(flag)
+        # Target parameters require grad, which Opacus samplers look for.
+        inputs = [a for a in call.args if isinstance(a, torch.Tensor)]
+        samples = self._sampler(self.module, inputs, grad)
         return {tp.name: samples[p] for p, tp in self._own}
