@@ -161,3 +161,28 @@ def test_dedicated_handlers_agree_with_the_generic_opacus_path(module: nn.Module
     exact = dedicated(module, params, None, None).per_example(Call("layer", 0, (inputs,)), out_grad)  # type: ignore[misc]
     for p in params:
         torch.testing.assert_close(exact[p.name].reshape(3, *p.shape), expected[p.attr])
+
+
+@pytest.mark.parametrize(
+    ("module", "dedicated"),
+    [(nn.Linear(5, 4), LinearHandler), (nn.LayerNorm(5), OpacusHandler)],
+    ids=["linear", "layernorm"],
+)
+def test_generic_fallback_agrees_with_the_dedicated_handlers(
+    module: nn.Module, dedicated: type[LayerHandler]
+) -> None:
+    torch.manual_seed(2)
+    inputs = torch.randn(3, 6, 5)
+    call = Call("layer", 0, (inputs,))
+    out_grad = torch.randn_like(module(inputs))
+    params = [
+        TargetParam(f"layer.{n}", "layer", n, tuple(p.shape)) for n, p in module.named_parameters()
+    ]
+    generic = GenericHandler(module, params, None, None)
+    generic.on_forward(call, module(inputs))  # the examples-independent check passes
+    got = generic.per_example(call, out_grad)
+    want = dedicated(module, params, None, None).per_example(call, out_grad)
+    for p in params:
+        torch.testing.assert_close(
+            got[p.name].reshape(3, -1), want[p.name].reshape(3, -1), rtol=1e-5, atol=1e-6
+        )

@@ -96,7 +96,7 @@ class StepCapture:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         output: object,
-    ) -> torch.Tensor | None:
+    ) -> Any:
         if self._suspended:
             return None
         if self._phase == "backward":
@@ -110,12 +110,18 @@ class StepCapture:
                 "torch.inference_mode()): the loss function must run the forward pass with "
                 "autograd on so per-step gradients can be taken."
             )
+        # A tuple output (nn.MultiheadAttention's (output, weights)): its first tensor is the
+        # call's output; the others must not carry gradient (checked in backward).
+        rest: tuple[Any, ...] = ()
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            output, rest = output[0], tuple(output[1:])
         if not isinstance(output, torch.Tensor):
             raise UnsupportedModel(
-                f"target module '{name}' returned {type(output).__name__}, not a tensor; "
-                "only modules with a single tensor output can be targeted."
+                f"target module '{name}' returned {type(output).__name__}, not a tensor (or a "
+                "tuple starting with one); it cannot be targeted."
             )
         batch = self._batch_size
+        broadcast = batch is not None and batch > 1 and output.dim() > 0 and output.shape[0] == 1
 
         def detach(value: Any) -> Any:
             if not isinstance(value, torch.Tensor):
@@ -125,7 +131,7 @@ class StepCapture:
                 value = value.expand(batch, *value.shape[1:])
             return value
 
-        broadcast = batch is not None and batch > 1 and output.dim() > 0 and output.shape[0] == 1
+        original = output
         if broadcast:
             assert batch is not None
             output = output.expand(batch, *output.shape[1:])
@@ -138,7 +144,13 @@ class StepCapture:
         out = output if output.requires_grad else output.detach().requires_grad_()
         out.register_hook(functools.partial(self._on_grad, call))
         self._outputs.append(out)
-        return out if (out is not output or broadcast) else None
+        for k, extra in enumerate(rest, start=1):
+            if isinstance(extra, torch.Tensor) and extra.requires_grad:
+                extra.register_hook(functools.partial(_refuse_extra_gradient, name, k))
+                self._outputs.append(extra)
+        if out is original:
+            return None
+        return type(rest)((out, *rest)) if rest else out  # type: ignore[return-value]
 
     def _on_grad(self, call: Call, grad: torch.Tensor) -> None:
         assert self._buffer is not None, "gradient arrived outside capture.backward"
@@ -191,6 +203,14 @@ class StepCapture:
         self._calls = []
         self._outputs = []
         self._uses = {}
+
+
+def _refuse_extra_gradient(name: str, k: int, grad: torch.Tensor) -> None:
+    if bool(grad.ne(0).any()):
+        raise UnsupportedModel(
+            f"the loss depends on output {k} of target module '{name}' (a tuple), but only a "
+            "target module's first output is attributed: target its submodules instead."
+        )
 
 
 def _rows(call: Call) -> int | None:

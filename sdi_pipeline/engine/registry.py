@@ -261,18 +261,16 @@ def _load_builtin_layers() -> None:
 
 def handler_for(module: nn.Module, attrs: Sequence[str]) -> HandlerClass | None:
     """The handler class for ``module``'s parameters ``attrs``, or None if none fits."""
-    _load_builtin_layers()
 
     def covers(handler: HandlerClass) -> bool:
         return handler.param_attrs is None or set(attrs) <= set(handler.param_attrs)
 
-    for base in type(module).__mro__:
-        reg = _LAYERS.get(base)
-        if reg is None:
-            continue
+    found = _registration(module)
+    if found is not None:
+        base, reg = found
+        # The nearest registered base decides; if its math does not hold, fall back.
         if (not reg.same_forward or type(module).forward is base.forward) and covers(reg.handler):
             return reg.handler
-        break  # the nearest registered base decides; its math does not hold here
     for fallback in _FALLBACKS:
         if fallback.accepts(module) and covers(fallback.handler):
             return fallback.handler

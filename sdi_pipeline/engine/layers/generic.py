@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from sdi_pipeline.engine.registry import Call, LayerHandler, register_fallback, register_layer
@@ -77,6 +78,8 @@ class GenericHandler(LayerHandler):
 
     def _run(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
         out = functional_call(self.module, params, args, kwargs)
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            out = out[0]  # as the capture does: the call's output is the first tensor
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModel(
                 f"module '{self.params[0].module_name}' returned {type(out).__name__}, not a "
@@ -89,7 +92,9 @@ class GenericHandler(LayerHandler):
         """``fn`` of each example's slices of ``batched`` (pytrees of tensors, batch on dim
         0), stacked on dim 0."""
         try:
-            return vmap(fn)(*batched)
+            # SDPA's math kernel has batching rules; the fused CPU/GPU kernels do not.
+            with sdpa_kernel([SDPBackend.MATH]):
+                return vmap(fn)(*batched)
         except RuntimeError:
             # No batching rule for some operation: one example at a time, same result.
             n = tree_leaves(batched)[0].shape[0]

@@ -1,0 +1,1 @@
+"""Example looped architectures and their training, for the ready-made configs."""
