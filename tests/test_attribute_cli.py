@@ -19,6 +19,8 @@ from sdi_pipeline.attribute_cli import run as attribute_main
 from sdi_pipeline.compose import compose_config, conf_dir
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.examples.models import ARCHITECTURES
+from sdi_pipeline.examples.train import train_example
 from sdi_pipeline.jobs import run_worker
 from sdi_pipeline.launchers.slurm import jobs_path
 from sdi_pipeline.merge import run_merge
@@ -43,6 +45,10 @@ def test_every_config_composes_and_instantiates(tmp_path, group: str, option: st
             f"data.train.path={tmp_path}/tokens.npy",
             f"data.query.path={tmp_path}/tokens.npy",
         ]
+    if group == "model" and option in ARCHITECTURES:  # the examples name their own checkpoints
+        pytest.importorskip("transformers")
+        train_example(option, tmp_path / "ex", steps=2, n_checkpoints=1, progress=False)
+        overrides += [f"checkpoints.paths=[{tmp_path}/ex/ckpt-*.pt]"]
     cfg = compose_config([*overrides, f"{group}={option}"])
     assert cfg[group] is not None
     model = build.build_model(cfg)

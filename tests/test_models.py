@@ -191,3 +191,25 @@ def test_sketched_sdi_error_falls_with_m(architecture: str, core: str, handlers)
         errors.append(sum(err) / len(err))
     # 16x the buckets: the error should shrink about 4x (1/sqrt(m)); ask for 2.5x.
     assert errors[1] < errors[0] / 2.5, errors
+
+
+def test_an_example_config_runs_end_to_end(tmp_path, capsys) -> None:
+    """`sdi-attribute model=looped_llama` on briefly trained checkpoints: the run names
+    itself after the model, says what it inferred, and its results have the loop steps."""
+    from pipeline_helpers import cli_overrides
+
+    from sdi_pipeline.attribute_cli import run
+    from sdi_pipeline.examples.train import train_example
+    from sdi_pipeline.results import Results
+
+    train_example("looped_llama", tmp_path / "ex", steps=3, n_checkpoints=2, progress=False,
+                  n_loops=2, d_model=16)  # fmt: skip
+    overrides = cli_overrides(tmp_path, "model=looped_llama", "launcher.workers=1")
+    overrides[0] = f"checkpoints.paths=[{tmp_path / 'ex'}/ckpt-*.pt]"
+    assert run(overrides) == 0
+    out = capsys.readouterr().out
+    assert "targets: 2 loop steps of core.* (9 modules)" in out
+    with Results.open(tmp_path / "runs" / "looped_llama") as res:
+        assert res.slot_names == ["step 1", "step 2"]
+        assert res.assignment == "2 loop steps of core.* (9 modules)"
+        assert res.n_train == 40

@@ -18,7 +18,8 @@ from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import ParityData, make_parity_dataset
 
 
-def _first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
+def first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
+    """The first checkpoint of ``paths`` (a toy-format one: with model_config and task)."""
     patterns = [paths] if isinstance(paths, str) else list(paths)
     # Not strict: building the toy model or data before its checkpoints exist is this error.
     files = sorted(resolve_checkpoint_paths(patterns, strict=False))
@@ -32,7 +33,7 @@ def _first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
 
 def model_from_checkpoints(paths: list[str] | str) -> LoopedGPT:
     """A LoopedGPT with the architecture recorded in the (first) checkpoint."""
-    return LoopedGPT(LoopedGPTConfig.from_dict(_first_checkpoint(paths)["model_config"]))
+    return LoopedGPT(LoopedGPTConfig.from_dict(first_checkpoint(paths)["model_config"]))
 
 
 def parity_from_checkpoints(
@@ -43,7 +44,7 @@ def parity_from_checkpoints(
     ``limit`` keeps the first examples (the training set's first ``limit``; for queries,
     ``limit`` is the number of queries, default 16).
     """
-    task = _first_checkpoint(paths)["task"]
+    task = first_checkpoint(paths)["task"]
     if split == "train":
         data = make_parity_dataset(
             int(task["n_train"]), n_bits=int(task["n_bits"]), seed=int(task["seed"])

@@ -32,6 +32,7 @@ __all__ = [
     "checkpoint_steps",
     "load_toy_model",
     "main",
+    "train_parity",
     "train_toy",
 ]
 
@@ -101,14 +102,50 @@ def train_toy(
     config = config or LoopedGPTConfig()
     if n_bits + 1 > config.max_len:
         raise ValueError(f"n_bits + 1 = {n_bits + 1} exceeds max_len {config.max_len}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    data = make_parity_dataset(n_train, n_bits, seed)
     # Initialise under a forked RNG so seeding does not disturb the caller's state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LoopedGPT(config)
+    return train_parity(
+        model,
+        config.to_dict(),
+        out_dir,
+        n_train=n_train,
+        n_bits=n_bits,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        n_checkpoints=n_checkpoints,
+        seed=seed,
+        progress=progress,
+        desc="train_toy",
+    )
+
+
+def train_parity(
+    model: torch.nn.Module,
+    model_config: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    n_train: int = DEFAULT_N_TRAIN,
+    n_bits: int = DEFAULT_N_BITS,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    n_checkpoints: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[Path]:
+    """Train ``model`` (token ids (B, T) -> logits (B, T, vocab)) on parity with AdamW at a
+    constant learning rate; checkpoints record ``model_config`` and the task.
+
+    See :func:`train_toy` for the arguments; ``model_config`` is stored as is, for the
+    factory that rebuilds the model from a checkpoint.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_parity_dataset(n_train, n_bits, seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=DEFAULT_WEIGHT_DECAY)
     sampler = torch.Generator().manual_seed(seed + 1)
@@ -118,7 +155,7 @@ def train_toy(
     paths: list[Path] = []
     ema_loss: float | None = None
     ema_acc: float | None = None
-    bar = tqdm(range(1, steps + 1), desc="train_toy", disable=not progress, leave=False)
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
     for step in bar:
         idx = torch.randint(0, len(data), (batch_size,), generator=sampler)
         batch = {"tokens": data.tokens[idx], "target": data.targets[idx]}
@@ -145,7 +182,7 @@ def train_toy(
                     "step": step,
                     # The LR actually in the optimizer, i.e. the one used for this step.
                     "lr": float(optimizer.param_groups[0]["lr"]),
-                    "model_config": config.to_dict(),
+                    "model_config": dict(model_config),
                     "task": dict(task),
                 },
             )
