@@ -19,10 +19,10 @@ from torch import nn
 
 from sdi_pipeline import scores
 from sdi_pipeline.checkpoints import CheckpointSpec, load_checkpoint, load_into, resolve_eta
-from sdi_pipeline.engine.featurizer import LossFn, StepFeaturizer
+from sdi_pipeline.engine.featurizer import LossFn, StepFeaturizer, TokenChoice
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.engine.spec import SketchSpec
-from sdi_pipeline.errors import CheckpointError
+from sdi_pipeline.errors import CheckpointError, ConfigError, DataError
 
 
 @dataclass
@@ -35,6 +35,19 @@ class Attribution:
     etas: list[float]
     train_layout: SlotLayout
     query_layout: SlotLayout
+    # With query_tokens: (N, M, S_query, P) SDI at each chosen query token, and the tokens'
+    # positions (M, P) in the per-token loss.
+    sdi_tokens: torch.Tensor | None = None
+    token_positions: torch.Tensor | None = None
+
+    def token_map(self, query: int, train: int | None = None) -> torch.Tensor:
+        """(S_query, P) for one query: SDI of training example ``train`` at each (step,
+        token), or with ``train=None`` the energy sum_i |SDI_tok[i, query, t, p]|."""
+        if self.sdi_tokens is None:
+            raise ConfigError("no per-token SDI: call attribute() with query_tokens=...")
+        if train is None:
+            return self.sdi_tokens[:, query].abs().sum(dim=0)
+        return self.sdi_tokens[train, query]
 
     def top_k(self, k: int, step: int | None = None, sign: scores.Sign = "positive"):
         """Top-k train examples per query: by TracIn, or by SDI at query slot ``step``."""
@@ -71,18 +84,23 @@ def attribute(
     expected_steps: int | None = None,
     trust_checkpoints: bool = False,
     progress: bool = False,
+    query_tokens: TokenChoice | None = None,
 ) -> Attribution:
     """SDI, TracIn (and optionally the step matrix) of ``train`` on ``query`` batches.
 
     ``spec=None`` uses exact per-step gradients (small models). Each checkpoint is loaded into
     ``model`` in turn (``weights_only`` unless ``trust_checkpoints``); eta comes from the spec
-    or the checkpoint's learning rate.
+    or the checkpoint's learning rate. ``query_tokens`` ("all", "last" or positions; needs a
+    ``loss_fn`` returning per-token losses (B, L)) adds SDI per query token:
+    ``sdi_tokens[i, j, t, p] = sum_k eta_k <train_i, step-t gradient of query j's loss at
+    token p>``; over all tokens it sums to ``sdi``.
     """
     specs = [_as_spec(c) for c in checkpoints]
     if not specs:
         raise CheckpointError("no checkpoints given")
     featurizer = StepFeaturizer(model, targets, spec, expected_steps=expected_steps)
-    sdi = matrix = None  # (N, M*S_q) and (N, S_tr, M*S_q) accumulators, made at checkpoint 1
+    # (N, M*S_q), (N, S_tr, M*S_q) and (N, M*S_q*P) accumulators, made at checkpoint 1
+    sdi = matrix = by_token = positions = None
     etas: list[float] = []
     layouts: tuple[SlotLayout, SlotLayout] | None = None
     for k, ck in enumerate(specs):
@@ -92,24 +110,44 @@ def attribute(
         etas.append(eta)
         tag = f"ckpt {k + 1}/{len(specs)}"
         tr = featurizer.featurize(train, loss_fn, progress=progress, desc=f"{tag} train")
-        qu = featurizer.featurize(query, loss_fn, progress=progress, desc=f"{tag} query")
+        qu = featurizer.featurize(
+            query, loss_fn, progress=progress, desc=f"{tag} query", tokens=query_tokens
+        )
         if layouts is None:
             layouts = (tr.layout, qu.layout)
             n, s_tr, n_q = len(tr), tr.layout.n_slots, len(qu) * qu.layout.n_slots
             device = tr.values.device
             sdi = torch.zeros(n, n_q, device=device)
             matrix = torch.zeros(n, s_tr, n_q, device=device) if with_step_matrix else None
+            if qu.tokens is not None:
+                by_token = torch.zeros(n, qu.tokens[..., 0].numel(), device=device)
+                positions = qu.positions
         assert sdi is not None
         query_flat = scores.flat_queries(qu.values)
         scores.add_sdi(sdi, tr.values, query_flat, eta)
         if matrix is not None:
             scores.add_step_matrix(matrix, tr.values, query_flat, eta)
+        if by_token is not None and qu.tokens is not None:
+            if (
+                positions is not None
+                and qu.positions is not None
+                and not torch.equal(positions, qu.positions)
+            ):
+                raise DataError(
+                    f"checkpoint {ck.path} picks other query tokens than the first checkpoint "
+                    "(query_tokens='last' follows nonzero per-token losses): choose positions"
+                )
+            scores.add_sdi(by_token, tr.values, scores.flat_queries(qu.tokens.flatten(1, 2)), eta)
     assert sdi is not None and layouts is not None
     s_q = layouts[1].n_slots
     n_query = sdi.shape[1] // s_q
     sdi3 = sdi.reshape(-1, n_query, s_q)
     full = None if matrix is None else scores.step_matrix_layout(matrix, n_query, s_q)
-    return Attribution(sdi3, sdi3.sum(dim=2), full, etas, layouts[0], layouts[1])
+    result = Attribution(sdi3, sdi3.sum(dim=2), full, etas, layouts[0], layouts[1])
+    if by_token is not None:
+        result.sdi_tokens = by_token.reshape(sdi3.shape[0], n_query, s_q, -1)
+        result.token_positions = positions
+    return result
 
 
 class _CallableModule(types.ModuleType):

@@ -1,7 +1,9 @@
 """Per-example losses for language models, in the tool's ``loss_fn(model, batch) -> (B,)`` form.
 
-Influence is per training example, so these never reduce over the batch. With Hydra, a loss is
-configured as a partial function, e.g.
+Influence is per training example, so these never reduce over the batch. With
+``per_token=True`` they return per-token losses (B, L) that sum over tokens to the
+per-example loss, for per-token x per-step query features (``analysis.query_tokens``).
+With Hydra, a loss is configured as a partial function, e.g.
 ``analysis.loss: {_target_: sdi_pipeline.losses.next_token_loss, _partial_: true}``.
 """
 
@@ -50,8 +52,14 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, loss_name: str) -> torch.
     return out
 
 
-def next_token_loss(model: nn.Module, batch: Any, ignore_index: int = -100) -> torch.Tensor:
+def next_token_loss(
+    model: nn.Module, batch: Any, ignore_index: int = -100, per_token: bool = False
+) -> torch.Tensor:
     """Per-example mean next-token cross-entropy; returns shape (B,).
+
+    ``per_token=True`` returns (B, T-1) instead: position p holds the loss of predicting token
+    p+1 divided by the example's count of targets (0 at ignored positions), so the row sums
+    are the per-example losses.
 
     ``logits = model(batch["input_ids"])`` (B, T, V) predicts ``input_ids[:, 1:]``. Target
     positions where ``batch["attention_mask"][:, 1:] == 0`` (padding, when the mask is present)
@@ -93,7 +101,8 @@ def next_token_loss(model: nn.Module, batch: Any, ignore_index: int = -100) -> t
         ignore_index=ignore_index,
         reduction="none",
     ).view(targets.shape)  # ignored positions come back as exactly 0
-    return token_loss.sum(dim=1) / counts.to(token_loss.dtype)
+    counts = counts.to(token_loss.dtype)
+    return token_loss / counts[:, None] if per_token else token_loss.sum(dim=1) / counts
 
 
 def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -114,7 +114,9 @@ def test_forward_under_no_grad_is_refused() -> None:
 
 
 def test_loss_that_is_not_per_example_is_refused() -> None:
-    with pytest.raises(SDIError, match=r"one loss per example, shape \(B,\); got shape \(\)"):
+    with pytest.raises(
+        SDIError, match=r"one loss per example, shape \(B,\), or per-token .* got shape \(\)"
+    ):
         run(Looped(), ["body"], lambda m, b: loss_last(m, b).mean())
 
 

@@ -49,6 +49,7 @@ class StepCapture:
         self._uses: dict[str, int] = {}
         self._phase = "idle"
         self._suspended = False
+        self._keep = False  # the current backward is followed by another of the same forward
         self._batch_size: int | None = None
         self._slots: dict[str, list[int]] = {}
         self._buffer: torch.Tensor | None = None
@@ -157,7 +158,8 @@ class StepCapture:
         slot = self._slots[call.module_name][call.use]
         with torch.no_grad(), self._handler_running():
             self.handlers[call.module_name].contribute(call, grad.detach(), self._buffer[slot])
-        call.free()  # free the inputs as soon as this call is done
+        if not self._keep:
+            call.free()  # free the inputs as soon as this call is done
 
     def finish_forward(self, batch_size: int, expected_steps: int | None) -> SlotLayout:
         """Validate the recorded calls and fix the slot of each; returns the layout."""
@@ -189,20 +191,22 @@ class StepCapture:
         self.assignment = describe_assignment(self._slots, layout)
         return layout
 
-    def backward(self, loss: torch.Tensor, buffer: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, buffer: torch.Tensor, keep: bool = False) -> None:
         """Backpropagate ``loss.sum()`` to the calls' outputs; each call's contribution lands
-        in ``buffer`` (S, B, W)."""
+        in ``buffer`` (S, B, W). ``keep``: another backward of the same forward follows."""
         self._buffer = buffer
         self._phase = "backward"
+        self._keep = keep
         try:
             # Outputs the loss does not depend on get no gradient: their contribution is 0.
-            torch.autograd.grad(loss.sum(), self._outputs, allow_unused=True)
+            torch.autograd.grad(loss.sum(), self._outputs, allow_unused=True, retain_graph=keep)
         finally:
             self._phase = "forward"
             self._buffer = None
-        self._calls = []
-        self._outputs = []
-        self._uses = {}
+        if not keep:
+            self._calls = []
+            self._outputs = []
+            self._uses = {}
 
 
 def _refuse_extra_gradient(name: str, k: int, grad: torch.Tensor) -> None:

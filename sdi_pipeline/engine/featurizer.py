@@ -27,15 +27,24 @@ from sdi_pipeline.errors import DataError, UnsupportedModel
 from sdi_pipeline.messages import shortened
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# Which tokens' losses get their own query features: every position, each example's last
+# position with a nonzero loss (the answer), or these positions (negative from the end).
+TokenChoice = str | Sequence[int]
 
 
 @dataclass
 class StepFeatures:
-    """Features of N examples: ``values`` (N, slots, width) float32 and ``loss`` (N,)."""
+    """Features of N examples: ``values`` (N, slots, width) float32 and ``loss`` (N,).
+
+    With a token choice, also ``tokens`` (N, slots, P, width): slot s's gradient of the loss
+    *at token position* ``positions[i, p]`` alone (N, P), for P chosen tokens per example.
+    """
 
     values: torch.Tensor
     loss: torch.Tensor
     layout: SlotLayout
+    tokens: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -49,11 +58,54 @@ class StepFeatures:
         """Stack features of consecutive batches (all with the same layout)."""
         if not parts:
             raise DataError("no batches to featurize: the data loader is empty")
+        tokens = positions = None
+        if parts[0].tokens is not None:
+            widths = {int(p.tokens.shape[2]) for p in parts if p.tokens is not None}
+            if len(widths) > 1:
+                raise DataError(
+                    f"batches chose different numbers of tokens ({sorted(widths)}): "
+                    "query_tokens='all' needs every batch of one length; pad the query set "
+                    "to one length or choose 'last' or a list of positions"
+                )
+            tokens = torch.cat([p.tokens for p in parts if p.tokens is not None])
+            positions = torch.cat([p.positions for p in parts if p.positions is not None])
         return StepFeatures(
             torch.cat([p.values for p in parts]),
             torch.cat([p.loss for p in parts]),
             parts[0].layout,
+            tokens,
+            positions,
         )
+
+
+def token_positions(
+    token_loss: torch.Tensor, choice: TokenChoice, first_index: int
+) -> torch.Tensor:
+    """(B, P) positions of the chosen tokens in per-token losses (B, L)."""
+    b, length = token_loss.shape
+    if choice == "all":
+        return torch.arange(length, device=token_loss.device).expand(b, length)
+    if choice == "last":
+        nonzero = token_loss.detach() != 0
+        empty = torch.nonzero(~nonzero.any(dim=1)).flatten() + first_index
+        if len(empty):
+            raise DataError(
+                f"query_tokens='last': examples {shortened(int(i) for i in empty)} have no "
+                "token with a nonzero loss (the last one is taken as the answer)"
+            )
+        index = torch.arange(length, device=token_loss.device)
+        return (index * nonzero).argmax(dim=1, keepdim=True)
+    if isinstance(choice, str) or not all(isinstance(p, int) for p in choice) or not choice:
+        raise DataError(
+            f"query_tokens must be 'all', 'last' or a list of token positions, got {choice!r}"
+        )
+    bad = [p for p in choice if not -length <= p < length]
+    if bad:
+        raise DataError(
+            f"query_tokens positions {bad} are outside the per-token loss's {length} positions"
+        )
+    wanted = torch.tensor([p % length for p in choice], device=token_loss.device)
+    return wanted.expand(b, len(choice))
 
 
 def _batch_size_hint(batch: Any) -> int | None:
@@ -124,16 +176,28 @@ class StepFeaturizer:
         prelude: tok_emb``; None before the first batch."""
         return self._capture.assignment
 
-    def _batch(self, batch: Any, loss_fn: LossFn, first_index: int) -> StepFeatures:
+    def _batch(
+        self, batch: Any, loss_fn: LossFn, first_index: int, tokens: TokenChoice | None
+    ) -> StepFeatures:
         self._capture.reset(_batch_size_hint(batch))
-        loss = loss_fn(self.model, batch)
-        if not isinstance(loss, torch.Tensor):
-            raise DataError(f"loss_fn must return a tensor of per-example losses, got {type(loss)}")
-        if loss.dim() != 1:
+        token_loss = loss_fn(self.model, batch)
+        if not isinstance(token_loss, torch.Tensor):
             raise DataError(
-                f"loss_fn must return one loss per example, shape (B,); got shape "
-                f"{tuple(loss.shape)}. Use reduction='none' and reduce over tokens only."
+                f"loss_fn must return a tensor of per-example losses, got {type(token_loss)}"
             )
+        if token_loss.dim() not in (1, 2):
+            raise DataError(
+                f"loss_fn must return one loss per example, shape (B,), or per-token losses "
+                f"(B, L) that sum to it; got shape {tuple(token_loss.shape)}. Use "
+                "reduction='none' and reduce over tokens only."
+            )
+        if tokens is not None and token_loss.dim() != 2:
+            raise DataError(
+                "per-token query features (query_tokens) need a loss_fn that returns per-token "
+                "losses (B, L) summing to each example's loss; it returned shape "
+                f"{tuple(token_loss.shape)} (e.g. next_token_loss with per_token: true)"
+            )
+        loss = token_loss.sum(dim=1) if token_loss.dim() == 2 else token_loss
         bad = torch.nonzero(~torch.isfinite(loss.detach())).flatten() + first_index
         if len(bad):
             raise DataError(
@@ -147,12 +211,27 @@ class StepFeaturizer:
             )
         # Slot-major, so each call scatters into one contiguous (B, width) block: index_add_
         # into a strided view is about twice as slow.
-        by_slot = torch.zeros(
-            layout.n_slots, loss.shape[0], self.width, dtype=torch.float32, device=loss.device
-        )
+        shape = (layout.n_slots, loss.shape[0], self.width)
+        by_slot = torch.zeros(shape, dtype=torch.float32, device=loss.device)
+        per_token = positions = None
+        if tokens is not None:
+            # One backward per chosen token, of that token's loss alone; the graph is kept
+            # for the next one and the whole loss's backward comes last.
+            positions = token_positions(token_loss, tokens, first_index)
+            rows = torch.arange(loss.shape[0], device=loss.device)
+            by_token = torch.zeros((positions.shape[1], *shape), device=loss.device)
+            for p in range(positions.shape[1]):
+                self._capture.backward(token_loss[rows, positions[:, p]], by_token[p], keep=True)
+            per_token = self._checked(by_token.permute(2, 1, 0, 3), layout, first_index)
         self._capture.backward(loss, by_slot)
-        buffer = by_slot.transpose(0, 1).contiguous()
-        finite = torch.isfinite(buffer).all(dim=2)
+        buffer = self._checked(by_slot.transpose(0, 1), layout, first_index)
+        return StepFeatures(buffer, loss.detach().float(), layout, per_token, positions)
+
+    @staticmethod
+    def _checked(values: torch.Tensor, layout: SlotLayout, first_index: int) -> torch.Tensor:
+        """``values`` (B, slots, ...) made contiguous, refused if not finite."""
+        values = values.contiguous()
+        finite = torch.isfinite(values).flatten(2).all(dim=2)
         if not bool(finite.all()):
             rows, slots = torch.nonzero(~finite, as_tuple=True)
             names = layout.slot_names()
@@ -162,7 +241,7 @@ class StepFeaturizer:
                 f"non-finite gradient sketches for examples {listed} "
                 f"(at {', '.join(where)}): the model produces NaN/inf gradients for them."
             )
-        return StepFeatures(buffer, loss.detach().float(), layout)
+        return values
 
     def iter_batches(
         self,
@@ -171,12 +250,16 @@ class StepFeaturizer:
         *,
         progress: bool = False,
         desc: str = "featurize",
+        tokens: TokenChoice | None = None,
     ) -> Generator[StepFeatures, None, None]:
         """Features of each batch in turn (hooks installed while the iterator runs).
 
+        ``loss_fn`` returns per-example losses (B,) or per-token losses (B, L) whose sum over
+        tokens is the example's loss. ``tokens`` ("all", "last" or positions) also gives each
+        chosen token's own features (one more backward per token: for the few queries).
         Every batch must show the same slot layout; the first example of the first batch is
-        example 0 in error messages. Stopping early (``break``) is safe: the model's hooks,
-        parameter flags and train/eval mode are restored when the iterator is closed.
+        example 0 in error messages. Stopping early (``break``) is safe: the model's hooks
+        and train/eval mode are restored when the iterator is closed.
         """
         was_training = self.model.training
         self.model.eval()
@@ -188,7 +271,7 @@ class StepFeaturizer:
                 for n, batch in enumerate(
                     tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)
                 ):
-                    part = self._batch(batch, loss_fn, seen)
+                    part = self._batch(batch, loss_fn, seen, tokens)
                     if layout is not None and part.layout != layout:
                         raise UnsupportedModel(
                             f"batch {n} shows {part.layout.describe()} but earlier batches "
@@ -208,8 +291,10 @@ class StepFeaturizer:
         *,
         progress: bool = False,
         desc: str = "featurize",
+        tokens: TokenChoice | None = None,
     ) -> StepFeatures:
-        """Features of every example of ``batches`` (e.g. a DataLoader), in order."""
+        """Features of every example of ``batches`` (e.g. a DataLoader), in order; see
+        :meth:`iter_batches` for ``tokens``."""
         return StepFeatures.concat(
-            list(self.iter_batches(batches, loss_fn, progress=progress, desc=desc))
+            list(self.iter_batches(batches, loss_fn, progress=progress, desc=desc, tokens=tokens))
         )
