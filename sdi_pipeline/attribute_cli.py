@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdi_pipeline import build
 from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.cli import guarded
+from sdi_pipeline.errors import ConfigError
 
 
 def preflight(cfg: DictConfig) -> int:
@@ -28,9 +29,29 @@ def preflight(cfg: DictConfig) -> int:
     for k in range(len(ctx.checkpoints)):
         ctx.use_checkpoint(k)
     ctx.progress = False
-    ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight")
+    feats = ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight", True)
     print(f"[sdi] targets: {ctx.featurizer.assignment}", flush=True)
+    if feats.tokens is not None:
+        _check_token_size(cfg, len(query), feats.tokens.shape)
     return len(train)
+
+
+def _check_token_size(cfg: DictConfig, n_query: int, shape: tuple[int, ...]) -> None:
+    """Refuse per-token query sketches larger than analysis.query_tokens_max_gb."""
+    _, slots, n_tokens, width = shape
+    itemsize = 2 if cfg.sketch.dtype == "float16" else 4
+    size = n_query * slots * n_tokens * width * itemsize * len(cfg.checkpoints.paths) / 2**30
+    print(
+        f"[sdi] per-token query sketches: {n_query} queries x {slots} slots x {n_tokens} tokens "
+        f"x m={width} x {len(cfg.checkpoints.paths)} checkpoints = {size:.2f} GiB",
+        flush=True,
+    )
+    if size > float(cfg.analysis.query_tokens_max_gb):
+        raise ConfigError(
+            f"analysis.query_tokens={cfg.analysis.query_tokens} needs {size:.2f} GiB of query "
+            f"sketches (> analysis.query_tokens_max_gb={cfg.analysis.query_tokens_max_gb}): "
+            "choose 'last' or fewer positions, fewer queries, or raise the limit"
+        )
 
 
 def run(argv: list[str]) -> int:

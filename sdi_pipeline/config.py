@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdi_pipeline.atomic import write_text_atomic
@@ -27,7 +27,8 @@ SCHEMA_VERSION = 1
 NON_ATTRIBUTION_KEYS = ("run", "launcher", "wandb", "runtime")
 # Fields that change the results but not the train sketches: train units are shared by
 # every run whose attribution differs only in these.
-QUERY_SIDE_KEYS = (("data", "query"), ("merge",))
+QUERY_SIDE_KEYS = (("data", "query"), ("merge",), ("analysis", "query_tokens"),
+                   ("analysis", "query_tokens_max_gb"))  # fmt: skip
 
 
 @dataclass
@@ -84,8 +85,14 @@ class AnalysisConfig:
 
     targets: list[str] = field(default_factory=lambda: ["block"])
     expected_steps: int | None = None
-    # A callable loss_fn(model, batch) -> (B,) losses, e.g. {_target_: pkg.fn, _partial_: true}.
+    # A callable loss_fn(model, batch) -> (B,) losses, e.g. {_target_: pkg.fn, _partial_: true};
+    # or (B, L) per-token losses summing to them, which query_tokens needs.
     loss: Any = None
+    # Per-token x per-step SDI for the queries: null (off), "all", "last" (each query's last
+    # token with a nonzero loss: the answer) or a list of positions (negative from the end).
+    query_tokens: Any = None
+    # Refuse query_tokens whose query sketches would take more than this (GiB).
+    query_tokens_max_gb: float = 4.0
 
 
 @dataclass
@@ -171,6 +178,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("checkpoints.paths is empty: list checkpoint files or globs")
     if not cfg.analysis.targets:
         raise ConfigError("analysis.targets is empty: name the looped block, e.g. [block]")
+    tokens = cfg.analysis.query_tokens
+    positions = (
+        isinstance(tokens, ListConfig)
+        and len(tokens) > 0
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in tokens)
+    )
+    if not (tokens is None or tokens in ("all", "last") or positions):
+        raise ConfigError(
+            f"analysis.query_tokens={tokens!r} is not null, 'all', 'last' or a list of token "
+            "positions (e.g. [-1] or [3,4,5])"
+        )
 
 
 def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:

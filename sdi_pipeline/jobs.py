@@ -89,6 +89,10 @@ class JobContext:
         self._loss = build.build_loss(self.cfg)
         self._collate = build.build_collate(self.cfg)
         self.checkpoints = list(self.cfg.checkpoints.paths)
+        tokens = self.cfg.analysis.query_tokens
+        self.query_tokens = None if tokens is None else (
+            tokens if isinstance(tokens, str) else [int(p) for p in tokens]
+        )  # fmt: skip
         self.spec = SketchSpec(
             m=int(self.cfg.sketch.m), seed=int(self.cfg.sketch.seed), kernel=self.cfg.sketch.kernel
         )
@@ -134,8 +138,12 @@ class JobContext:
             "train_hash": self.train_hash,
         }
 
-    def sketch(self, dataset: Any, start: int, stop: int, desc: str) -> StepFeatures:
-        """Sketch examples [start, stop) of ``dataset``; raises Interrupted on a stop request."""
+    def sketch(
+        self, dataset: Any, start: int, stop: int, desc: str, tokens: bool = False
+    ) -> StepFeatures:
+        """Sketch examples [start, stop) of ``dataset``; raises Interrupted on a stop request.
+
+        ``tokens``: also per-token features, as ``analysis.query_tokens`` chooses."""
         loader = DataLoader(
             Subset(dataset, range(start, stop)),
             batch_size=int(self.cfg.data.batch_size),
@@ -143,7 +151,10 @@ class JobContext:
             collate_fn=self._collate,
         )
         parts = []
-        batches = self.featurizer.iter_batches(loader, self.loss, progress=self.progress, desc=desc)
+        choice = self.query_tokens if tokens else None
+        batches = self.featurizer.iter_batches(
+            loader, self.loss, progress=self.progress, desc=desc, tokens=choice
+        )
         try:
             for part in batches:
                 parts.append(part)
@@ -285,7 +296,7 @@ def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
         info = ctx.use_checkpoint(k)
         started = time.perf_counter()
         try:
-            feats = ctx.sketch(query, 0, len(query), f"query ckpt {k}")
+            feats = ctx.sketch(query, 0, len(query), f"query ckpt {k}", tokens=True)
         except Interrupted:
             log.warning("query job stopped during checkpoint %d", k)
             return EXIT_INTERRUPTED
@@ -295,8 +306,18 @@ def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
             "assignment": ctx.featurizer.assignment,
             "config_hash": ctx.hash,
         }
+        extra = {}
+        if feats.tokens is not None and feats.positions is not None:
+            extra = {"token_sketch": feats.tokens, "token_positions": feats.positions}
+            meta["query_tokens"] = ctx.query_tokens
         write_sketch_file(
-            path, torch.arange(len(query)), feats.values, feats.loss, meta, ctx.cfg.sketch.dtype
+            path,
+            torch.arange(len(query)),
+            feats.values,
+            feats.loss,
+            meta,
+            ctx.cfg.sketch.dtype,
+            extra=extra,
         )
         log.info("wrote %s (%d queries; targets: %s)", path, len(query), ctx.featurizer.assignment)
         seconds = time.perf_counter() - started

@@ -113,6 +113,48 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
     return _Plan(n_train, units, query_meta, unit_meta)
 
 
+@dataclass
+class _TokenQueries:
+    """The per-token query sketches of a run and what the merge accumulates from them."""
+
+    flat: list[torch.Tensor]  # per checkpoint (m, M*S_q*P)
+    positions: np.ndarray  # (M, P)
+    n_tokens: int
+    width: int  # M*S_q*P
+    stored: bool  # sdi_tokens kept (below merge.sdi_max_gb)
+    totals: scores.ScoreTotals
+
+
+def _token_queries(queries: list[Any], n_train: int, max_gb: float, k: int) -> _TokenQueries | None:
+    """Per-token query sketches, if the query job made them (analysis.query_tokens)."""
+    if "token_sketch" not in queries[0].extra:
+        return None
+    positions = queries[0].extra["token_positions"]
+    for k_ckpt, q in enumerate(queries):
+        if "token_sketch" not in q.extra or not np.array_equal(
+            q.extra["token_positions"], positions
+        ):
+            raise MergeRefused(
+                f"query/ckpt-{k_ckpt:03d}.h5 has other per-token query sketches than "
+                "query/ckpt-000.h5 (query_tokens='last' follows nonzero per-token losses, which "
+                "changed between checkpoints): choose token positions, and rerun sdi-query"
+            )
+    n_query, s_q, n_tokens, _ = queries[0].extra["token_sketch"].shape
+    width = n_query * s_q * n_tokens
+    stored = 4 * n_train * width <= max_gb * 2**30
+    if not stored:
+        log.warning(
+            "SDI per token would take %.2f GiB > merge.sdi_max_gb: writing its top-k and "
+            "energy maps only", 4 * n_train * width / 2**30,
+        )  # fmt: skip
+    flat = [
+        scores.flat_queries(torch.from_numpy(q.extra["token_sketch"]).flatten(1, 2))
+        for q in queries
+    ]
+    totals = scores.ScoreTotals(n_query, s_q * n_tokens, k, overall=False)
+    return _TokenQueries(flat, positions, n_tokens, width, stored, totals)
+
+
 def contract_unit(
     reader: UnitReader,
     path: Path,
@@ -163,6 +205,7 @@ def run_merge(run_dir: str | Path) -> int:
         )  # fmt: skip
     k_top = int(cfg.merge.topk)
     totals = scores.ScoreTotals(n_query, s_q, k_top)
+    tokens = _token_queries(queries, n_train, float(cfg.merge.sdi_max_gb), k_top)
     train_norm = torch.zeros(len(etas), s_tr, dtype=torch.float64)
     train_loss = np.zeros((len(etas), n_train), dtype=np.float32)
 
@@ -176,6 +219,7 @@ def run_merge(run_dir: str | Path) -> int:
         "train_steps": str(cfg.sketch.train_steps),
         "topk": k_top,
         "assignment": str(plan.query_meta[0].get("assignment") or q_layout.describe()),
+        "query_tokens": json.dumps(plan.query_meta[0].get("query_tokens")),
     }
     with write_results(
         run.results_path,
@@ -187,6 +231,8 @@ def run_merge(run_dir: str | Path) -> int:
         attrs=attrs,
     ) as out:
         out.create(n_train, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix))
+        if tokens is not None:
+            out.create_tokens(n_train, tokens.positions, sdi_tokens=tokens.stored)
         by_block: dict[int, list[Unit]] = defaultdict(list)
         for unit in plan.units:
             by_block[unit.block].append(unit)
@@ -197,25 +243,45 @@ def run_merge(run_dir: str | Path) -> int:
             matrix = (
                 torch.zeros(stop - start, s_tr, n_query * s_q) if cfg.merge.step_matrix else None
             )
+            by_token = None if tokens is None else torch.zeros(stop - start, tokens.width)
             for unit in units:
                 sketch, loss = contract_unit(
                     reader, run.unit_path(unit), q_flat[unit.ckpt], etas[unit.ckpt], sdi, matrix
                 )
+                if tokens is not None and by_token is not None:
+                    scores.add_sdi(
+                        by_token, torch.from_numpy(sketch), tokens.flat[unit.ckpt], etas[unit.ckpt]
+                    )
                 train_loss[unit.ckpt, start:stop] = loss
                 if sketch.ndim == 3:
                     norms = np.linalg.norm(sketch, axis=2).sum(axis=0)
                     train_norm[unit.ckpt] += torch.from_numpy(norms).double()
             sdi3 = sdi.reshape(-1, n_query, s_q)
             tracin = totals.update(sdi3, start)
+            token_rows = None
+            if tokens is not None and by_token is not None:
+                token_rows = by_token.reshape(-1, n_query, s_q, tokens.n_tokens)
+                tokens.totals.update(token_rows.flatten(2), start)
             out.write_rows(
                 start,
                 tracin.numpy(),
                 sdi3.numpy() if store_sdi else None,
                 None if matrix is None else scores.step_matrix_layout(matrix, n_query, s_q).numpy(),
+                None if token_rows is None else token_rows.numpy(),
             )
             log.info("merged block %d (%d..%d)", block, start, stop)
         for (scope, sign), top in totals.tops.items():
             out.write_topk(scope, sign, top.indices.numpy(), top.scores.float().numpy())
+        if tokens is not None:
+            grid = (n_query, s_q, tokens.n_tokens, -1)
+            for (_scope, sign), top in tokens.totals.tops.items():
+                out.write_topk(
+                    "per_token",
+                    sign,
+                    top.indices.reshape(grid).numpy(),
+                    top.scores.float().reshape(grid).numpy(),
+                )
+            out.write_diagnostics({"token_energy": tokens.totals.energy.reshape(grid[:3]).numpy()})
         out.write_diagnostics(
             {
                 "energy": totals.energy.numpy(),

@@ -83,3 +83,47 @@ def plot_trajectories(
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_token_map(
+    values: np.ndarray,
+    slot_names: Sequence[str],
+    positions: Sequence[int],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Heat-map of one query's SDI (or its energy) per loop step and query token.
+
+    ``values`` is (slots, P), as :meth:`Results.token_map` gives it; columns are labelled by
+    the token positions in the per-token loss.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = np.asarray(values, dtype=np.float64)
+    signed = bool((data < 0).any())
+    limit = float(np.abs(data).max()) or 1.0
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, 1.8 + 0.45 * len(positions)), max(2.6, 1.2 + 0.35 * len(slot_names)))
+    )
+    image = ax.imshow(
+        data,
+        cmap="RdBu_r" if signed else "viridis",
+        vmin=-limit if signed else 0.0,
+        vmax=limit,
+        aspect="auto",
+    )
+    ax.set_yticks(range(len(slot_names)), list(slot_names))
+    ax.set_xticks(range(len(positions)), [str(int(p)) for p in positions])
+    ax.set_xlabel("query token (position in the per-token loss)")
+    ax.set_ylabel("loop step")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="SDI" if signed else "Σ_i |SDI|")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -111,6 +111,55 @@ class Results:
             raise RunDirError(f"{self.path} has no step matrix: merge with merge.step_matrix=true")
         return self._f["sdi_matrix"]  # type: ignore[return-value]
 
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the run kept per-token query features (analysis.query_tokens)."""
+        return "token_positions" in self._f
+
+    @property
+    def has_sdi_tokens(self) -> bool:
+        """Whether the full per-token SDI tensor was kept (see merge.sdi_max_gb)."""
+        return "sdi_tokens" in self._f
+
+    @property
+    def token_positions(self) -> np.ndarray:
+        """(N_query, P): the per-token loss positions of each query's chosen tokens."""
+        self._need_tokens()
+        return np.asarray(self._f["token_positions"])
+
+    @property
+    def sdi_tokens(self) -> h5py.Dataset:
+        """(N_train, N_query, slots, P) SDI at each chosen query token, read lazily."""
+        self._need_tokens()
+        if "sdi_tokens" not in self._f:
+            raise RunDirError(
+                f"{self.path} has no full per-token SDI (it exceeded merge.sdi_max_gb); the "
+                "per-token top-k and energy maps are there (token_map(query), topk(token=))"
+            )
+        return self._f["sdi_tokens"]  # type: ignore[return-value]
+
+    def token_map(self, query: int, train: int | None = None) -> np.ndarray:
+        """(slots, P) for one query: SDI of training example ``train`` at each (step, token),
+        or with ``train=None`` the energy sum_i |SDI[i, query, step, token]|."""
+        self._need_tokens()
+        self._check_query(query)
+        if train is None:
+            return np.asarray(self._f["diagnostics/token_energy"][query])  # type: ignore[index]
+        if not 0 <= train < self.n_train:
+            raise ConfigError(f"train {train} out of range (0..{self.n_train - 1})")
+        return np.asarray(self.sdi_tokens[train, query])
+
+    def _need_tokens(self) -> None:
+        if not self.has_tokens:
+            raise ConfigError(
+                f"{self.path} has no per-token SDI: run with analysis.query_tokens=last (or "
+                "all, or positions) and a per-token loss"
+            )
+
+    def _check_query(self, query: int) -> None:
+        if not 0 <= query < self.n_query:
+            raise ConfigError(f"query {query} out of range (0..{self.n_query - 1})")
+
     def _slot(self, step: int | str | None) -> int | None:
         if step is None or isinstance(step, int):
             if isinstance(step, int) and not 0 <= step < len(self.slot_names):
@@ -126,21 +175,31 @@ class Results:
         k: int | None = None,
         step: int | str | None = None,
         sign: Sign = "positive",
+        token: int | None = None,
     ) -> list[tuple[int, float]]:
         """(train index, score) of the top-k training examples for ``query``.
 
         By TracIn when ``step`` is None, else by SDI at that slot (index or name such as
-        ``"step 3"``); ``sign="negative"`` gives the most negative first.
+        ``"step 3"``); with ``token`` (index into the query's chosen tokens), by SDI at that
+        slot and token. ``sign="negative"`` gives the most negative first.
         """
         if sign not in ("positive", "negative"):
             raise ConfigError(f"sign must be 'positive' or 'negative', got {sign!r}")
-        if not 0 <= query < self.n_query:
-            raise ConfigError(f"query {query} out of range (0..{self.n_query - 1})")
+        self._check_query(query)
         slot = self._slot(step)
-        indices, scores = self.topk_arrays("overall" if slot is None else "per_step", sign)
-        idx, scores = indices[query], scores[query]
-        if slot is not None:
-            idx, scores = idx[slot], scores[slot]
+        if token is not None:
+            n_tokens = self.token_positions.shape[1]
+            if slot is None or not 0 <= token < n_tokens:
+                raise ConfigError(
+                    f"topk(token=...) needs a step and a token index in 0..{n_tokens - 1}"
+                )
+            indices, scores = self.topk_arrays("per_token", sign)
+            idx, scores = indices[query, slot, token], scores[query, slot, token]
+        else:
+            indices, scores = self.topk_arrays("overall" if slot is None else "per_step", sign)
+            idx, scores = indices[query], scores[query]
+            if slot is not None:
+                idx, scores = idx[slot], scores[slot]
         stored = len(idx)
         if k is not None and k > stored:
             raise ConfigError(f"only the top {stored} were kept (merge.topk); asked for {k}")
@@ -148,7 +207,8 @@ class Results:
 
     def topk_arrays(self, scope: str, sign: Sign) -> tuple[np.ndarray, np.ndarray]:
         """All queries' stored top-k: (indices, scores), (M, k) for ``scope="overall"`` (by
-        TracIn) or (M, S, k) for ``"per_step"`` (by SDI per query slot)."""
+        TracIn), (M, S, k) for ``"per_step"`` (by SDI per query slot) or (M, S, P, k) for
+        ``"per_token"``."""
         group = self._f[f"topk/{scope}/{sign}"]
         assert isinstance(group, h5py.Group)
         return np.asarray(group["indices"]), np.asarray(group["scores"])
@@ -212,16 +272,27 @@ class ResultsWriter:
         if step_matrix:
             self._f.create_dataset("sdi_matrix", (n_train, m, self.s_tr, s_q), "f4", chunks=True)
 
+    def create_tokens(self, n_train: int, positions: np.ndarray, *, sdi_tokens: bool) -> None:
+        """Per-token outputs: the chosen query tokens (M, P) and, if asked, SDI per (step,
+        token) (N, M, S_q, P)."""
+        self._f.create_dataset("token_positions", data=positions)
+        if sdi_tokens:
+            shape = (n_train, self.n_query, self.s_q, positions.shape[1])
+            self._f.create_dataset("sdi_tokens", shape, "f4", chunks=True)
+
     def write_rows(
         self,
         start: int,
         tracin: np.ndarray,
         sdi: np.ndarray | None = None,
         step_matrix: np.ndarray | None = None,
+        sdi_tokens: np.ndarray | None = None,
     ) -> None:
-        """Rows ``start ..`` of TracIn (n, M), SDI (n, M, S_q), step matrix (n, M, S_tr, S_q);
-        SDI and the step matrix are written where their datasets exist."""
+        """Rows ``start ..`` of TracIn (n, M), SDI (n, M, S_q), step matrix (n, M, S_tr, S_q)
+        and SDI per token (n, M, S_q, P); each written where its dataset exists."""
         stop = start + tracin.shape[0]
+        if sdi_tokens is not None and "sdi_tokens" in self._f:
+            self._f["sdi_tokens"][start:stop] = sdi_tokens  # type: ignore[index]
         self._f["tracin"][start:stop] = tracin  # type: ignore[index]
         if sdi is not None and "sdi" in self._f:
             self._f["sdi"][start:stop] = sdi  # type: ignore[index]

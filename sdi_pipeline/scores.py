@@ -150,11 +150,12 @@ class ScoreTotals:
     sum_i |SDI[i, j, t]| and ``signed`` (M, S) is sum_i SDI[i, j, t], in float64.
     """
 
-    def __init__(self, n_query: int, n_slots: int, k: int) -> None:
+    def __init__(self, n_query: int, n_slots: int, k: int, overall: bool = True) -> None:
+        scopes: list[tuple[str, tuple[int, ...]]] = [("per_step", (n_query, n_slots))]
+        if overall:  # by TracIn; per-token rows do not sum to it
+            scopes.insert(0, ("overall", (n_query,)))
         self.tops = {
-            (scope, sign): RunningTopK(shape, k, sign)
-            for scope, shape in (("overall", (n_query,)), ("per_step", (n_query, n_slots)))
-            for sign in SIGNS
+            (scope, sign): RunningTopK(shape, k, sign) for scope, shape in scopes for sign in SIGNS
         }
         self.energy = torch.zeros(n_query, n_slots, dtype=torch.float64)
         self.signed = torch.zeros(n_query, n_slots, dtype=torch.float64)

@@ -38,6 +38,9 @@ class SketchFile:
     sketch: np.ndarray  # (n, slots, m) or (n, m)
     loss: np.ndarray  # (n,) float32
     meta: dict[str, Any]
+    # Query files with per-token features: "token_sketch" (n, slots, P, m) and
+    # "token_positions" (n, P).
+    extra: dict[str, np.ndarray]
 
 
 def _package_version() -> str:
@@ -56,10 +59,12 @@ def write_sketch_file(
     loss: torch.Tensor,
     meta: dict[str, Any],
     dtype: str = "float32",
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a sketch file atomically: a temporary name in the same folder, then rename.
 
-    ``meta`` values must be JSON-serialisable; each becomes one attribute.
+    ``meta`` values must be JSON-serialisable; each becomes one attribute. ``extra``:
+    further per-example datasets (a query file's per-token features and positions).
     """
     values = sketch.detach().cpu().numpy().astype(dtype)
     rows = max(1, min(CHUNK_ROWS, values.shape[0]))
@@ -69,6 +74,11 @@ def write_sketch_file(
         f.create_dataset(
             "loss", data=loss.detach().cpu().numpy().astype(np.float32), track_times=False
         )
+        for name, tensor in sorted((extra or {}).items()):
+            data = tensor.detach().cpu().numpy()
+            if data.dtype.kind == "f":
+                data = data.astype(dtype)
+            f.create_dataset(name, data=data, chunks=(rows, *data.shape[1:]), track_times=False)
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["package_version"] = _package_version()
@@ -128,11 +138,17 @@ def read_sketch_file(path: Path) -> SketchFile:
     try:
         with h5py.File(path, "r") as f:
             meta = _meta(f, path)
+            extra = {
+                name: np.asarray(dataset(f, name)[...])
+                for name in sorted(f)
+                if name not in ("indices", "sketch", "loss")
+            }
             return SketchFile(
                 np.asarray(dataset(f, "indices")[...]),
                 np.asarray(dataset(f, "sketch")[...], dtype=np.float32),
                 np.asarray(dataset(f, "loss")[...]),
                 meta,
+                {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in extra.items()},
             )
     except OSError as err:
         raise RunDirError(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sdi_pipeline import build
-from sdi_pipeline.plots import plot_step_profiles, plot_trajectories
+from sdi_pipeline.plots import plot_step_profiles, plot_token_map, plot_trajectories
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
 
@@ -78,4 +78,14 @@ def write_plots(run: RunDir, res: Results) -> list[Path]:
         first_query = np.asarray(res.sdi[:, :1])
         trajectories = folder / "sdi_trajectories_query0.png"
         paths.append(plot_trajectories(first_query, names, 0, trajectories))
+    if res.has_tokens:
+        positions = res.token_positions[0]
+        energy = folder / "sdi_tokens_query0.png"
+        title = "query 0: Σ_i |SDI| per loop step and token"
+        paths.append(plot_token_map(res.token_map(0), names, positions, energy, title))
+        (top, _score), *_ = res.topk(0, 1)
+        if res.has_sdi_tokens:
+            path = folder / f"sdi_tokens_query0_train{top}.png"
+            title = f"query 0, its top training example #{top}: SDI per loop step and token"
+            paths.append(plot_token_map(res.token_map(0, top), names, positions, path, title))
     return paths
