@@ -4,7 +4,8 @@
 
 Everything that can be checked is checked before anything runs or is submitted: the config
 schema, checkpoint files, that each checkpoint fits the model, that the target patterns
-match modules, and one real forward/backward of a query batch through the loss.
+match modules, and one real forward/backward of a query batch through the loss. It prints
+each checkpoint's eta (and where it was read).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def preflight(cfg: DictConfig) -> int:
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
     for k in range(len(ctx.checkpoints)):
-        ctx.use_checkpoint(k)
+        info = ctx.use_checkpoint(k)
+        print(f"[sdi] checkpoint {k}: {info.path}, eta {info.eta:.6g} from {info.eta_source}")
     ctx.progress = False
     ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight")
     return len(train)

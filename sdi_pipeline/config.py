@@ -41,13 +41,14 @@ class RunConfig:
 
 @dataclass
 class CheckpointsConfig:
-    """Checkpoint files (paths or globs, in order) and their TracIn weights."""
+    """Checkpoints (files or directories, paths or globs, in order) and their TracIn weights."""
 
     paths: list[str] = field(default_factory=list)
     # Optional node called once by the launcher before the paths are resolved (e.g. to
     # train the toy model's checkpoints if they do not exist yet).
     prepare: Any = None
-    # One eta per resolved checkpoint; null reads each from its file (optimizer lr, else 1).
+    # One eta per resolved checkpoint; null reads each from the checkpoint (a Trainer
+    # checkpoint's logged learning rate, else the optimizer's lr, else 1).
     etas: list[float] | None = None
     # Allow full unpickling (torch.load weights_only=False): only for files you trust.
     trust: bool = False
