@@ -55,6 +55,7 @@ def run(argv: list[str]) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    build.use_python_path(cfg)
     if cfg.checkpoints.prepare is not None:
         build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
     cfg.checkpoints.paths = resolve_checkpoint_paths(cfg.checkpoints.paths)

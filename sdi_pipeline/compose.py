@@ -73,8 +73,22 @@ def _hint(message: str) -> str:
     return message.splitlines()[0]
 
 
+def python_path(config_dirs: Sequence[str], given: Sequence[str] = ()) -> list[str]:
+    """``given``, then the working directory and each config dir (absolute, each once).
+
+    Users expect a factory in ``./mymodels.py`` or next to their configs to import, as
+    with ``python -m``; the jobs put these folders on ``sys.path`` too.
+    """
+    paths = [*map(str, given), os.getcwd(), *(str(Path(d).resolve()) for d in config_dirs)]
+    return list(dict.fromkeys(paths))
+
+
 def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> DictConfig:
-    """Compose conf/config.yaml with ``overrides``; ``config_dirs`` add users' own groups."""
+    """Compose conf/config.yaml with ``overrides``; ``config_dirs`` add users' own groups.
+
+    ``runtime.python_path`` gets the working directory and the config dirs (see
+    :func:`python_path`).
+    """
     register_schemas()
     extra = list(overrides)
     if config_dirs:
@@ -90,4 +104,6 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
-    return structured(OmegaConf.to_container(cfg, resolve=False))
+    result = structured(OmegaConf.to_container(cfg, resolve=False))
+    result.runtime.python_path = python_path(config_dirs, result.runtime.python_path)
+    return result

@@ -107,6 +107,9 @@ class RuntimeConfig:
     # Torch threads; null: a job's CPU allocation under launcher=slurm, else torch's default.
     threads: int | None = None
     progress: bool = True
+    # Folders put first on sys.path before building factories, in every job: sdi-attribute
+    # records its working directory and --config-dir folders here.
+    python_path: list[str] = field(default_factory=list)
 
 
 @dataclass

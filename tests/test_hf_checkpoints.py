@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from sdi_pipeline.checkpoints import (
     resolve_eta_and_source,
 )
 from sdi_pipeline.errors import CheckpointError
+from sdi_pipeline.results import Results
 
 
 def tiny_gpt2(seed: int, tied: bool = True) -> GPT2LMHeadModel:
@@ -201,3 +204,75 @@ def test_without_safetensors_installed_the_error_names_the_extra(tmp_path, monke
     monkeypatch.setitem(sys.modules, "safetensors", None)  # as if it were not installed
     with pytest.raises(CheckpointError, match=r"needs the safetensors package: pip install "):
         load_checkpoint(tmp_path / "c.safetensors")
+
+
+MODEL_FACTORY = """
+from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
+
+def build():
+    return LoopedGPT(LoopedGPTConfig(d_model=32, n_heads=4, d_mlp=64, n_loops=4))
+"""
+DATA_FACTORY = """
+from sdi_pipeline.toy.parity import make_parity_dataset
+
+def parity(n, seed):
+    return make_parity_dataset(n, n_bits=6, seed=seed)
+"""
+MODEL_GROUP = """# @package _global_
+model:
+  _target_: cwdmodels.build
+analysis:
+  targets: [block]
+"""
+DATA_GROUP = """# @package _global_
+data:
+  train: {_target_: confdata.parity, n: 24, seed: 1}
+  query: {_target_: confdata.parity, n: 3, seed: 2}
+  batch_size: 8
+  block_size: 12
+analysis:
+  loss: {_target_: sdi_pipeline.toy.parity.parity_loss, _partial_: true}
+"""
+
+
+def test_trainer_checkpoints_through_sdi_attribute_with_the_users_factories(tmp_path) -> None:
+    """As a user runs it: the installed command in their folder, a model factory there, a
+    data factory next to their configs; the jobs import both; eta comes from the Trainer."""
+    work, conf = tmp_path / "work", tmp_path / "myconf"
+    for folder in (work, conf / "model", conf / "data"):
+        folder.mkdir(parents=True)
+    (work / "cwdmodels.py").write_text(MODEL_FACTORY)
+    (conf / "confdata.py").write_text(DATA_FACTORY)
+    (conf / "model" / "cwdlm.yaml").write_text(MODEL_GROUP)
+    (conf / "data" / "mine.yaml").write_text(DATA_GROUP)
+    for step in (10, 2):
+        write_trainer_checkpoint(work / "out", make_model(seed=step), step, LOG)
+    command = [
+        str(Path(sys.executable).with_name("sdi-attribute")),
+        "--config-dir", "../myconf", "model=cwdlm", "data=mine",
+        "checkpoints=files", "checkpoints.paths=[out/checkpoint-*]",
+        f"run.root={tmp_path / 'runs'}", "sketch.m=64", "launcher.workers=1",
+        "runtime.progress=false", "wandb=disabled",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert (
+        f"checkpoint 0: {work.resolve()}/out/checkpoint-2, eta 0.0005 from trainer_state.json"
+        in out
+    )
+    assert (
+        f"checkpoint 1: {work.resolve()}/out/checkpoint-10, eta 0.0004 from trainer_state.json"
+        in out
+    )
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    with Results.open(run_path) as res:
+        assert res.etas == [5e-4, 4e-4]
+    worker_log = (run_path / "logs" / "worker-0000.log").read_text()
+    assert "eta 0.0004 from trainer_state.json: learning_rate logged at step 5" in worker_log
+    # A job started elsewhere (as on a cluster node) still imports the factories.
+    shutil.rmtree(run_path / "query")
+    job = [sys.executable, "-m", "sdi_pipeline.cli", "query", f"run_dir={run_path}"]
+    proc = subprocess.run(job, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_path / "query" / "ckpt-001.h5").is_file()
