@@ -256,15 +256,11 @@ def test_trainer_checkpoints_through_sdi_attribute_with_the_users_factories(tmp_
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    assert (
-        f"checkpoint 0: {work.resolve()}/out/checkpoint-2, eta 0.0005 from trainer_state.json"
-        in out
-    )
-    assert (
-        f"checkpoint 1: {work.resolve()}/out/checkpoint-10, eta 0.0004 from trainer_state.json"
-        in out
-    )
+    out, ckpts = proc.stdout, work.resolve() / "out"
+    assert f"checkpoint 0: {ckpts}/checkpoint-2, eta 0.0005 from trainer_state.json" in out
+    assert f"checkpoint 1: {ckpts}/checkpoint-10, eta 0.0004 from trainer_state.json" in out
+    assert "[sdi] loss: sdi_pipeline.toy.parity.parity_loss (from data=mine)" in out
+    assert "\nloss: sdi_pipeline.toy.parity.parity_loss (from data=mine)\n" in out  # summary
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
     with Results.open(run_path) as res:
         assert res.etas == [5e-4, 4e-4]
