@@ -104,7 +104,8 @@ def _read_json(path: Path) -> Any:
 
 def _shards(index: Path) -> list[Path]:
     """The shard files a sharded save's index lists (each once, sorted); all must exist."""
-    weight_map = _read_json(index).get("weight_map") if index.is_file() else None
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, Mapping) else None
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index} has no weight_map: is the sharded save complete?")
     shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]

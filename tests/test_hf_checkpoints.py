@@ -85,6 +85,9 @@ def test_a_sharded_save_loads_every_shard_and_its_digest_covers_them(tmp_path) -
     data[-1] ^= 1  # one bit of the last shard's last tensor
     shards[-1].write_bytes(bytes(data))
     assert file_digest(tmp_path / "hf") != before
+    shards[0].unlink()  # an incomplete copy is refused when the paths are resolved
+    with pytest.raises(CheckpointError, match=r"index\.json lists shard files that are missing"):
+        resolve_checkpoint_paths([str(tmp_path / "hf")])
 
 
 def test_a_file_digest_is_the_sha256_of_its_bytes(tmp_path) -> None:
