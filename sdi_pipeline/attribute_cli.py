@@ -4,7 +4,9 @@
 
 Everything that can be checked is checked before anything runs or is submitted: the config
 schema, checkpoint files, that each checkpoint fits the model, that the target patterns
-match modules, and one real forward/backward of a query batch through the loss.
+match modules, and one real forward/backward of a query batch through the loss. It prints
+the loss (and which config group or override set it) and each checkpoint's eta (and where
+it was read).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def preflight(cfg: DictConfig) -> int:
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
     for k in range(len(ctx.checkpoints)):
-        ctx.use_checkpoint(k)
+        info = ctx.use_checkpoint(k)
+        print(f"[sdi] checkpoint {k}: {info.path}, eta {info.eta:.6g} from {info.eta_source}")
     ctx.progress = False
     feats = ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight", True)
     print(f"[sdi] targets: {ctx.featurizer.assignment}", flush=True)
@@ -67,7 +70,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     args = parser.parse_args(argv)
 
-    from sdi_pipeline.compose import compose_config
+    from sdi_pipeline.compose import compose_config, describe_loss, loss_origin
     from sdi_pipeline.launchers import LAUNCHERS
     from sdi_pipeline.rundir import prepare_run
 
@@ -75,6 +78,11 @@ def run(argv: list[str]) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    build.use_python_path(cfg)
+    loss = (
+        f"{describe_loss(cfg.analysis.loss)} (from {loss_origin(args.overrides, args.config_dir)})"
+    )
+    print(f"[sdi] loss: {loss}", flush=True)
     if cfg.checkpoints.prepare is not None:
         build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
     cfg.checkpoints.paths = resolve_checkpoint_paths(cfg.checkpoints.paths)
@@ -89,7 +97,7 @@ def run(argv: list[str]) -> int:
     if code == 0 and launcher.runs_jobs and run_dir.results_path.exists():
         from sdi_pipeline.summary import print_summary
 
-        print_summary(run_dir)
+        print_summary(run_dir, loss)
     return code
 
 

@@ -1,11 +1,19 @@
-"""Finding checkpoint files, loading them safely and reading their TracIn weight eta."""
+"""Finding checkpoints, loading them safely and reading their TracIn weight eta.
+
+A checkpoint is a file (``torch.save`` output or ``.safetensors``) or a directory written by
+Hugging Face ``save_pretrained`` (``model.safetensors``, sharded with
+``model.safetensors.index.json``, or ``pytorch_model.bin``) or by the HF Trainer
+(``checkpoint-N/``, whose ``trainer_state.json`` gives eta).
+"""
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,59 +25,165 @@ from torch import nn
 from sdi_pipeline.errors import CheckpointError
 from sdi_pipeline.messages import shortened
 
+# The weight files of a save_pretrained / Trainer directory, in the order Hugging Face
+# prefers them; an ``.index.json`` lists the shards of a sharded save.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TRAINER_STATE = "trainer_state.json"
+
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    """A checkpoint file and its TracIn weight eta (``None``: read it from the file)."""
+    """A checkpoint (file or directory) and its TracIn weight eta (``None``: read it from it)."""
 
     path: str | Path
     eta: float | None = None
 
 
-def resolve_checkpoint_paths(patterns: Iterable[str], *, strict: bool = True) -> list[str]:
-    """Expand checkpoint paths and globs in order (each glob's matches sorted), made absolute.
+def _natural_key(path: str) -> list[Any]:
+    """Sort key comparing runs of digits as numbers: checkpoint-900 before checkpoint-1000."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
-    ``strict``: every glob must match and every path must be a file, else an error names
-    the pattern. Not strict, for callers that may run before the checkpoints exist: a glob
-    that matches nothing adds nothing, and paths are kept whether or not they exist.
+
+def resolve_checkpoint_paths(patterns: Iterable[str], *, strict: bool = True) -> list[str]:
+    """Expand checkpoint paths and globs in order, made absolute.
+
+    Each glob's matches are sorted with numbers compared as numbers (``checkpoint-900``
+    before ``checkpoint-1000``). Paths may name files or checkpoint directories.
+
+    ``strict``: every glob must match and every path must be a checkpoint file or a directory
+    holding model weights, else an error names it. Not strict, for callers that may run
+    before the checkpoints exist: a glob that matches nothing adds nothing, and paths are
+    kept whether or not they exist.
     """
     paths: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern))
+            found = sorted(glob.glob(pattern), key=_natural_key)
             if strict and not found:
                 raise CheckpointError(f"checkpoint glob '{pattern}' matches no file")
         else:
-            if strict and not Path(pattern).is_file():
-                raise CheckpointError(f"checkpoint not found: {pattern}")
             found = [pattern]
+        if strict:
+            for path in found:
+                checkpoint_files(path)
         paths.extend(str(Path(p).resolve()) for p in found)
     return paths
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU.
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files holding a checkpoint's weights: the file itself, or a directory's weight files.
 
-    By default with ``weights_only=True`` (tensors and plain containers only). Pass
-    ``trust=True`` only for files you trust: it unpickles arbitrary objects.
+    A directory's are those of :data:`WEIGHT_FILES` (the first present); an index file
+    stands for the shards it lists, in sorted order.
     """
     p = Path(path)
-    if not p.is_file():
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
         raise CheckpointError(f"checkpoint not found: {p}")
+    for name in WEIGHT_FILES:
+        if (p / name).is_file():
+            return _shards(p / name) if name.endswith(".index.json") else [p / name]
+    raise CheckpointError(
+        f"checkpoint directory {p} holds no model weights (none of {', '.join(WEIGHT_FILES)}): "
+        "name a save_pretrained or Trainer checkpoint-N directory, or the weight files"
+    )
+
+
+def _read_json(path: Path) -> Any:
     try:
-        data = torch.load(p, map_location="cpu", weights_only=not trust)
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded save's index lists (each once, sorted); all must exist."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, Mapping) else None
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map: is the sharded save complete?")
+    shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index} lists shard files that are missing: {shortened(missing, 3)}"
+        )
+    return shards
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise CheckpointError(
+            f"reading {path} needs the safetensors package: pip install safetensors (or "
+            "sdi-pipeline's hf extra: pip install -e '.[hf]' in its checkout)"
+        ) from err
+    try:
+        # safetensors holds only tensors: loading it runs no code, whatever checkpoints.trust.
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {str(err).splitlines()[0]} (a corrupt or "
+            "truncated safetensors file?)"
+        ) from err
+
+
+def _load_torch(path: Path, trust: bool) -> dict[str, Any]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"checkpoint {p} holds objects other than tensors and plain containers, which "
+            f"checkpoint {path} holds objects other than tensors and plain containers, which "
             f"weights_only loading refuses ({str(err).splitlines()[0]}). If you trust the "
             "file, allow full unpickling: checkpoints.trust=true in the config "
             "(trust_checkpoints=True for attribute())."
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
     if not isinstance(data, Mapping):
-        raise CheckpointError(f"checkpoint {p} holds a {type(data).__name__}, not a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dict")
     return dict(data)
+
+
+def _load_file(path: Path, trust: bool) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        return {"state_dict": _load_safetensors(path)}
+    return _load_torch(path, trust)
+
+
+def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file or directory onto the CPU, as a dict.
+
+    ``.safetensors`` files hold tensors only. Other files load with
+    ``torch.load(weights_only=True)`` (tensors and plain containers); pass ``trust=True``
+    only for files you trust: it unpickles arbitrary objects. A directory gives
+    ``{"state_dict": its weights merged over shards}``, plus ``"trainer_state"`` (the parsed
+    ``trainer_state.json``) for a Trainer checkpoint.
+    """
+    p = Path(path)
+    files = checkpoint_files(p)
+    if p.is_file():
+        return _load_file(p, trust)
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(state_dict_of(_load_file(f, trust)))
+    data: dict[str, Any] = {"state_dict": state}
+    if (p / TRAINER_STATE).is_file():
+        trainer = _read_json(p / TRAINER_STATE)
+        if not isinstance(trainer, Mapping):
+            raise CheckpointError(
+                f"{p / TRAINER_STATE} holds a {type(trainer).__name__}, not a dict"
+            )
+        data["trainer_state"] = trainer
+    return data
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -80,24 +194,124 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return checkpoint
 
 
-def eta_of(checkpoint: Mapping[str, Any], default: float = 1.0) -> float:
-    """eta from the checkpoint: the optimizer's first learning rate, else ``lr``, else default."""
+def _trainer_lr(state: Mapping[str, Any]) -> tuple[float, str]:
+    """The learning rate a Trainer logged at its checkpoint's step, and where it was read.
+
+    That is the ``log_history`` entry with a ``learning_rate`` and the largest ``step`` not
+    after ``global_step`` (later entries of the same step win).
+    """
+    step = state.get("global_step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"{TRAINER_STATE} has no integer global_step")
+    logged = [
+        entry
+        for entry in state.get("log_history") or []
+        if isinstance(entry, Mapping)
+        and isinstance(entry.get("learning_rate"), (int, float))
+        and isinstance(entry.get("step"), int)
+        and entry["step"] <= step
+    ]
+    if not logged:
+        raise CheckpointError(
+            f"{TRAINER_STATE} logs no learning_rate at or before global_step {step} (the "
+            "Trainer logs every logging_steps): give checkpoints.etas, one per checkpoint"
+        )
+    # max() keeps the first of equal steps: scanning backwards, the last one logged.
+    best = max(reversed(logged), key=lambda entry: entry["step"])
+    where = f"{TRAINER_STATE}: learning_rate logged at step {best['step']}"
+    return float(best["learning_rate"]), where + (
+        f" (global_step {step})" if best["step"] != step else ""
+    )
+
+
+def _eta_in(checkpoint: Mapping[str, Any], default: float) -> tuple[float, str]:
+    """eta read from a loaded checkpoint, and where it was read."""
+    trainer = checkpoint.get("trainer_state")
+    if isinstance(trainer, Mapping):
+        return _trainer_lr(trainer)
     opt = checkpoint.get("optimizer_state_dict")
     if isinstance(opt, Mapping):
         groups = opt.get("param_groups")
         if isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], Mapping):
             lr = groups[0].get("lr")
             if isinstance(lr, (int, float, torch.Tensor)):
-                return float(lr)
+                return float(lr), "the optimizer's first learning rate"
     lr = checkpoint.get("lr")
     if isinstance(lr, (int, float)):
-        return float(lr)
-    return float(default)
+        return float(lr), "the checkpoint's lr"
+    return float(default), "the default: the checkpoint records no learning rate"
+
+
+def eta_of(checkpoint: Mapping[str, Any], default: float = 1.0) -> float:
+    """eta from a loaded checkpoint.
+
+    A Trainer checkpoint's learning rate from ``trainer_state.json``; else the optimizer's
+    first learning rate, else ``lr``, else ``default``.
+    """
+    return _eta_in(checkpoint, default)[0]
+
+
+def resolve_eta_and_source(
+    spec: CheckpointSpec, checkpoint: Mapping[str, Any], given_by: str = "the given eta"
+) -> tuple[float, str]:
+    """The spec's eta if set (its source is ``given_by``), else the checkpoint's; finite."""
+    if spec.eta is not None:
+        eta, source = float(spec.eta), given_by
+    else:
+        try:
+            eta, source = _eta_in(checkpoint, 1.0)
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint {spec.path}: {err}") from err
+    if not math.isfinite(eta):
+        raise CheckpointError(f"checkpoint {spec.path}: eta must be finite, got {eta}")
+    return eta, source
+
+
+def resolve_eta(spec: CheckpointSpec, checkpoint: Mapping[str, Any]) -> float:
+    """The spec's eta if set, else the checkpoint's; must be finite."""
+    return resolve_eta_and_source(spec, checkpoint)[0]
+
+
+def _with_tied(model: nn.Module, state: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
+    """``state`` with each missing key of a tied parameter filled from a key tied to it.
+
+    ``save_pretrained`` leaves out tied copies (``lm_head.weight`` when it is
+    ``transformer.wte.weight``). Ties are the model's own: names that share one parameter
+    object. Tied keys the checkpoint holds must agree, else the checkpoint was not saved
+    from a model with these ties.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    filled = dict(state)
+    for tied in names.values():
+        present = [n for n in tied if n in state]
+        if len(tied) < 2 or not present:
+            continue
+        first = state[present[0]]
+        for name in tied:
+            if name not in state:
+                filled[name] = first
+            elif (
+                isinstance(first, torch.Tensor)
+                and isinstance(state[name], torch.Tensor)
+                and first.shape == state[name].shape
+                and not torch.equal(first, state[name])
+            ):
+                raise CheckpointError(
+                    f"checkpoint {source} does not fit the model: {present[0]} and {name} are "
+                    "one tied parameter in the model but differ in the checkpoint"
+                )
+    return filled
 
 
 def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path) -> None:
-    """Load the checkpoint's state dict into ``model``; a mismatch is one clear error."""
-    state = state_dict_of(checkpoint)
+    """Load the checkpoint's state dict into ``model``; a mismatch is one clear error.
+
+    Keys of tied parameters the checkpoint leaves out are filled from the parameter they
+    are tied to; any other missing key is refused by name.
+    """
+    state = _with_tied(model, state_dict_of(checkpoint), source)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -118,18 +332,23 @@ def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Pat
     model.load_state_dict(state)
 
 
-def resolve_eta(spec: CheckpointSpec, checkpoint: Mapping[str, Any]) -> float:
-    """The spec's eta if set, else the checkpoint's; must be finite."""
-    eta = spec.eta if spec.eta is not None else eta_of(checkpoint)
-    if not math.isfinite(eta):
-        raise CheckpointError(f"checkpoint {spec.path}: eta must be finite, got {eta}")
-    return float(eta)
+def checkpoint_size(path: str | Path) -> int:
+    """Bytes of a checkpoint's weight files (:func:`checkpoint_files`)."""
+    return sum(f.stat().st_size for f in checkpoint_files(path))
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file, for provenance."""
+    """sha256 of a checkpoint, for provenance.
+
+    A file's is that of its bytes. A directory's covers its weight files
+    (:func:`checkpoint_files`) in sorted order, each name then its bytes.
+    """
+    p = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for f in checkpoint_files(p):
+        if f != p:
+            h.update(f.relative_to(p).as_posix().encode() + b"\0")
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 20):
+                h.update(block)
     return h.hexdigest()

@@ -1,7 +1,8 @@
 """Compose the attribution config from conf/ with Hydra, with errors a user can act on.
 
 The schemas (:mod:`sdi_pipeline.config`) are registered in Hydra's ConfigStore, so an
-unknown key or a wrong type fails at composition, before anything is submitted.
+unknown key or a wrong type fails at composition, before anything is submitted. Where the
+loss came from (:func:`loss_origin`) is found by composing again without config groups.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,16 +76,37 @@ def _hint(message: str) -> str:
     return message.splitlines()[0]
 
 
-def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> DictConfig:
-    """Compose conf/config.yaml with ``overrides``; ``config_dirs`` add users' own groups."""
+def _compose(
+    overrides: Sequence[str], config_dirs: Sequence[str], with_hydra: bool = False
+) -> DictConfig:
+    """Hydra's composition of conf/config.yaml (``with_hydra``: keep its ``hydra`` node)."""
     register_schemas()
     extra = list(overrides)
     if config_dirs:
         paths = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
         extra.append(f"hydra.searchpath=[{paths}]")
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=extra, return_hydra_config=with_hydra)
+
+
+def python_path(config_dirs: Sequence[str], given: Sequence[str] = ()) -> list[str]:
+    """``given``, then the working directory and each config dir (absolute, each once).
+
+    Users expect a factory in ``./mymodels.py`` or next to their configs to import, as
+    with ``python -m``; the jobs put these folders on ``sys.path`` too.
+    """
+    paths = [*map(str, given), os.getcwd(), *(str(Path(d).resolve()) for d in config_dirs)]
+    return list(dict.fromkeys(paths))
+
+
+def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> DictConfig:
+    """Compose conf/config.yaml with ``overrides``; ``config_dirs`` add users' own groups.
+
+    ``runtime.python_path`` gets the working directory and the config dirs (see
+    :func:`python_path`).
+    """
     try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=extra)
+        cfg = _compose(overrides, config_dirs)
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             raise ConfigError(explain(err, OmegaConf.structured(AttributionConfig))) from err
@@ -90,4 +114,61 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
-    return structured(OmegaConf.to_container(cfg, resolve=False))
+    result = structured(OmegaConf.to_container(cfg, resolve=False))
+    result.runtime.python_path = python_path(config_dirs, result.runtime.python_path)
+    return result
+
+
+def _loss_node(cfg: DictConfig) -> Any:
+    """``analysis.loss`` as plain data, interpolations unresolved (for comparing)."""
+    node = OmegaConf.select(cfg, "analysis.loss")
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+
+
+def loss_origin(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> str:
+    """Where the composed ``analysis.loss`` comes from, for telling the user.
+
+    ``the command line`` when an override sets it; else the config group whose option set
+    it, as ``group=option`` (e.g. ``model=mylm``, or ``data=tokens`` for a data group's
+    default); else ``the root config``. A group is found by composing again without it:
+    groups are taken away one by one (the data group first: its loss is only a default;
+    then the model group) and the first whose removal changes the loss set it.
+    """
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for o in parsed:
+        key = o.key_or_group
+        if key in ("analysis", "analysis.loss") or key.startswith("analysis.loss."):
+            return "the command line"
+    base = _compose(overrides, config_dirs, with_hydra=True)
+    choices = {
+        str(group): str(option)
+        for group, option in base.hydra.runtime.choices.items()
+        if "/" not in str(group) and option is not None
+    }
+    # Value overrides do not set the loss (checked above): keep only the group choices.
+    kept = [o for o in parsed if o.key_or_group in choices]
+    loss = _loss_node(base)
+    # A group added on the command line (+group=option) is removed by dropping that
+    # override; one from conf/config.yaml's defaults by deleting it (~group).
+    added = {o.key_or_group for o in kept if o.is_add()}
+    removed: list[str] = []
+    for group in sorted(choices, key=lambda g: {"data": 0, "model": 1}.get(g, 2)):
+        removed.append(group)
+        rest = [str(o.input_line) for o in kept if o.key_or_group not in removed]
+        deleted = [f"~{g}" for g in removed if g not in added]
+        try:
+            without = _compose([*rest, *deleted], config_dirs)
+        except (HydraException, OmegaConfBaseException):
+            return "the config groups"  # a group others depend on: the origin is unknown
+        if _loss_node(without) != loss:
+            return f"{group}={choices[group]}"
+    return "the root config"
+
+
+def describe_loss(node: Any) -> str:
+    """A loss node in one line: its ``_target_`` and arguments, e.g. ``pkg.fn(ignore_index=0)``."""
+    data = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    if not isinstance(data, dict) or "_target_" not in data:
+        return str(data)
+    args = ", ".join(f"{k}={v}" for k, v in data.items() if not str(k).startswith("_"))
+    return f"{data['_target_']}({args})" if args else str(data["_target_"])

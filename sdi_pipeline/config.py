@@ -42,13 +42,14 @@ class RunConfig:
 
 @dataclass
 class CheckpointsConfig:
-    """Checkpoint files (paths or globs, in order) and their TracIn weights."""
+    """Checkpoints (files or directories, paths or globs, in order) and their TracIn weights."""
 
     paths: list[str] = field(default_factory=list)
     # Optional node called once by the launcher before the paths are resolved (e.g. to
     # train the toy model's checkpoints if they do not exist yet).
     prepare: Any = None
-    # One eta per resolved checkpoint; null reads each from its file (optimizer lr, else 1).
+    # One eta per resolved checkpoint; null reads each from the checkpoint (a Trainer
+    # checkpoint's logged learning rate, else the optimizer's lr, else 1).
     etas: list[float] | None = None
     # Allow full unpickling (torch.load weights_only=False): only for files you trust.
     trust: bool = False
@@ -113,6 +114,9 @@ class RuntimeConfig:
     # Torch threads; null: a job's CPU allocation under launcher=slurm, else torch's default.
     threads: int | None = None
     progress: bool = True
+    # Folders put first on sys.path before building factories, in every job: sdi-attribute
+    # records its working directory and --config-dir folders here.
+    python_path: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -25,10 +25,11 @@ from sdi_pipeline import build
 from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.checkpoints import (
     CheckpointSpec,
+    checkpoint_size,
     file_digest,
     load_checkpoint,
     load_into,
-    resolve_eta,
+    resolve_eta_and_source,
 )
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
@@ -50,13 +51,17 @@ class Interrupted(Exception):
 
 @dataclass
 class CheckpointInfo:
+    """A loaded checkpoint: where it is, its digest and eta (and where eta was read)."""
+
     index: int
     path: str
     size: int
     sha256: str
     eta: float
+    eta_source: str
 
     def as_meta(self) -> dict[str, Any]:
+        """The sketch files' checkpoint record (docs/format.md); eta's source is logged."""
         return {
             "index": self.index,
             "path": self.path,
@@ -122,11 +127,13 @@ class JobContext:
             data = load_checkpoint(path, trust=bool(self.cfg.checkpoints.trust))
             load_into(self.model, data, path)
             etas = self.cfg.checkpoints.etas
-            eta = resolve_eta(CheckpointSpec(path, None if etas is None else float(etas[k])), data)
+            spec = CheckpointSpec(path, None if etas is None else float(etas[k]))
+            eta, source = resolve_eta_and_source(spec, data, given_by="checkpoints.etas")
             if k not in self._info:
                 self._info[k] = CheckpointInfo(
-                    k, path, Path(path).stat().st_size, file_digest(path), eta
+                    k, path, checkpoint_size(path), file_digest(path), eta, source
                 )
+                log.info("checkpoint %d %s: eta %.6g from %s", k, path, eta, source)
             self._loaded = k
         return self._info[k]
 

@@ -32,11 +32,16 @@ def describe_example(item: Any, max_tokens: int = 24) -> str:
     return text
 
 
-def print_summary(run: RunDir, k: int = 3) -> None:
-    """Print the top-k training examples of each query (overall and at its peak step)."""
+def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
+    """Print the top-k training examples of each query (overall and at its peak step).
+
+    ``loss`` says which loss the scores are of (and where it was set), e.g.
+    ``sdi_pipeline.losses.next_token_loss (from data=tokens)``.
+    """
     cfg = run.load_config()
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
+    print(f"\nloss: {loss}")
     with Results.open(run.path) as res:
         print(f"targets: {res.assignment}")
         energy = res.energy()

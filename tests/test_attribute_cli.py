@@ -80,6 +80,9 @@ def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys) -> 
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
     run = RunDir(run_path)
     assert "top 3 overall (TracIn)" in out and "plots:" in out
+    # The loss is named, with the config group it came from, before the run and in the summary.
+    loss = "sdi_pipeline.toy.parity.parity_loss (from data=parity)"
+    assert f"[sdi] loss: {loss}\n" in out and f"\nloss: {loss}\n" in out
     assert (run.path / "plots" / "sdi_steps.png").stat().st_size > 10_000
     for rank in range(2):  # the exact command lines of every job are in the run dir
         assert (
