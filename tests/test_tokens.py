@@ -3,6 +3,7 @@ over tokens to the example's; SDI per (step, token) summing to SDI."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model
@@ -106,3 +107,105 @@ def test_attribute_sdi_per_token_sums_to_sdi(tmp_path) -> None:
     assert energy.shape == (3, 5)
     torch.testing.assert_close(energy, result.sdi_tokens[:, 0].abs().sum(dim=0))
     torch.testing.assert_close(result.token_map(1, train=2), result.sdi_tokens[2, 1])
+
+
+def _token_run_config(tmp_path, query_tokens) -> dict:
+    """A toy run on token sequences with a per-token next-token loss."""
+    import numpy as np
+    from pipeline_helpers import toy_config
+
+    gen = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", gen.integers(0, 3, (24, 7)))
+    np.save(tmp_path / "query.npy", gen.integers(0, 3, (3, 7)))
+
+    def tokens(name: str) -> dict:
+        return {"_target_": "sdi_pipeline.data.token_dataset", "path": str(tmp_path / name)}
+
+    return toy_config(
+        tmp_path,
+        data={
+            "train": tokens("train.npy"),
+            "query": tokens("query.npy"),
+            "collate": {"_target_": "sdi_pipeline.data.PadCollate", "pad_id": 0},
+        },
+        analysis={
+            "loss": {
+                "_target_": "sdi_pipeline.losses.next_token_loss",
+                "_partial_": True,
+                "per_token": True,
+            },
+            "query_tokens": query_tokens,
+        },
+    )
+
+
+@pytest.mark.parametrize("choice", ["all", "last"])
+def test_pipeline_writes_per_token_sdi_equal_to_the_engines(tmp_path, choice) -> None:
+    from pipeline_helpers import run_all
+    from torch.utils.data import DataLoader
+
+    from sdi_pipeline import build
+    from sdi_pipeline.results import Results
+
+    run = run_all(_token_run_config(tmp_path, choice), workers=2)
+    cfg = run.load_config()
+    collate = build.build_collate(cfg)
+    expected = attribute(
+        build.build_model(cfg),
+        ["block"],
+        list(cfg.checkpoints.paths),
+        DataLoader(build.build_dataset(cfg, "train"), batch_size=8, collate_fn=collate),
+        DataLoader(build.build_dataset(cfg, "query"), batch_size=8, collate_fn=collate),
+        build.build_loss(cfg),
+        spec=SketchSpec(m=128),
+        query_tokens=choice,
+    )
+    assert expected.sdi_tokens is not None and expected.token_positions is not None
+    with Results.open(run.path) as res:
+        assert res.has_tokens and res.has_sdi_tokens
+        got = torch.from_numpy(np.asarray(res.sdi_tokens))
+        scale = float(got.abs().max())
+        torch.testing.assert_close(got, expected.sdi_tokens, rtol=1e-4, atol=1e-5 * scale)
+        assert res.token_positions.tolist() == expected.token_positions.tolist()
+        if choice == "all":  # the tokens' parts add up to SDI
+            sdi = torch.from_numpy(np.asarray(res.sdi))
+            torch.testing.assert_close(got.sum(dim=3), sdi, rtol=1e-4, atol=1e-5 * scale)
+        energy = res.token_map(1)
+        torch.testing.assert_close(
+            torch.from_numpy(energy).float(), got[:, 1].abs().sum(dim=0), rtol=1e-4, atol=1e-6
+        )
+        best = res.topk(2, 3, step="step 4", token=0)
+        order = got[:, 2, 3, 0].argsort(descending=True)[:3]
+        assert [i for i, _ in best] == order.tolist()
+
+
+def test_per_token_queries_need_a_per_token_loss_before_any_job(tmp_path) -> None:
+    from pipeline_helpers import cli_overrides
+
+    from sdi_pipeline.attribute_cli import run
+
+    with pytest.raises(DataError, match=r"need a loss_fn that returns per-token losses"):
+        run(cli_overrides(tmp_path, "analysis.query_tokens=last"))  # parity_loss is (B,)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_per_token_query_sketches_over_the_size_limit_are_refused(tmp_path) -> None:
+    from sdi_pipeline.attribute_cli import run
+    from sdi_pipeline.errors import ConfigError
+
+    cfg = _token_run_config(tmp_path, "all")
+    overrides = [
+        "model=toy",
+        f"checkpoints.paths=[{tmp_path / 'ckpts'}/ckpt-*.pt]",
+        "checkpoints.prepare=null",
+        f"run.root={tmp_path / 'runs'}",
+        "data=tokens",
+        f"data.train.path={cfg['data']['train']['path']}",
+        f"data.query.path={cfg['data']['query']['path']}",
+        "+analysis.loss.per_token=true",
+        "analysis.query_tokens=all",
+        "analysis.query_tokens_max_gb=0.0001",
+        "wandb=disabled",
+    ]
+    with pytest.raises(ConfigError, match=r"needs .* GiB of query sketches .*query_tokens_max_gb"):
+        run(overrides)
