@@ -68,7 +68,12 @@ def test_embedding_sketch_is_the_induced_countsketch_of_its_gradient() -> None:
             if ids[b, t] != 4:
                 full[b, ids[b, t]] += delta[b, t]
     expected = induced_count_sketch(full, h_row, h_col)
-    torch.testing.assert_close(embedding_weight(ids, delta, h_row, h_col, 4), expected)
+    got = torch.zeros(3, m)
+    embedding_weight(ids, delta, h_row, h_col, 4, got)
+    torch.testing.assert_close(got, expected)
+    strided = torch.zeros(m, 3).T  # a non-contiguous output takes the same values
+    embedding_weight(ids, delta, h_row, h_col, 4, strided)
+    torch.testing.assert_close(strided, expected)
 
 
 def test_model_sketch_is_the_same_with_either_linear_kernel(model, batch) -> None:
@@ -188,7 +193,11 @@ def _sketch_all(kind: str, seed: int, a, b):
     h_row = make_count_sketch_hash(seed, "w", "row", rows, m)
     h_col = make_count_sketch_hash(seed, "w", "col", cols, m)
     if kind == "embedding":
-        return tuple(embedding_weight(ids, d, h_row, h_col, None) for ids, d in (a, b))
+        sketches = []
+        for ids, d in (a, b):
+            sketches.append(torch.zeros(ids.shape[0], m))
+            embedding_weight(ids, d, h_row, h_col, None, sketches[-1])
+        return tuple(sketches)
     outs = []
     for delta, x in (a, b):
         out = torch.zeros(1, m)

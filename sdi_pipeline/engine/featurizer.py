@@ -231,6 +231,10 @@ class StepFeaturizer:
     def _checked(values: torch.Tensor, layout: SlotLayout, first_index: int) -> torch.Tensor:
         """``values`` (B, slots, ...) made contiguous, refused if not finite."""
         values = values.contiguous()
+        # One reduction then a check of its (B, slots) sums: a NaN or inf anywhere makes its
+        # row's sum non-finite (finite values that overflow the sum are checked in full).
+        if bool(torch.isfinite(values.flatten(2).sum(dim=2)).all()):
+            return values
         finite = torch.isfinite(values).flatten(2).all(dim=2)
         if not bool(finite.all()):
             rows, slots = torch.nonzero(~finite, as_tuple=True)

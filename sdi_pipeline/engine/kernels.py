@@ -34,8 +34,15 @@ MAX_CHUNK_ELEMENTS = 1 << 25
 def count_sketch(values: torch.Tensor, h: CountSketchHash) -> torch.Tensor:
     """CountSketch each row of ``values`` (N, d) into (N, m)."""
     out = values.new_zeros(values.shape[0], h.m)
-    out.index_add_(1, h.buckets, values * h.signs)
+    count_sketch_add(out, values, h)
     return out
+
+
+def count_sketch_add(out: torch.Tensor, values: torch.Tensor, h: CountSketchHash) -> None:
+    """Add the CountSketch of each row of ``values`` (N, d) into ``out`` (N, m), in place.
+
+    Scattering straight into the output spares a zeroed temporary and an add per call."""
+    out.index_add_(1, h.buckets, values * h.signs)
 
 
 class Workspace:
@@ -115,13 +122,14 @@ def embedding_weight(
     h_row: CountSketchHash,
     h_col: CountSketchHash,
     padding_idx: int | None,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
     """TensorSketch of the per-example embedding gradient ``sum_t e_{id_t} delta_t^T``.
 
     CS_row of a one-hot row is a signed unit vector, and convolving with it is a signed
     cyclic shift, so the TensorSketch reduces to scattering each ``delta_t[j]`` into bucket
     ``(h_row(id_t) + h_col(j)) mod m``: exact, with no FFT and no (vocab x d) matrix.
-    ``ids`` is (B, T) int64, ``delta`` (B, T, d).
+    ``ids`` is (B, T) int64, ``delta`` (B, T, d); the sketch is added into ``out`` (B, m).
     """
     b = delta.shape[0]
     m = h_row.m
@@ -132,10 +140,13 @@ def embedding_weight(
         row_sign = row_sign * (ids != padding_idx).to(row_sign.dtype)
     buckets = (row_bucket[:, :, None] + h_col.buckets[None, None, :]) % m  # (B, T, d)
     values = delta * (row_sign[:, :, None] * h_col.signs[None, None, :])
+    if not out.is_contiguous():  # the flat scatter below needs (B, m) rows back to back
+        flat = out.new_zeros(out.shape)
+        embedding_weight(ids, delta, h_row, h_col, padding_idx, flat)
+        out += flat
+        return
     offsets = torch.arange(b, device=delta.device)[:, None, None] * m
-    out = delta.new_zeros(b * m)
-    out.index_add_(0, (buckets + offsets).reshape(-1), values.reshape(-1))
-    return out.reshape(b, m)
+    out.view(-1).index_add_(0, (buckets + offsets).reshape(-1), values.reshape(-1))
 
 
 def linear_kernel_costs(tokens: int, d_out: int, d_in: int, m: int) -> dict[str, float]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sdi_pipeline.engine.hashing import CountSketchHash, make_count_sketch_hash
-from sdi_pipeline.engine.kernels import Workspace, count_sketch
+from sdi_pipeline.engine.kernels import Workspace, count_sketch_add
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import UnsupportedModel
 
@@ -157,7 +157,7 @@ class LayerHandler:
         """Add this call's per-example sketch into ``out`` (B, m)."""
         grads = self.per_example(call, grad)
         for p in self.params:  # by name: the float summation order is fixed
-            out += count_sketch(grads[p.name].reshape(grad.shape[0], -1).float(), hashes[p.name])
+            count_sketch_add(out, grads[p.name].reshape(grad.shape[0], -1).float(), hashes[p.name])
 
     def contribute(self, call: Call, grad: torch.Tensor, out: torch.Tensor) -> None:
         """Add this call's per-example contributions into ``out`` (B, width)."""

@@ -54,4 +54,4 @@ class EmbeddingHandler(LayerHandler):
         dim = self.by_attr["weight"].shape[1]
         ids = call.input().reshape(grad.shape[0], -1)
         delta = tokens(grad, dim)
-        out += embedding_weight(ids, delta, hashes["row"], hashes["col"], self.padding_idx)
+        embedding_weight(ids, delta, hashes["row"], hashes["col"], self.padding_idx, out)

@@ -14,7 +14,7 @@ from torch import nn
 from sdi_pipeline.engine.hashing import CountSketchHash, induced_buckets, make_count_sketch_hash
 from sdi_pipeline.engine.kernels import (
     choose_linear_kernel,
-    count_sketch,
+    count_sketch_add,
     linear_weight_dense,
     linear_weight_fft,
 )
@@ -90,4 +90,4 @@ class LinearHandler(LayerHandler):
             else:
                 out += linear_weight_fft(rows, cols, hashes["row"], hashes["col"])
         if b is not None:
-            out += count_sketch(delta.sum(dim=1), hashes["vec"])
+            count_sketch_add(out, delta.sum(dim=1), hashes["vec"])
