@@ -4,8 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from sdi_pipeline.atomic import atomic_path
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (jobs have no display); imported late
+    because it is slow to import and only plotting needs it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write the figure as PNG (folders made as needed) and free it."""
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    _pyplot().close(fig)
+    return out
 
 
 def plot_step_profiles(
@@ -20,10 +43,7 @@ def plot_step_profiles(
     ``energy`` and ``share`` are (M, S), as results.h5's diagnostics (or
     :class:`~sdi_pipeline.scores.ScoreTotals`) give them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     x = list(range(len(slot_names)))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
@@ -42,11 +62,7 @@ def plot_step_profiles(
     axes[0].legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_trajectories(
@@ -57,10 +73,7 @@ def plot_trajectories(
     Rows are the ``top`` training examples with the largest |TracIn| for the query, in that
     order; the colour scale is symmetric around zero (red raises, blue lowers the loss).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     scores = np.asarray(sdi[:, query, :], dtype=np.float64)
     order = np.argsort(-np.abs(scores.sum(axis=1)), kind="stable")[:top]
@@ -78,11 +91,7 @@ def plot_trajectories(
     )
     fig.colorbar(image, ax=ax, label="SDI")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_token_map(
@@ -97,10 +106,7 @@ def plot_token_map(
     ``values`` is (slots, P), as :meth:`Results.token_map` gives it; columns are labelled by
     the token positions in the per-token loss.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     data = np.asarray(values, dtype=np.float64)
     signed = bool((data < 0).any())
@@ -122,8 +128,4 @@ def plot_token_map(
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="SDI" if signed else "Σ_i |SDI|")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
