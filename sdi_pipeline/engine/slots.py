@@ -48,7 +48,11 @@ class SlotLayout:
 
     def describe(self) -> str:
         extra = [s for s, on in (("prelude", self.prelude), ("readout", self.readout)) if on]
-        return f"{self.loop_steps} loop steps" + (f" + {' + '.join(extra)}" if extra else "")
+        return self.steps_text() + (f" + {' + '.join(extra)}" if extra else "")
+
+    def steps_text(self) -> str:
+        """``1 loop step`` / ``6 loop steps``."""
+        return f"{self.loop_steps} loop step{'' if self.loop_steps == 1 else 's'}"
 
 
 def _check_interleaving(calls: dict[str, list[int]], tau: int) -> None:
@@ -87,7 +91,7 @@ def describe_assignment(slots: dict[str, list[int]], layout: SlotLayout) -> str:
             roles["readout"].append(name)
         else:
             roles["loop"].append(name)
-    parts = [f"{layout.loop_steps} loop steps of {_names(roles['loop'])}"]
+    parts = [f"{layout.steps_text()} of {_names(roles['loop'])}"]
     parts += [f"{role}: {_names(roles[role])}" for role in ("prelude", "readout") if roles[role]]
     return ", ".join(parts)
 
