@@ -16,16 +16,30 @@ from torch import nn
 
 from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.engine.featurizer import LossFn
-from sdi_pipeline.errors import ConfigError, DataError
+from sdi_pipeline.errors import ConfigError, DataError, SDIError
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def instantiate_node(node: Any, what: str) -> Any:
+    """Build a Hydra ``_target_`` node; a factory's failure is one ConfigError line (an
+    SDIError raised inside the factory is passed on as it is)."""
     try:
         return instantiate(node)
-    except InstantiationException as err:
-        raise ConfigError(f"cannot build {what}: {err}") from err
     except Exception as err:  # a user factory failing is a config problem, not ours
-        raise ConfigError(f"cannot build {what}: {type(err).__name__}: {err}") from err
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, SDIError):
+                raise cause from err
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(err, InstantiationException):
+            raise ConfigError(f"cannot build {what}: {_one_line(str(err))}") from err
+        raise ConfigError(
+            f"cannot build {what}: {type(err).__name__}: {_one_line(str(err))}"
+        ) from err
 
 
 def build_model(cfg: DictConfig) -> nn.Module:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import math
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdi_pipeline.digests import sha256_file
 from sdi_pipeline.errors import CheckpointError
 from sdi_pipeline.messages import shortened
 
@@ -47,26 +48,77 @@ def resolve_checkpoint_paths(patterns: Iterable[str], *, strict: bool = True) ->
     return paths
 
 
+def _first_line(err: BaseException) -> str:
+    """``Type: first sentence`` of an exception's message."""
+    text = " ".join(str(err).split())
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _not_a_checkpoint(p: Path) -> CheckpointError | None:
+    """A clear error for a file that cannot be a torch.save file (by its first bytes)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return CheckpointError(f"cannot read checkpoint {p} ({err})")
+    if not head:
+        return CheckpointError(
+            f"checkpoint {p} is empty (0 bytes): it was not written completely; save it again "
+            "or remove it from checkpoints.paths"
+        )
+    # torch.save writes a zip archive (PK..); the legacy format and plain pickles start with
+    # the pickle protocol opcode 0x80.
+    if head.startswith(b"PK") or head[0] == 0x80:
+        return None
+    return CheckpointError(
+        f"checkpoint {p} is not a PyTorch checkpoint (it starts with {head[:4]!r}, not a "
+        "torch.save archive): point checkpoints.paths at files written by torch.save"
+    )
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """Load a checkpoint onto the CPU.
 
     By default with ``weights_only=True`` (tensors and plain containers only). Pass
-    ``trust=True`` only for files you trust: it unpickles arbitrary objects.
+    ``trust=True`` only for files you trust: it unpickles arbitrary objects. Any file that
+    cannot be loaded is one CheckpointError saying why and what to do.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    refused = _not_a_checkpoint(p)
+    if refused is not None:
+        raise refused
     try:
         data = torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
+        text = str(err)
+        if not trust and "Unsupported global" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" (such as {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"checkpoint {p} holds objects other than tensors and plain containers{what}, "
+                "which weights_only loading refuses. If you trust the file, allow full "
+                "unpickling: checkpoints.trust=true in the config (trust_checkpoints=True for "
+                "attribute())."
+            ) from err
+        found = re.search(r"WeightsUnpickler error: \s*([^\n]+)", text)
+        detail = found.group(1).strip() if found else text.splitlines()[0]
         raise CheckpointError(
-            f"checkpoint {p} holds objects other than tensors and plain containers, which "
-            f"weights_only loading refuses ({str(err).splitlines()[0]}). If you trust the "
-            "file, allow full unpickling: checkpoints.trust=true in the config "
-            "(trust_checkpoints=True for attribute())."
+            f"checkpoint {p} is not a readable PyTorch checkpoint ({detail}): it is damaged or "
+            "not written by torch.save; save or copy it again"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {p}: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {p} is truncated or damaged ({_first_line(err)[:200]}): save or copy "
+            "it again"
+        ) from err
+    except Exception as err:  # torch.load and unpickled code raise many kinds
+        raise CheckpointError(
+            f"cannot load checkpoint {p} ({_first_line(err)[:200]}): is it a PyTorch checkpoint "
+            "written by torch.save?"
+        ) from err
     if not isinstance(data, Mapping):
         raise CheckpointError(f"checkpoint {p} holds a {type(data).__name__}, not a dict")
     return dict(data)
@@ -127,9 +179,5 @@ def resolve_eta(spec: CheckpointSpec, checkpoint: Mapping[str, Any]) -> float:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file, for provenance."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file (uncached; jobs use the run's :class:`digests.DigestCache`)."""
+    return sha256_file(path)
