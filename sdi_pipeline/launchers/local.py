@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sdi_pipeline.atomic import write_text_atomic
+from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.rundir import RunDir, run_units
 
 EXIT_CTRL_C = 130
@@ -33,6 +34,20 @@ class LocalLauncherConfig:
     workers: int = 2
     # Torch threads per worker; null splits this machine's cores evenly between workers.
     threads_per_worker: int | None = None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """launcher.workers and threads_per_worker must be positive."""
+    lc = cfg.launcher
+    if lc.workers < 1:
+        raise ConfigError(
+            f"launcher.workers must be at least 1 (the number of worker processes), got "
+            f"{lc.workers}"
+        )
+    if lc.threads_per_worker is not None and lc.threads_per_worker < 1:
+        raise ConfigError(
+            f"launcher.threads_per_worker must be at least 1 or null, got {lc.threads_per_worker}"
+        )
 
 
 def job_command(job: str, run: RunDir, *extra: str) -> list[str]:
