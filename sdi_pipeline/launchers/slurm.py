@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.results import stale_reasons
 from sdi_pipeline.rundir import RunDir, rank_units, run_units
 
 
@@ -301,8 +302,8 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
             f"launcher=slurm needs SLURM's {' and '.join(missing)} on PATH: run sdi-attribute "
             "on a cluster login node (or use launcher=local)"
         )
-    if run.results_path.exists():
-        print(f"[sdi] {run.results_path} exists: nothing to submit")
+    if run.results_path.exists() and not stale_reasons(run.results_path):
+        print(f"[sdi] {run.results_path} exists and is up to date: nothing to submit")
         return 0
     world = int(cfg.launcher.array_size)
     units = run_units(cfg, n_train)
