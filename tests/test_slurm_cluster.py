@@ -210,6 +210,9 @@ def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(
         "data.train._target_=pipeline_helpers.corruptible_parity",
         "+data.train.bad_index=20",  # in block 1 (examples 16..31) of each checkpoint
         f"+data.train.flag={flag}",
+        # Only in the SLURM jobs: sdi-attribute's preflight reads every example and would
+        # refuse the corrupted one before submitting anything.
+        "+data.train.only_in_jobs=true",
     ]
     run = _run_dir(_attribute(tmp_path, *command))
     first = _submitted(run)
