@@ -151,3 +151,24 @@ def cli_overrides(tmp_path: Path, *extra: str) -> list[str]:
         *extra,
     ]
 
+
+class NoisyData(Dataset):
+    """A data set whose examples change every time they are read (random augmentation)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        item = dict(self.data[i])
+        item["tokens"] = item["tokens"].clone()
+        item["tokens"][0] = int(torch.randint(0, 2, ()))
+        item["noise"] = torch.rand(())
+        return item
+
+
+def noisy_parity(paths: list[str] | str, split: str = "train", limit: int = 40) -> NoisyData:
+    """The toy's parity data with random noise in every read (see NoisyData)."""
+    return NoisyData(parity_from_checkpoints(paths, split, limit))
