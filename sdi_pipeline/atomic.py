@@ -165,7 +165,9 @@ def create_exclusive(path: str | Path, text: str) -> bool:
     """Create ``path`` with ``text`` unless it exists; True if this call created it.
 
     The content is complete before the name appears (a hard link of a finished temporary
-    file, which fails when the name exists), so a reader never sees a partial file.
+    file, which fails when the name exists), so a reader never sees a partial file. On
+    filesystems without hard links it falls back to ``O_CREAT | O_EXCL`` (a reader may then
+    see the file empty for an instant; :mod:`sdi_pipeline.leases` allows for that).
     """
     final = Path(path)
     ensure_dir(final.parent)
@@ -177,12 +179,26 @@ def create_exclusive(path: str | Path, text: str) -> bool:
             os.link(tmp, final)
         except FileExistsError:
             return False
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            return _create_excl(final, text)
         return True
     except OSError as err:
         _raise_write_error(final, err)
         raise
     finally:
         _remove_quietly(tmp)
+
+
+def _create_excl(final: Path, text: str) -> bool:
+    try:
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode())
+    return True
 
 
 def pid_alive(pid: int) -> bool:
