@@ -8,6 +8,7 @@ the table of these cases and their outcomes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -295,7 +296,7 @@ def test_a_second_launch_is_told_and_a_killed_launcher_takes_its_jobs_along(
     tmp_path, cli_ref, capsys, monkeypatch
 ) -> None:
     slow = "analysis.loss._target_=pipeline_helpers.slow_parity_loss"
-    first = _launcher(tmp_path, slow, "launcher.workers=2", SDI_TEST_BATCH_SECONDS="0.3")
+    first = _launcher(tmp_path, slow, "launcher.workers=2", SDI_TEST_BATCH_SECONDS="0.5")
     runs = tmp_path / "runs" / "toy-parity"
     wait_for(lambda: runs.is_dir() and any(_worker_pids(p) for p in runs.iterdir()), first)
     (run_path,) = runs.iterdir()
@@ -349,40 +350,55 @@ def test_a_frozen_worker_loses_its_unit_after_the_lease_timeout(
 # --- concurrency ------------------------------------------------------------------------------
 
 
-def _done_lines(*procs: subprocess.Popen) -> list[str]:
-    lines = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, out + err
-        assert "Traceback" not in err
-        lines += [
-            line.split(" done ")[1].split(":")[0] for line in err.splitlines() if " done " in line
-        ]
-    return lines
+def _done_units(run: RunDir) -> list[str]:
+    """The units every worker logged as done (each worker appends to logs/worker-RRRR.log)."""
+    return [
+        line.split(" done ")[1].split(":")[0]
+        for log in run.logs_dir.glob("worker-*.log")
+        for line in log.read_text().splitlines()
+        if " done " in line
+    ]
 
 
-def test_duplicate_ranks_compute_each_unit_once(tmp_path, toy_ref) -> None:
+def _finished(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, out + err
+
+
+def test_duplicate_ranks_compute_each_unit_once(tmp_path, toy_ref, monkeypatch) -> None:
     run = prepare_run(toy_config(tmp_path, analysis=SLOW_LOSS))
     assert run_query(run.path) == 0
-    procs = [spawn("worker", run, "rank=0", "world_size=1", SDI_TEST_BATCH_SECONDS="0.1")
-             for _ in range(2)]  # fmt: skip
-    assert sorted(_done_lines(*procs)) == sorted(UNITS)  # each unit once, by one of them
+    proc = spawn("worker", run, "rank=0", "world_size=1", SDI_TEST_BATCH_SECONDS="0.2")
+    wait_for(lambda: run.lease_path(UNITS[0]).exists(), proc)
+    monkeypatch.setenv("SDI_TEST_BATCH_SECONDS", "0.05")
+    assert run_worker(run.path, 0, 1) == 0  # the same rank again, in this process
+    _finished(proc)
+    assert sorted(_done_units(run)) == sorted(UNITS)  # each unit once, by one of them
+    assert "is being computed by worker-0000" in log_text(run, "worker-0000")
     assert run_merge(run.path) == 0
     assert_same(run.results_path, toy_ref)
 
 
-def test_mismatched_world_sizes_compute_each_unit_once_and_are_named(tmp_path, toy_ref) -> None:
+def test_mismatched_world_sizes_compute_each_unit_once_and_are_named(
+    tmp_path, toy_ref, monkeypatch
+) -> None:
     run = prepare_run(toy_config(tmp_path, analysis=SLOW_LOSS))
     assert run_query(run.path) == 0
-    procs = [spawn("worker", run, f"rank={r}", f"world_size={w}", SDI_TEST_BATCH_SECONDS="0.1")
-             for r, w in (("0", "2"), ("1", "3"))]  # fmt: skip
+    proc = spawn("worker", run, "rank=0", "world_size=2", SDI_TEST_BATCH_SECONDS="0.2")
+    wait_for(lambda: run.lease_path(UNITS[0]).exists(), proc)
+    monkeypatch.setenv("SDI_TEST_BATCH_SECONDS", "0.05")
+    assert run_worker(run.path, 1, 3) == 0  # 1/3 overlaps 0/2 in unit 4
+    _finished(proc)
     # 0/2 takes units 0, 2, 4 and 1/3 takes 1, 4: unit 4 once, units 3 and 5 by nobody.
-    assert sorted(_done_lines(*procs)) == sorted(UNITS[i] for i in (0, 1, 2, 4))
+    assert sorted(_done_units(run)) == sorted(UNITS[i] for i in (0, 1, 2, 4))
     with pytest.raises(MergeRefused) as err:
         run_merge(run.path)
     assert f"2 of 6 units not done: {UNITS[3]}, {UNITS[5]}" in str(err.value)
     assert "workers ran with world sizes 2, 3: run every rank 0..W-1 of one" in str(err.value)
     assert run_worker(run.path, 1, 2) == 0  # the missing rank of world size 2
+    assert "units of this run were done by workers with world size 3" in log_text(
+        run, "worker-0001"
+    )
     assert run_merge(run.path) == 0
     assert_same(run.results_path, toy_ref)
 
@@ -405,6 +421,16 @@ def test_a_unit_leased_by_a_live_job_is_named_by_status_and_the_merge(tmp_path, 
     finally:
         lease.release()
     recover(run)
+    assert_same(run.results_path, toy_ref)
+
+
+def test_leases_work_on_a_filesystem_without_hard_links(tmp_path, toy_ref, monkeypatch) -> None:
+    def no_links(*args: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    run = run_all(toy_config(tmp_path))
+    assert not list(run.leases_dir.iterdir())  # every lease taken and released
     assert_same(run.results_path, toy_ref)
 
 
@@ -656,59 +682,52 @@ def _unshare_works(*flags: str) -> bool:
     return shutil.which("unshare") is not None and probe.returncode == 0
 
 
-# One script run inside a private mount namespace: the run dir lives on a small tmpfs.
+# One Python process in a private mount namespace, with the run dir on a small tmpfs: it
+# prepares the run and its query files, runs sdi-worker's entry point (capturing its stderr),
+# checks what was left, then remounts with room and recovers.
 DISK_SCRIPT = """
-set -u
-mount -t tmpfs -o size=$SIZE tmpfs "$DISK" || exit 99
-cd "$DISK"
-python=$1; shift
-"$python" -c "$PREPARE" > prepare.out 2>&1 || { cat prepare.out; exit 98; }
-[ -n "${RO:-}" ] && mount -o remount,ro "$DISK"
-"$python" -c "$JOB" > "$OUT/fail.out" 2> "$OUT/fail.err"; echo $? > "$OUT/fail.code"
-ls -a "$DISK"/runs/*/*/units "$DISK"/runs/*/*/query > "$OUT/listing.txt"
-"$python" -c "$CHECK" > "$OUT/check.txt" 2>&1
-mount -o remount,rw,size=64m "$DISK"
-"$python" -c "$RECOVER" > "$OUT/recover.out" 2>&1 || { cat "$OUT/recover.out"; exit 97; }
-cp "$DISK"/runs/*/*/results.h5 "$OUT/results.h5"
-"""
-
-PREPARE = """
-import json, sys
+import io, json, shutil, subprocess, sys
+from pathlib import Path
 sys.path.insert(0, {tests!r})
 from pipeline_helpers import toy_config
-from pathlib import Path
-from sdi_pipeline.rundir import prepare_run
-from sdi_pipeline.jobs import run_query
-cfg = toy_config(Path({ckpts!r}))
-cfg["run"]["root"] = "{disk}/runs"
-run = prepare_run(cfg)
-{query}
-"""
-JOB = """
-import sys
-from pathlib import Path
 from sdi_pipeline import cli
-run = next(Path("{disk}/runs").glob("*/*"))
-sys.argv = ["sdi-worker", f"run_dir={{run}}", "rank=0", "world_size=1"]
-cli.worker_main()
-"""
-CHECK = """
-from pathlib import Path
-from sdi_pipeline.store import read_meta
-run = next(Path("{disk}/runs").glob("*/*"))
-for f in sorted(run.glob("units/*.h5")) + sorted(run.glob("query/*.h5")):
-    read_meta(f)  # every file under its final name is complete
-print("temporaries:", sorted(p.name for p in run.rglob(".*.tmp-*")))
-print("markers without a unit:", [m.name for m in run.glob("completions/*")
-      if not (run / "units" / (m.name + ".h5")).exists()])
-"""
-RECOVER = """
-from pathlib import Path
 from sdi_pipeline.jobs import run_query, run_worker
-from sdi_pipeline.leases import Lease, acquire
 from sdi_pipeline.merge import run_merge
-run = next(Path("{disk}/runs").glob("*/*"))
-assert run_query(run) == 0 and run_worker(run, 0, 1) == 0 and run_merge(run) == 0
+from sdi_pipeline.rundir import prepare_run
+from sdi_pipeline.store import read_meta
+
+disk, out = Path({disk!r}), Path({out!r})
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size={size}", "tmpfs", str(disk)], check=True)
+cfg = toy_config(Path({ckpts!r}))
+cfg["run"]["root"] = str(disk / "runs")
+run = prepare_run(cfg)
+assert run_query(run.path) == 0
+if {read_only!r}:
+    from sdi_pipeline.logs import log
+    for handler in log.handlers:  # the query job's log file is still open
+        handler.close()
+    log.handlers.clear()
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+err, real = io.StringIO(), sys.stderr
+sys.stderr, sys.argv = err, ["sdi-worker", f"run_dir={{run.path}}", "rank=0", "world_size=1"]
+try:
+    cli.worker_main()
+except SystemExit as done:
+    code = done.code
+sys.stderr = real
+for f in sorted(run.path.glob("units/*.h5")) + sorted(run.path.glob("query/*.h5")):
+    read_meta(f)  # every file under its final name is complete
+left = {{
+    "code": code,
+    "stderr": err.getvalue(),
+    "temporaries": sorted(p.name for p in run.path.rglob(".*.tmp-*")),
+    "markers without a unit": [m.name for m in run.path.glob("completions/*")
+                               if not (run.path / "units" / (m.name + ".h5")).exists()],
+}}
+subprocess.run(["mount", "-o", "remount,rw,size=64m", str(disk)], check=True)
+assert run_query(run.path) == 0 and run_worker(run.path, 0, 1) == 0 and run_merge(run.path) == 0
+shutil.copy(run.results_path, out / "results.h5")
+(out / "left.json").write_text(json.dumps(left))
 """
 
 
@@ -719,21 +738,18 @@ def _on_small_disk(tmp_path: Path, size: str, *, read_only: bool = False) -> tup
     disk.mkdir()
     out.mkdir()
     write_toy_checkpoints(tmp_path / "ckpts")
-    fill = {"tests": str(TESTS), "ckpts": str(tmp_path), "disk": str(disk)}
-    env = os.environ | {
-        "SIZE": size, "DISK": str(disk), "OUT": str(out), "RO": "1" if read_only else "",
-        "PREPARE": PREPARE.format(**fill, query="run_query(run.path)"),
-        "JOB": JOB.format(**fill), "CHECK": CHECK.format(**fill), "RECOVER": RECOVER.format(**fill),
-    }  # fmt: skip
+    script = DISK_SCRIPT.format(
+        tests=str(TESTS), disk=str(disk), out=str(out), ckpts=str(tmp_path), size=size,
+        read_only=read_only,
+    )  # fmt: skip
     proc = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", DISK_SCRIPT, "sh", sys.executable],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        ["unshare", "-rm", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    check = (out / "check.txt").read_text()
-    assert "temporaries: []" in check and "markers without a unit: []" in check, check
-    code = int((out / "fail.code").read_text())
-    return code, (out / "fail.err").read_text(), str(out / "results.h5")
+    left = json.loads((out / "left.json").read_text())
+    assert left["temporaries"] == [] and left["markers without a unit"] == [], left
+    return int(left["code"]), left["stderr"], str(out / "results.h5")
 
 
 needs_unshare = pytest.mark.skipif(
