@@ -129,7 +129,9 @@ def run(argv: list[str]) -> int:
         raise RunDirError(
             f"run {path} is already being run by {lock.describe()}: wait for it to "
             f"finish (sdi-status run_dir={path} shows its progress), or stop it (kill {pid} on "
-            f"{lock.record.get('host', 'its host')}) and run the same command again"
+            f"{lock.record.get('host', 'its host')}) and run the same command again; a lock "
+            f"not refreshed for runtime.lease_timeout_s={cfg.runtime.lease_timeout_s:g}s is "
+            "taken over"
         )
     with lock:
         run_dir = prepare_run(cfg)

@@ -61,12 +61,7 @@ class RunStatus:
     @property
     def healthy(self) -> bool:
         return not (
-            self.failed
-            or self.corrupt
-            or self.stale
-            or self.query_bad
-            or self.results_stale
-            or self.missing_checkpoints
+            self.failed or self.corrupt or self.stale or self.query_bad or self.results_stale
         )
 
 
@@ -212,7 +207,7 @@ def format_status(run: RunDir, status: RunStatus) -> str:
         + (" [verified: checksums and data]" if status.verified else ""),
     ]
     for path in status.missing_checkpoints:
-        lines.append(f"    CHECKPOINT MISSING {path}: restore it (the jobs need it)")
+        lines.append(f"    checkpoint missing: {path} (only needed to compute units again)")
     for k, why in sorted(status.query_bad.items()):
         lines.append(f"    QUERY {k}: {why}")
     for name, why in sorted(status.corrupt.items()):

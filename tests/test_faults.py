@@ -493,6 +493,18 @@ def test_a_touched_checkpoint_is_hashed_again_but_nothing_is_recomputed(tmp_path
     assert cache[str(ckpt)]["stat"][1] == ckpt.stat().st_mtime_ns
 
 
+def test_checkpoints_deleted_after_the_run_leave_the_results_usable(
+    tmp_path, toy_ref, capsys, monkeypatch
+) -> None:
+    run = run_all(toy_config(tmp_path))
+    shutil.rmtree(tmp_path / "ckpts")  # cleaned up to save space: nothing changed
+    with Results.open(run.path) as res:
+        assert res.n_query == 5
+    code, out, _ = cli_run(cli.status_main, [f"run_dir={run.path}"], capsys, monkeypatch)
+    assert code == 0 and "checkpoint missing: " in out and "results.h5: written, up to date" in out
+    assert_same(run.results_path, toy_ref)
+
+
 def test_changed_training_data_of_the_same_size_recomputes_its_block(tmp_path) -> None:
     train, query = token_rows()
     run = run_all(tokens_config(tmp_path, train, query))
