@@ -4,39 +4,73 @@
 
 Everything that can be checked is checked before anything runs or is submitted: the config
 schema, checkpoint files, that each checkpoint fits the model, that the target patterns
-match modules, and one real forward/backward of a query batch through the loss. It prints
-the loss (and which config group or override set it) and each checkpoint's eta (and where
-it was read).
+match modules, every training and query example (readable, token ids inside the model's
+vocabulary, not longer than the model takes, the same each time it is read), and one real
+forward/backward of a query batch through the loss. It prints the loss (and which config
+group or override set it), each checkpoint's eta (and where it was read) and what the
+calls showed (loop steps, prelude, readout).
+
+While it runs the jobs, ``sdi-attribute`` holds the run's launcher lock: a second launch of
+the same config is told who is running it instead of starting duplicate workers. Before
+launching, units and query files whose inputs changed (checkpoint rewritten, examples
+changed) lose their markers, so every launcher recomputes exactly them.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline import build
 from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.cli import guarded
-from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.errors import ConfigError, RunDirError, SDIError
 
 
-def preflight(cfg: DictConfig) -> int:
-    """Build everything a job builds and sketch one query batch; returns N_train."""
+@dataclass
+class Preflight:
+    """What the checks found: the job context, and the digests of the data as it is now."""
+
+    ctx: Any  # jobs.JobContext
+    n_train: int
+    train_blocks: list[str]
+    query_sha: str
+
+
+def preflight(cfg: DictConfig) -> Preflight:
+    """Build everything a job builds, read every example, sketch one query batch."""
+    from sdi_pipeline.content import scan_dataset, token_limits
     from sdi_pipeline.jobs import JobContext
 
     ctx = JobContext(cfg)
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
+    limits = token_limits(ctx.model)
+    progress = bool(cfg.runtime.progress)
+    train_scan = scan_dataset(train, "train", limits, int(cfg.data.block_size), progress=progress)
+    query_scan = scan_dataset(query, "query", limits, len(query), progress=progress)
     for k in range(len(ctx.checkpoints)):
         info = ctx.use_checkpoint(k)
         print(f"[sdi] checkpoint {k}: {info.path}, eta {info.eta:.6g} from {info.eta_source}")
     ctx.progress = False
-    feats = ctx.sketch(query, 0, min(len(query), int(cfg.data.batch_size)), "preflight", True)
+    try:
+        batch = min(len(query), int(cfg.data.batch_size))
+        feats, _ = ctx.sketch(query, 0, batch, "preflight", "query")
+    except SDIError:
+        raise
+    except Exception as err:  # the user's model, loss or collate failing on real data
+        first = " ".join(str(err).split())[:300]
+        raise ConfigError(
+            f"one forward/backward of the first query batch failed ({type(err).__name__}: "
+            f"{first}): check the model, analysis.loss and data.collate against the data"
+        ) from err
     print(f"[sdi] targets: {ctx.featurizer.assignment}", flush=True)
     if feats.tokens is not None:
         _check_token_size(cfg, len(query), feats.tokens.shape)
-    return len(train)
+    return Preflight(ctx, len(train), train_scan.block_digests, query_scan.block_digests[0])
 
 
 def _check_token_size(cfg: DictConfig, n_query: int, shape: tuple[int, ...]) -> None:
@@ -57,6 +91,34 @@ def _check_token_size(cfg: DictConfig, n_query: int, shape: tuple[int, ...]) -> 
         )
 
 
+def reconcile(run: Any, pre: Preflight) -> list[str]:
+    """Remove the markers of stale or damaged units and stale query files, so that every
+    launcher recomputes exactly them; returns what was found."""
+    from sdi_pipeline.freshness import CORRUPT, STALE, check_unit
+    from sdi_pipeline.jobs import query_fresh
+    from sdi_pipeline.rundir import run_units
+
+    ctx = pre.ctx
+    ctx.run = run
+    ctx.digests.attach(run.digest_cache_path)
+    ctx._block_digests = dict(enumerate(pre.train_blocks))
+    found = []
+    for unit in run_units(ctx.cfg, pre.n_train):
+        if not run.marker_path(unit).exists():
+            continue
+        check = check_unit(run, unit.name, current=ctx.unit_depends(unit, None))
+        if check.state in (STALE, CORRUPT):
+            run.marker_path(unit).unlink(missing_ok=True)
+            found.append(f"{unit.name}: {check.why}")
+    for k in range(len(ctx.checkpoints)):
+        path = run.query_path(k)
+        fresh, why = query_fresh(path, ctx.query_depends(k, pre.query_sha))
+        if path.exists() and not fresh:
+            path.unlink(missing_ok=True)
+            found.append(f"{path.name}: {why}")
+    return found
+
+
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sdi-attribute",
@@ -72,7 +134,8 @@ def run(argv: list[str]) -> int:
 
     from sdi_pipeline.compose import compose_config, describe_loss, loss_origin
     from sdi_pipeline.launchers import LAUNCHERS
-    from sdi_pipeline.rundir import prepare_run
+    from sdi_pipeline.leases import Holder, acquire
+    from sdi_pipeline.rundir import RunDir, prepare_run, run_path
 
     cfg = compose_config(args.overrides, args.config_dir)
     if args.cfg:
@@ -86,18 +149,41 @@ def run(argv: list[str]) -> int:
     if cfg.checkpoints.prepare is not None:
         build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
     cfg.checkpoints.paths = resolve_checkpoint_paths(cfg.checkpoints.paths)
-    n_train = preflight(cfg)
-    run_dir = prepare_run(cfg)
-    run_dir.record_train_size(n_train)
-    print(f"[sdi] run dir {run_dir.path} ({n_train} training examples)", flush=True)
-    launcher = LAUNCHERS[cfg.launcher.name]
-    code = launcher.launch(run_dir, run_dir.load_config(), n_train)
+    pre = preflight(cfg)
+    path = run_path(cfg)
+    lock = acquire(
+        RunDir(path).launcher_lock_path, "sdi-attribute", float(cfg.runtime.lease_timeout_s)
+    )
+    if isinstance(lock, Holder):
+        pid = lock.record.get("pid")
+        raise RunDirError(
+            f"run {path} is already being run by {lock.describe()}: wait for it to "
+            f"finish (sdi-status run_dir={path} shows its progress), or stop it (kill {pid} on "
+            f"{lock.record.get('host', 'its host')}) and run the same command again; a lock "
+            f"not refreshed for runtime.lease_timeout_s={cfg.runtime.lease_timeout_s:g}s is "
+            "taken over"
+        )
+    with lock:
+        run_dir = prepare_run(cfg)
+        run_dir.record_train_size(pre.n_train)
+        print(f"[sdi] run dir {run_dir.path} ({pre.n_train} training examples)", flush=True)
+        found = reconcile(run_dir, pre)
+        if found:
+            print(
+                f"[sdi] {len(found)} file(s) no longer match their inputs and will be recomputed"
+                f" (stale: {found[0]}{' ...' if len(found) > 1 else ''})",
+                flush=True,
+            )
+        launcher = LAUNCHERS[cfg.launcher.name]
+        code = launcher.launch(run_dir, run_dir.load_config(), pre.n_train)
     # A launcher that submits returns before the merge: the same command run after the
     # merge prints the summary.
     if code == 0 and launcher.runs_jobs and run_dir.results_path.exists():
+        from sdi_pipeline.results import stale_reasons
         from sdi_pipeline.summary import print_summary
 
-        print_summary(run_dir, loss)
+        if not stale_reasons(run_dir.results_path):
+            print_summary(run_dir, loss)
     return code
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.engine.featurizer import LossFn
-from sdi_pipeline.errors import ConfigError, DataError
+from sdi_pipeline.errors import ConfigError, DataError, SDIError
 
 
 def use_python_path(cfg: DictConfig) -> None:
@@ -91,10 +91,15 @@ def instantiate_node(node: Any, what: str) -> Any:
     """
     try:
         return instantiate(node)
-    except InstantiationException as err:
-        target = str(node.get("_target_", "")) if isinstance(node, (dict, DictConfig)) else ""
-        raise ConfigError(f"cannot build {what}: {_explain(err, target)}") from err
     except Exception as err:  # a user factory failing is a config problem, not ours
+        cause: BaseException | None = err
+        while cause is not None:  # an SDIError inside the factory already says the fix
+            if isinstance(cause, SDIError):
+                raise cause from err
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(err, InstantiationException):
+            target = str(node.get("_target_", "")) if isinstance(node, (dict, DictConfig)) else ""
+            raise ConfigError(f"cannot build {what}: {_explain(err, target)}") from err
         raise ConfigError(f"cannot build {what}: {type(err).__name__}: {err}") from err
 
 

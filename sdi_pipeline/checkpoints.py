@@ -9,8 +9,6 @@ Hugging Face ``save_pretrained`` (``model.safetensors``, sharded with
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import math
 import pickle
 import re
@@ -22,17 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdi_pipeline.digests import checkpoint_files, read_json, sha256_files
 from sdi_pipeline.errors import CheckpointError
 from sdi_pipeline.messages import shortened
 
 # The weight files of a save_pretrained / Trainer directory, in the order Hugging Face
 # prefers them; an ``.index.json`` lists the shards of a sharded save.
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -75,48 +68,6 @@ def resolve_checkpoint_paths(patterns: Iterable[str], *, strict: bool = True) ->
     return paths
 
 
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The files holding a checkpoint's weights: the file itself, or a directory's weight files.
-
-    A directory's are those of :data:`WEIGHT_FILES` (the first present); an index file
-    stands for the shards it lists, in sorted order.
-    """
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    for name in WEIGHT_FILES:
-        if (p / name).is_file():
-            return _shards(p / name) if name.endswith(".index.json") else [p / name]
-    raise CheckpointError(
-        f"checkpoint directory {p} holds no model weights (none of {', '.join(WEIGHT_FILES)}): "
-        "name a save_pretrained or Trainer checkpoint-N directory, or the weight files"
-    )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
-
-
-def _shards(index: Path) -> list[Path]:
-    """The shard files a sharded save's index lists (each once, sorted); all must exist."""
-    data = _read_json(index)
-    weight_map = data.get("weight_map") if isinstance(data, Mapping) else None
-    if not isinstance(weight_map, Mapping) or not weight_map:
-        raise CheckpointError(f"{index} has no weight_map: is the sharded save complete?")
-    shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
-    missing = [s.name for s in shards if not s.is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{index} lists shard files that are missing: {shortened(missing, 3)}"
-        )
-    return shards
-
-
 def _load_safetensors(path: Path) -> dict[str, Any]:
     try:
         from safetensors import SafetensorError
@@ -136,18 +87,68 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         ) from err
 
 
+def _first_line(err: BaseException) -> str:
+    """``Type: first sentence`` of an exception's message."""
+    text = " ".join(str(err).split())
+    text = text.split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _not_a_checkpoint(p: Path) -> CheckpointError | None:
+    """A clear error for a file that cannot be a torch.save file (by its first bytes)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return CheckpointError(f"cannot read checkpoint {p} ({err})")
+    if not head:
+        return CheckpointError(
+            f"checkpoint {p} is empty (0 bytes): it was not written completely; save it again "
+            "or remove it from checkpoints.paths"
+        )
+    # torch.save writes a zip archive (PK..); the legacy format and plain pickles start with
+    # the pickle protocol opcode 0x80.
+    if head.startswith(b"PK") or head[0] == 0x80:
+        return None
+    return CheckpointError(
+        f"checkpoint {p} is not a PyTorch checkpoint (it starts with {head[:4]!r}, not a "
+        "torch.save archive): point checkpoints.paths at files written by torch.save"
+    )
+
+
 def _load_torch(path: Path, trust: bool) -> dict[str, Any]:
+    refused = _not_a_checkpoint(path)
+    if refused is not None:
+        raise refused
     try:
         data = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
+        text = str(err)
+        if not trust and "Unsupported global" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" (such as {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain containers{what}, "
+                "which weights_only loading refuses. If you trust the file, allow full "
+                "unpickling: checkpoints.trust=true in the config (trust_checkpoints=True for "
+                "attribute())."
+            ) from err
+        found = re.search(r"WeightsUnpickler error: \s*([^\n]+)", text)
+        detail = found.group(1).strip() if found else text.splitlines()[0]
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain containers, which "
-            f"weights_only loading refuses ({str(err).splitlines()[0]}). If you trust the "
-            "file, allow full unpickling: checkpoints.trust=true in the config "
-            "(trust_checkpoints=True for attribute())."
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({detail}): it is damaged "
+            "or not written by torch.save; save or copy it again"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or damaged ({_first_line(err)[:200]}): save or copy "
+            "it again"
+        ) from err
+    except Exception as err:  # torch.load and unpickled code raise many kinds
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({_first_line(err)[:200]}): is it a PyTorch "
+            "checkpoint written by torch.save?"
+        ) from err
     if not isinstance(data, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a dict")
     return dict(data)
@@ -177,7 +178,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         state.update(state_dict_of(_load_file(f, trust)))
     data: dict[str, Any] = {"state_dict": state}
     if (p / TRAINER_STATE).is_file():
-        trainer = _read_json(p / TRAINER_STATE)
+        trainer = read_json(p / TRAINER_STATE)
         if not isinstance(trainer, Mapping):
             raise CheckpointError(
                 f"{p / TRAINER_STATE} holds a {type(trainer).__name__}, not a dict"
@@ -338,17 +339,9 @@ def checkpoint_size(path: str | Path) -> int:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint, for provenance.
+    """sha256 of a checkpoint (uncached; jobs use the run's :class:`digests.DigestCache`).
 
     A file's is that of its bytes. A directory's covers its weight files
     (:func:`checkpoint_files`) in sorted order, each name then its bytes.
     """
-    p = Path(path)
-    h = hashlib.sha256()
-    for f in checkpoint_files(p):
-        if f != p:
-            h.update(f.relative_to(p).as_posix().encode() + b"\0")
-        with open(f, "rb") as stream:
-            while block := stream.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_files(Path(path), checkpoint_files(path))

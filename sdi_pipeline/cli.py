@@ -1,9 +1,10 @@
 """Command-line entry points: ``sdi-worker``, ``sdi-query``, ``sdi-merge``, ``sdi-status``.
 
 Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
-rank=3 world_size=8``. In launcher=slurm's job array, rank and world size default to the
-array task id and count. ``python -m sdi_pipeline.cli <worker|query|merge|status> ...`` runs the
-same entry points. A user mistake prints one ``error:`` line and exits with status 2.
+rank=3 world_size=8``, ``sdi-status run_dir=... [verify=true]``. In launcher=slurm's job
+array, rank and world size default to the array task id and count. ``python -m
+sdi_pipeline.cli <worker|query|merge|status> ...`` runs the same entry points. A user mistake
+prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
         except SDIError as err:
             print(f"error: {err}", file=sys.stderr)
             code = 2
+        except KeyboardInterrupt:
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            code = 130
         sys.exit(code)
 
     return main
@@ -80,10 +84,15 @@ def _status(argv: list[str]) -> int:
     from sdi_pipeline.rundir import RunDir
     from sdi_pipeline.status import format_status, run_status
 
-    run = RunDir(parse_kv(argv, ["run_dir"])["run_dir"])
-    status = run_status(run)
+    args = parse_kv(argv, ["run_dir"], ["verify"])
+    verify = args.get("verify", "false").lower()
+    if verify not in ("true", "false"):
+        raise ConfigError(f"verify must be true or false, got '{args['verify']}'")
+    run = RunDir.existing(args["run_dir"])
+    status = run_status(run, verify=verify == "true")
     print(format_status(run, status))
-    return 1 if status.failed else 0
+    # 1: something needs attention (failed, stale or corrupt units, stale results.h5).
+    return 0 if status.healthy else 1
 
 
 JOBS = {"worker": _worker, "query": _query, "merge": _merge, "status": _status}

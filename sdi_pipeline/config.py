@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,10 @@ class RuntimeConfig:
     # Folders put first on sys.path before building factories, in every job: sdi-attribute
     # records its working directory and --config-dir folders here.
     python_path: list[str] = field(default_factory=list)
+    # Seconds a unit's lease may go without a heartbeat (a crashed machine, a frozen job)
+    # before another worker takes the unit over. A dead process on the same host is seen
+    # at once.
+    lease_timeout_s: float = 300.0
 
 
 @dataclass
@@ -156,8 +162,30 @@ _CHOICES = {
 }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_folder_name(key: str, value: Any) -> None:
+    """``value`` must be one folder name: no path separators, no '..', no control characters."""
+    text = str(value)
+    if (
+        not text.strip()
+        or text in (".", "..")
+        or "/" in text
+        or "\\" in text
+        or os.sep in text
+        or _CONTROL.search(text)
+    ):
+        raise ConfigError(
+            f"{key}={text!r} cannot be used: it must be one folder name inside run.root (no '/', "
+            f"no '..', no control characters), e.g. {key}=my-experiment"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot: one clear ConfigError for the first problem."""
+    from sdi_pipeline.launchers import LAUNCHERS
+
     for (section, key), allowed in _CHOICES.items():
         value = cfg[section][key]
         if value not in allowed:
@@ -193,6 +221,18 @@ def validate(cfg: DictConfig) -> None:
             f"analysis.query_tokens={tokens!r} is not null, 'all', 'last' or a list of token "
             "positions (e.g. [-1] or [3,4,5])"
         )
+    check_folder_name("run.name", cfg.run.name)
+    if cfg.run.id is not None:
+        check_folder_name("run.id", cfg.run.id)
+    if not cfg.runtime.lease_timeout_s > 0:
+        raise ConfigError(
+            f"runtime.lease_timeout_s must be positive, got {cfg.runtime.lease_timeout_s}"
+        )
+    if cfg.runtime.threads is not None and cfg.runtime.threads <= 0:
+        raise ConfigError(f"runtime.threads must be positive or null, got {cfg.runtime.threads}")
+    launcher = LAUNCHERS[cfg.launcher.name]
+    if launcher.validate is not None:
+        launcher.validate(cfg)
 
 
 def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
@@ -264,11 +304,27 @@ def load(path: Path) -> DictConfig:
     """Read a run's config.yaml back onto the schema."""
     if not path.is_file():
         raise RunDirError(f"no config at {path}: is this a run directory made by sdi-attribute?")
-    raw = OmegaConf.load(path)
-    version = raw.get("schema_version") if isinstance(raw, DictConfig) else None
+    fix = "run the same sdi-attribute command again to rewrite it (or restore it)"
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml's scanner/parser errors, bad bytes, OmegaConf's own
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        if mark is not None and problem:
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        else:
+            where = " ".join(str(err).split())[:200]
+        raise RunDirError(f"{path} is damaged: not valid YAML ({where}); {fix}") from err
+    if not isinstance(raw, DictConfig):
+        raise RunDirError(f"{path} is damaged: it holds no mapping of config keys; {fix}")
+    version = raw.get("schema_version")
+    if version is None:
+        raise RunDirError(f"{path} is damaged: it has no schema_version (truncated?); {fix}")
     if version != SCHEMA_VERSION:
         raise RunDirError(
             f"{path} has config schema version {version}, this sdi-pipeline reads version "
             f"{SCHEMA_VERSION}: run it with the sdi-pipeline version that made the run"
         )
-    return structured(raw)
+    try:
+        return structured(raw)
+    except ConfigError as err:
+        raise RunDirError(f"{path} does not fit the config schema ({err}); {fix}") from err

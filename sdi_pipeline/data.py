@@ -479,6 +479,14 @@ class TokenDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {self._len} rows")
         return {"input_ids": self._source.row(self.offset + i)}
 
+    def describe_row(self, index: int) -> str:
+        """Where row ``index`` comes from, for error messages: the file and its row or line."""
+        row = self.offset + int(index)
+        lines = getattr(self._source, "line_numbers", None)
+        if lines is not None and row < len(lines):
+            return f"{self.path} line {int(lines[row])}"
+        return f"{self.path} row {row}"
+
     def __repr__(self) -> str:
         stop = self.offset + self._len
         return f"TokenDataset('{self.path}', format='{self.format}', rows [{self.offset}, {stop}))"

@@ -2,10 +2,19 @@
 
 Both jobs read everything from the run directory's config.yaml; a worker additionally gets
 its rank and the world size. The same code runs under every launcher.
+
+Files are content-addressed: each records what it depends on (``depends``: checkpoint
+sha256, digest of its examples, sketch spec, targets, parameters, format) and a job reuses
+a finished file only while those are unchanged; a stale or damaged one is logged
+(``stale: <unit>: <why>``), its marker removed, and recomputed. Before computing a unit a
+worker takes its lease (:mod:`sdi_pipeline.leases`); units leased by a live owner are left
+to it and waited for at the end, so concurrent launches, duplicate ranks and mismatched
+world sizes never compute a unit twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,26 +28,30 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from sdi_pipeline import build
-from sdi_pipeline.atomic import write_json_atomic
+from sdi_pipeline.atomic import clean_temp_files, write_json_atomic
 from sdi_pipeline.checkpoints import (
     CheckpointSpec,
     checkpoint_size,
-    file_digest,
     load_checkpoint,
     load_into,
     resolve_eta_and_source,
 )
 from sdi_pipeline.config import config_hash, train_hash
+from sdi_pipeline.content import HashingSubset, block_digest
+from sdi_pipeline.digests import DigestCache, record_digest
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
-from sdi_pipeline.errors import ConfigError, SDIError
+from sdi_pipeline.errors import CheckpointError, ConfigError, DataError, SDIError
+from sdi_pipeline.freshness import CORRUPT, DONE, STALE, check_unit, explain_stale, read_attrs
 from sdi_pipeline.launchers import allocated_cpus
-from sdi_pipeline.logs import log, peak_rss_mb, setup_logging
+from sdi_pipeline.layout import query_lease_name
+from sdi_pipeline.leases import Holder, acquire
+from sdi_pipeline.logs import as_job_error, log, peak_rss_mb, setup_logging
 from sdi_pipeline.rundir import RunDir, Unit, rank_units, run_units
-from sdi_pipeline.store import read_meta, write_sketch_file
+from sdi_pipeline.store import FORMAT_VERSION, verify_sketch_file, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
 
 # Exit status of a job stopped by SIGTERM/SIGINT before finishing its work (EX_TEMPFAIL).
@@ -85,6 +98,8 @@ class JobContext:
         self.cfg = cfg
         self.hash = config_hash(self.cfg)
         self.train_hash = train_hash(self.cfg)
+        # Checkpoint digests, cached by file identity in the run dir (in memory without one).
+        self.digests = DigestCache(run.digest_cache_path if run is not None else None)
         threads = os.environ.get("SDI_THREADS") or self.cfg.runtime.threads or allocated_cpus()
         if threads:
             torch.set_num_threads(int(threads))
@@ -107,34 +122,49 @@ class JobContext:
             self.spec,
             expected_steps=self.cfg.analysis.expected_steps,
         )
-        self._loaded: int | None = None
+        self.lease_timeout = float(self.cfg.runtime.lease_timeout_s)
+        self._loaded: tuple[int, str] | None = None
         self._info: dict[int, CheckpointInfo] = {}
+        self._block_digests: dict[int, str] = {}
         self.stop = threading.Event()
 
     @classmethod
     def open(cls, run_dir: str | Path) -> JobContext:
         """The context of a run directory (its config checked against its hash)."""
-        run = RunDir(run_dir)
+        run = RunDir.existing(run_dir)
         return cls(run.load_config(), run)
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self._loss(model, build.to_device(batch, self.device))
 
+    def checkpoint_sha(self, k: int) -> str:
+        """sha256 of checkpoint k now (from the run's digest cache when the file is unchanged)."""
+        path = self.checkpoints[k]
+        try:
+            return self.digests.sha256(path)
+        except OSError as err:
+            raise CheckpointError(f"cannot read checkpoint {path} ({err})") from err
+
     def use_checkpoint(self, k: int) -> CheckpointInfo:
-        """Load checkpoint k into the model (if not loaded) and describe it."""
-        if self._loaded != k:
-            path = self.checkpoints[k]
+        """Load checkpoint k into the model (unless loaded and unchanged) and describe it."""
+        path = self.checkpoints[k]
+        sha = self.checkpoint_sha(k)
+        if self._loaded != (k, sha):
+            size = checkpoint_size(path)
             data = load_checkpoint(path, trust=bool(self.cfg.checkpoints.trust))
+            if self.checkpoint_sha(k) != sha:
+                raise CheckpointError(
+                    f"checkpoint {path} changed while it was read: wait until it is written "
+                    "completely, then run the same command again"
+                )
             load_into(self.model, data, path)
             etas = self.cfg.checkpoints.etas
             spec = CheckpointSpec(path, None if etas is None else float(etas[k]))
             eta, source = resolve_eta_and_source(spec, data, given_by="checkpoints.etas")
-            if k not in self._info:
-                self._info[k] = CheckpointInfo(
-                    k, path, checkpoint_size(path), file_digest(path), eta, source
-                )
+            if k not in self._info or self._info[k].sha256 != sha:
                 log.info("checkpoint %d %s: eta %.6g from %s", k, path, eta, source)
-            self._loaded = k
+            self._info[k] = CheckpointInfo(k, path, size, sha, eta, source)
+            self._loaded = (k, sha)
         return self._info[k]
 
     def base_meta(self, info: CheckpointInfo) -> dict[str, Any]:
@@ -145,20 +175,53 @@ class JobContext:
             "train_hash": self.train_hash,
         }
 
-    def sketch(
-        self, dataset: Any, start: int, stop: int, desc: str, tokens: bool = False
-    ) -> StepFeatures:
-        """Sketch examples [start, stop) of ``dataset``; raises Interrupted on a stop request.
+    def depends(
+        self, kind: str, checkpoint_sha: str, data_sha: str, **extra: Any
+    ) -> dict[str, Any]:
+        """Everything a sketch file of ``kind`` depends on: its content address's record."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "checkpoint_sha256": checkpoint_sha,
+            "data_sha256": data_sha,
+            "spec": self.spec.to_dict(),
+            "targets": list(self.cfg.analysis.targets),
+            "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
+            "dtype": str(self.cfg.sketch.dtype),
+            **extra,
+        }
 
-        ``tokens``: also per-token features, as ``analysis.query_tokens`` chooses."""
+    def unit_depends(self, unit: Unit, train: Any) -> dict[str, Any]:
+        """What unit ``unit`` depends on now (its block's examples are hashed once per job)."""
+        if unit.block not in self._block_digests:
+            self._block_digests[unit.block] = block_digest(train, unit.start, unit.stop)
+        return self.depends(
+            "train",
+            self.checkpoint_sha(unit.ckpt),
+            self._block_digests[unit.block],
+            train_hash=self.train_hash,
+            train_steps=str(self.cfg.sketch.train_steps),
+            block={"index": unit.block, "start": unit.start, "stop": unit.stop},
+        )
+
+    def query_depends(self, k: int, query_sha: str) -> dict[str, Any]:
+        return self.depends("query", self.checkpoint_sha(k), query_sha, config_hash=self.hash)
+
+    def sketch(
+        self, dataset: Any, start: int, stop: int, desc: str, which: str = "train"
+    ) -> tuple[StepFeatures, str]:
+        """Sketch examples [start, stop) of ``dataset``: the features and the digest of the
+        examples they were computed from. Raises Interrupted on a stop request. Queries
+        also get per-token features, as ``analysis.query_tokens`` chooses."""
+        subset = HashingSubset(dataset, start, stop, which)
         loader = DataLoader(
-            Subset(dataset, range(start, stop)),
+            subset,
             batch_size=int(self.cfg.data.batch_size),
             shuffle=False,
             collate_fn=self._collate,
         )
         parts = []
-        choice = self.query_tokens if tokens else None
+        choice = self.query_tokens if which == "query" else None
         batches = self.featurizer.iter_batches(
             loader, self.loss, progress=self.progress, desc=desc, tokens=choice
         )
@@ -169,11 +232,12 @@ class JobContext:
                     raise Interrupted(desc)
         finally:
             batches.close()
-        return StepFeatures.concat(parts)
+        return StepFeatures.concat(parts), subset.digest()
 
     @contextmanager
     def signals_stop(self) -> Iterator[None]:
-        """While inside, SIGTERM (preemption) and SIGINT stop after the current batch."""
+        """While inside, SIGTERM (preemption) and SIGINT stop after the current batch (a
+        repeated signal too: a scheduler may send it to every process of the job)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -192,6 +256,16 @@ class JobContext:
                 signal.signal(s, h)
 
 
+def _start_job(run_dir: str | Path, name: str) -> RunDir:
+    """Open the run dir, log to its logs/<name>.log, remove killed writers' temporary files."""
+    run = RunDir.existing(run_dir)
+    setup_logging(run, name)
+    removed = clean_temp_files(run.folders())
+    if removed:
+        log.info("removed %d temporary file(s) of killed writers", len(removed))
+    return run
+
+
 def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
     """Sketch this rank's units (``units[rank::world_size]``) that are not done yet.
 
@@ -199,11 +273,15 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-    setup_logging(RunDir(run_dir), f"worker-{rank:04d}")
-    ctx = JobContext.open(run_dir)
     name = f"worker-{rank:04d}"
+    _start_job(run_dir, name)
+    ctx = JobContext.open(run_dir)
     with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "worker", name) as wandb_log:
         return _work(ctx, rank, world_size, wandb_log)
+
+
+def _poll_seconds(ctx: JobContext) -> float:
+    return min(5.0, max(0.2, ctx.lease_timeout / 20))
 
 
 def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:
@@ -211,54 +289,163 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
     train = build.build_dataset(ctx.cfg, "train")
     run.check_train_size(len(train))
     mine = rank_units(run_units(ctx.cfg, len(train)), rank, world_size)
-    todo = [u for u in mine if not run.is_done(u)]
     log.info(
         "rank %d/%d on %s (%s): %d units, %d already done",
-        rank, world_size, socket.gethostname(), ctx.device, len(mine), len(mine) - len(todo),
+        rank, world_size, socket.gethostname(), ctx.device, len(mine),
+        sum(run.is_done(u) for u in mine),
     )  # fmt: skip
-    for i, unit in enumerate(todo):
-        try:
-            stats = _unit(ctx, train, unit, f"[{i + 1}/{len(todo)}] {unit.name}", rank, world_size)
-            if i == 0:
-                log.info("targets: %s", ctx.featurizer.assignment)
-        except Interrupted:
-            log.warning("stopped during %s; it will be redone on restart", unit.name)
+    _name_other_world_sizes(run, ctx.cfg, len(train), world_size)
+    waiting: dict[str, Holder] = {}
+    for i, unit in enumerate(mine):
+        outcome = _attempt(
+            ctx, train, unit, f"[{i + 1}/{len(mine)}] {unit.name}", rank, world_size, wandb_log
+        )
+        if isinstance(outcome, Holder):
+            log.info("%s is being computed by %s: coming back to it", unit.name, outcome.describe())
+            waiting[unit.name] = outcome
+        elif outcome == EXIT_INTERRUPTED:
             return EXIT_INTERRUPTED
-        except Exception as err:
-            # Recorded so sdi-status can name the unit and its log; the job still fails.
-            write_json_atomic(
-                run.failure_path(unit),
-                {"unit": unit.name, "rank": rank, "error": f"{type(err).__name__}: {err}",
-                 "log": str(run.logs_dir / f"worker-{rank:04d}.log"), "host": socket.gethostname()},
-            )  # fmt: skip
-            log.error("unit %s failed: %s: %s", unit.name, type(err).__name__, err)
-            raise
-        run.failure_path(unit).unlink(missing_ok=True)
-        wandb_log.log_unit(stats)
+    # Units leased by live owners: wait for them to finish, or take over when they die.
+    pending = [u for u in mine if u.name in waiting]
+    while pending:
         if ctx.stop.is_set():
-            log.warning("stopping after %s on request", unit.name)
+            log.warning("stopped while waiting for %d unit(s) leased by other jobs", len(pending))
             return EXIT_INTERRUPTED
+        time.sleep(_poll_seconds(ctx))
+        still = []
+        for unit in pending:
+            outcome = _attempt(ctx, train, unit, unit.name, rank, world_size, wandb_log)
+            if isinstance(outcome, Holder):
+                still.append(unit)
+            elif outcome == EXIT_INTERRUPTED:
+                return EXIT_INTERRUPTED
+        pending = still
     log.info("rank %d/%d: all %d units done", rank, world_size, len(mine))
     return 0
 
 
+def _name_other_world_sizes(run: RunDir, cfg: DictConfig, n_train: int, world_size: int) -> None:
+    """Warn when units were done by workers of another world size: each unit is still done
+    once (leases), but ranks of different world sizes do not cover the units between them."""
+    others: set[int] = set()
+    for unit in run_units(cfg, n_train):
+        try:
+            marker = run.read_marker(unit.name)
+        except SDIError:
+            continue
+        size = (marker or {}).get("world_size")
+        if isinstance(size, int) and size != world_size:
+            others.add(size)
+    if others:
+        log.warning(
+            "units of this run were done by workers with world size %s, this worker has %d: "
+            "no unit is done twice, but only all ranks 0..W-1 of one world size W cover every "
+            "unit",
+            ", ".join(map(str, sorted(others))), world_size,
+        )  # fmt: skip
+
+
+def _attempt(
+    ctx: JobContext,
+    train: Any,
+    unit: Unit,
+    desc: str,
+    rank: int,
+    world_size: int,
+    wandb_log: WandbLogger,
+) -> Holder | int:
+    """Make sure ``unit`` is done: 0 if it is (now), the Holder if another job has it,
+    EXIT_INTERRUPTED on a stop request. Failures are recorded for sdi-status and re-raised."""
+    run = ctx.run
+    try:
+        current = ctx.unit_depends(unit, train)
+        if _fresh(ctx, unit, current):
+            return 0
+        lease = acquire(run.lease_path(unit.name), f"worker-{rank:04d}", ctx.lease_timeout, log=log)
+        if isinstance(lease, Holder):
+            return lease
+        with lease:
+            if _fresh(ctx, unit, current, quiet=True):  # finished by another job meanwhile
+                return 0
+            stats = _unit(ctx, train, unit, desc, rank, world_size, current)
+    except Interrupted:
+        log.warning("stopped during %s; it will be redone on restart", unit.name)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        _record_failure(run, unit, rank, err)
+        if isinstance(err, SDIError):
+            raise
+        raise as_job_error(err, f"unit {unit.name}", f"worker-{rank:04d}") from err
+    run.failure_path(unit).unlink(missing_ok=True)
+    wandb_log.log_unit(stats)
+    if ctx.stop.is_set():
+        log.warning("stopping after %s on request", unit.name)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _record_failure(run: RunDir, unit: Unit, rank: int, err: BaseException) -> None:
+    """Record a failed unit so sdi-status can name it and its log (best effort)."""
+    log.error("unit %s failed: %s: %s", unit.name, type(err).__name__, err)
+    # Best effort: the disk that failed the unit may fail this too; the error still reaches
+    # the user.
+    with contextlib.suppress(OSError, SDIError):
+        write_json_atomic(
+            run.failure_path(unit),
+            {"unit": unit.name, "rank": rank, "error": f"{type(err).__name__}: {err}",
+             "log": str(run.logs_dir / f"worker-{rank:04d}.log"), "host": socket.gethostname()},
+        )  # fmt: skip
+
+
+def _fresh(ctx: JobContext, unit: Unit, current: dict[str, Any], quiet: bool = False) -> bool:
+    """Whether the unit is done and matches ``current``; a stale or damaged one loses its
+    marker (and is logged) so that it is recomputed."""
+    run = ctx.run
+    check = check_unit(run, unit.name, current=current)
+    if check.state == DONE:
+        return True
+    if check.state in (STALE, CORRUPT):
+        if not quiet:
+            log.warning("%s: %s: %s; recomputing", check.state, unit.name, check.why)
+        run.marker_path(unit).unlink(missing_ok=True)
+    return False
+
+
 def _unit(
-    ctx: JobContext, train: Any, unit: Unit, desc: str, rank: int, world_size: int
+    ctx: JobContext,
+    train: Any,
+    unit: Unit,
+    desc: str,
+    rank: int,
+    world_size: int,
+    current: dict[str, Any],
 ) -> dict[str, Any]:
     """Sketch one unit, write its file, then its completion marker; returns its stats."""
     run = ctx.run
     started = time.perf_counter()
     info = ctx.use_checkpoint(unit.ckpt)
-    feats = ctx.sketch(train, unit.start, unit.stop, desc)
+    feats, data_sha = ctx.sketch(train, unit.start, unit.stop, desc)
+    if data_sha != current["data_sha256"] or info.sha256 != current["checkpoint_sha256"]:
+        raise DataError(
+            f"the inputs of {unit.name} changed while it was computed (training examples "
+            f"{unit.start}..{unit.stop - 1} or checkpoint {unit.ckpt} read differently twice): "
+            "is the data or checkpoint being rewritten, or the dataset not deterministic? Run "
+            "the same command again once they are stable"
+        )
+    digest = record_digest(current)
     meta = ctx.base_meta(info) | {
         "kind": "train",
         "layout": feats.layout.to_dict(),
         "train_steps": ctx.cfg.sketch.train_steps,
         "block": {"index": unit.block, "start": unit.start, "stop": unit.stop},
+        "depends": current,
+        "content_digest": digest,
     }
     values = feats.summed() if ctx.cfg.sketch.train_steps == "summed" else feats.values
     indices = torch.arange(unit.start, unit.stop)
-    write_sketch_file(run.unit_path(unit), indices, values, feats.loss, meta, ctx.cfg.sketch.dtype)
+    path = run.unit_path(unit)
+    run.marker_path(unit).unlink(missing_ok=True)  # not done until the new file is in place
+    write_sketch_file(path, indices, values, feats.loss, meta, ctx.cfg.sketch.dtype)
     seconds = time.perf_counter() - started
     stats = {
         "unit": unit.name,
@@ -269,64 +456,144 @@ def _unit(
         "rank": rank,
         "world_size": world_size,
         "host": socket.gethostname(),
+        "content_digest": digest,
+        "file_size": path.stat().st_size,
+        "checkpoint_sha256": info.sha256,
+        "data_sha256": data_sha,
     }
     if ctx.device.type == "cuda":
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
     run.mark_done(unit, stats)
     log.info(
-        "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB",
+        "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB; targets: %s",
         unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
+        ctx.featurizer.assignment,
     )  # fmt: skip
     return stats
 
 
 def run_query(run_dir: str | Path) -> int:
-    """Sketch the query set at every checkpoint (skipping valid existing files)."""
-    setup_logging(RunDir(run_dir), "query")
+    """Sketch the query set at every checkpoint (skipping files that are up to date)."""
+    _start_job(run_dir, "query")
     ctx = JobContext.open(run_dir)
     with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "query", "query") as wandb_log:
         return _query(ctx, wandb_log)
 
 
+def query_fresh(path: Path, current: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the query file at ``path`` matches ``current`` depends, and if not, why."""
+    if not path.exists():
+        return False, ""
+    try:
+        attrs = read_attrs(path, "content_digest", "depends", "format_version")
+    except SDIError as err:
+        return False, str(err)
+    recorded = attrs.get("depends") if isinstance(attrs.get("depends"), dict) else {}
+    why = explain_stale(recorded or {}, current)
+    if not why and attrs.get("content_digest") != record_digest(current):
+        why = "its content digest does not match its record"
+    if not why:
+        try:  # query files are small: every value is verified (checksums, finite)
+            verify_sketch_file(path)
+        except SDIError as err:
+            why = getattr(err, "what", str(err))
+    return not why, why
+
+
 def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
-    run = ctx.run
     query = build.build_dataset(ctx.cfg, "query")
-    for k in range(len(ctx.checkpoints)):
-        path = run.query_path(k)
-        if path.exists():
-            try:
-                if read_meta(path).get("config_hash") == ctx.hash:
-                    log.info("query sketches for checkpoint %d exist: %s", k, path)
-                    continue
-            except SDIError as err:
-                log.warning("rewriting %s: %s", path, err)
-        info = ctx.use_checkpoint(k)
-        started = time.perf_counter()
+    query_sha = block_digest(query, 0, len(query), "query")
+    pending = list(range(len(ctx.checkpoints)))
+    while pending:
+        still = []
+        for k in pending:
+            outcome = _query_checkpoint(ctx, query, query_sha, k, wandb_log)
+            if isinstance(outcome, Holder):
+                log.info(
+                    "query sketches of checkpoint %d are being computed by %s: waiting",
+                    k,
+                    outcome.describe(),
+                )
+                still.append(k)
+            elif outcome == EXIT_INTERRUPTED:
+                return EXIT_INTERRUPTED
+        pending = still
+        if pending:
+            if ctx.stop.is_set():
+                return EXIT_INTERRUPTED
+            time.sleep(_poll_seconds(ctx))
+    return 0
+
+
+def _query_checkpoint(
+    ctx: JobContext, query: Any, query_sha: str, k: int, wandb_log: WandbLogger
+) -> Holder | int:
+    run = ctx.run
+    path = run.query_path(k)
+    current = ctx.query_depends(k, query_sha)
+    fresh, why = query_fresh(path, current)
+    if fresh:
+        log.info("query sketches for checkpoint %d exist: %s", k, path)
+        return 0
+    if why:
+        log.warning("stale: %s: %s; recomputing", path.name, why)
+    lease = acquire(run.lease_path(query_lease_name(k)), "query", ctx.lease_timeout, log=log)
+    if isinstance(lease, Holder):
+        return lease
+    with lease:
         try:
-            feats = ctx.sketch(query, 0, len(query), f"query ckpt {k}", tokens=True)
-        except Interrupted:
-            log.warning("query job stopped during checkpoint %d", k)
-            return EXIT_INTERRUPTED
-        meta = ctx.base_meta(info) | {
-            "kind": "query",
-            "layout": feats.layout.to_dict(),
-            "assignment": ctx.featurizer.assignment,
-            "config_hash": ctx.hash,
-        }
-        extra = {}
-        if feats.tokens is not None and feats.positions is not None:
-            extra = {"token_sketch": feats.tokens, "token_positions": feats.positions}
-            meta["query_tokens"] = ctx.query_tokens
-        write_sketch_file(
-            path,
-            torch.arange(len(query)),
-            feats.values,
-            feats.loss,
-            meta,
-            ctx.cfg.sketch.dtype,
-            extra=extra,
+            return _compute_query(ctx, query, k, current, path, wandb_log)
+        except Exception as err:
+            if isinstance(err, SDIError):
+                raise
+            raise as_job_error(err, f"the query sketches of checkpoint {k}", "query") from err
+
+
+def _compute_query(
+    ctx: JobContext,
+    query: Any,
+    k: int,
+    current: dict[str, Any],
+    path: Path,
+    wandb_log: WandbLogger,
+) -> int:
+    if query_fresh(path, current)[0]:
+        return 0
+    info = ctx.use_checkpoint(k)
+    started = time.perf_counter()
+    try:
+        feats, data_sha = ctx.sketch(query, 0, len(query), f"query ckpt {k}", "query")
+    except Interrupted:
+        log.warning("query job stopped during checkpoint %d", k)
+        return EXIT_INTERRUPTED
+    if data_sha != current["data_sha256"] or info.sha256 != current["checkpoint_sha256"]:
+        raise DataError(
+            f"the query examples or checkpoint {k} read differently twice while its query "
+            "sketches were computed: is the data or checkpoint being rewritten, or the query "
+            "dataset not deterministic? Run the same command again once they are stable"
         )
-        log.info("wrote %s (%d queries; targets: %s)", path, len(query), ctx.featurizer.assignment)
-        seconds = time.perf_counter() - started
-        wandb_log.log({"query/checkpoint": k, "query/seconds": seconds, "query/n": len(query)})
+    meta = ctx.base_meta(info) | {
+        "kind": "query",
+        "layout": feats.layout.to_dict(),
+        "assignment": ctx.featurizer.assignment,
+        "config_hash": ctx.hash,
+        "depends": current,
+        "content_digest": record_digest(current),
+    }
+    extra = {}
+    if feats.tokens is not None and feats.positions is not None:
+        extra = {"token_sketch": feats.tokens, "token_positions": feats.positions}
+        meta["query_tokens"] = ctx.query_tokens
+    write_sketch_file(
+        path,
+        torch.arange(len(query)),
+        feats.values,
+        feats.loss,
+        meta,
+        ctx.cfg.sketch.dtype,
+        extra=extra,
+    )
+    log.info("wrote %s (%d queries; targets: %s)", path, len(query), ctx.featurizer.assignment)
+    seconds = time.perf_counter() - started
+    wandb_log.log({"query/checkpoint": k, "query/seconds": seconds, "query/n": len(query)})
     return 0

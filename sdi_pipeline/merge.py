@@ -1,15 +1,23 @@
 """The merge: validate all sketch files, then stream them into results.h5.
 
-Validation comes first and reports every problem at once: missing or unreadable query files,
-missing units (by name), units whose sketch spec / parameters / checkpoint / step layout
-differ from the query file's, indices covered twice or not at all. Nothing is computed
-until the run is complete and consistent.
+Validation comes first and reports every problem at once, in one line: missing or
+unreadable query files, missing units (by name, and who is computing them if anyone),
+stale units and query files (their recorded checkpoint sha256, examples' digest, spec,
+targets or format differ from the current ones), damaged completion markers, units whose
+sketch spec / parameters / checkpoint / step layout differ from the query file's, indices
+covered twice or not at all. Nothing is computed until the run is complete and consistent;
+the merge waits for nothing.
 
 The contraction streams blocks of training examples: for block b it sums, over checkpoints
 k, eta_k * (train sketch of unit (k, b) summed over slots) @ (query sketches of k flattened
 over (query, slot)) -- one matmul per unit -- writes the block's rows of TracIn / SDI, and
 folds them into running top-k and per-step diagnostics. Memory is one block plus per-query
-accumulators, whatever N_train is. results.h5 is written under a temporary name and renamed.
+accumulators, whatever N_train is. Every value read is verified (HDF5 Fletcher-32 checksums,
+finite values): a corrupt unit is named and the merge refuses.
+
+Stale or corrupt units lose their completion marker (a corrupt query file is removed), so the
+advice "run the same command again" recomputes exactly them. results.h5 is written under a
+temporary name and renamed; it records the digests of everything it was made from.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +33,31 @@ import numpy as np
 import torch
 
 from sdi_pipeline import build, scores
-from sdi_pipeline.config import config_hash
+from sdi_pipeline.atomic import clean_temp_files
+from sdi_pipeline.config import config_hash, train_hash
+from sdi_pipeline.content import block_digest
+from sdi_pipeline.digests import DigestCache
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.errors import MergeRefused, SDIError
+from sdi_pipeline.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
+from sdi_pipeline.leases import read_holder
 from sdi_pipeline.logs import log, setup_logging
 from sdi_pipeline.messages import shortened
-from sdi_pipeline.results import write_results
+from sdi_pipeline.results import check_free_space, estimated_size, write_results
 from sdi_pipeline.rundir import RunDir, Unit, run_units
-from sdi_pipeline.store import UnitReader, describe_mismatch, read_meta, read_sketch_file
+from sdi_pipeline.store import (
+    FORMAT_VERSION,
+    SketchFile,
+    UnitReader,
+    describe_mismatch,
+    read_meta,
+    read_sketch_file,
+)
 from sdi_pipeline.wandb_log import WandbLogger
+
+RERUN = "run the same sdi-attribute command again (or the jobs by hand) to recompute them"
+# Problems shown in the one-line refusal; all of them go to logs/merge.log.
+SHOWN_PROBLEMS = 8
 
 
 @dataclass
@@ -42,46 +66,165 @@ class _Plan:
     units: list[Unit]
     query_meta: list[dict[str, Any]]
     unit_meta: dict[str, dict[str, Any]]
+    queries: list[SketchFile] = field(default_factory=list)
+    checkpoint_sha: list[str] = field(default_factory=list)
+    unit_digests: dict[str, str] = field(default_factory=dict)
 
 
-def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
+def refuse(problems: list[str]) -> MergeRefused:
+    """One line naming every problem (the first few; then all of them in the merge's log)."""
+    shown = " | ".join(problems[:SHOWN_PROBLEMS])
+    more = len(problems) - SHOWN_PROBLEMS
+    if more > 0:
+        for problem in problems:
+            log.error("merge refused: %s", problem)
+        shown += f" | ... and {more} more (see logs/merge.log)"
+    return MergeRefused(f"the merge refuses this run: {shown}")
+
+
+def _by_reason(entries: list[tuple[str, str]]) -> str:
+    """``a, b (why); c (other why)``: units grouped by the reason they are listed for."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, why in entries:
+        groups[why].append(name)
+    return "; ".join(f"{shortened(names, 4)} ({why})" for why, names in groups.items())
+
+
+def current_depends(
+    cfg: Any, kind: str, checkpoint_sha: str | None, data_sha: str
+) -> dict[str, Any]:
+    """The depends a file of ``kind`` would record now (all but the model's parameters,
+    which the merge checks between units and query files instead)."""
+    out: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "checkpoint_sha256": checkpoint_sha,
+        "data_sha256": data_sha,
+        "spec": {
+            "m": int(cfg.sketch.m),
+            "seed": int(cfg.sketch.seed),
+            "kernel": str(cfg.sketch.kernel),
+        },
+        "targets": list(cfg.analysis.targets),
+        "dtype": str(cfg.sketch.dtype),
+    }
+    if kind == "train":
+        out |= {"train_hash": train_hash(cfg), "train_steps": str(cfg.sketch.train_steps)}
+    else:
+        out["config_hash"] = config_hash(cfg)
+    return out
+
+
+def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
+    n_train = len(train)
     n_ckpt = len(cfg.checkpoints.paths)
     units = run_units(cfg, n_train)
     digest = config_hash(cfg)
     problems: list[str] = []
+    cache = DigestCache(run.digest_cache_path)
+    shas: list[str | None] = []
+    for k, path in enumerate(cfg.checkpoints.paths):
+        try:
+            shas.append(cache.sha256(path))
+        except OSError:
+            shas.append(None)
+            problems.append(f"checkpoint {k} ({path}) is missing or unreadable: restore it")
+    log.info(
+        "hashing the examples (%d training, %d queries) to check the sketches are current",
+        n_train,
+        len(query),
+    )
+    query_sha = block_digest(query, 0, len(query), "query")
+
     query_meta: list[dict[str, Any]] = []
+    queries: list[SketchFile] = []
     for k in range(n_ckpt):
         path = run.query_path(k)
+        meta: dict[str, Any] = {}
         if not path.exists():
             problems.append(f"query sketches for checkpoint {k} missing ({path}): run sdi-query")
-            query_meta.append({})
-            continue
-        try:
-            meta = read_meta(path)
-        except SDIError as err:
-            problems.append(str(err))
-            query_meta.append({})
-            continue
-        if meta.get("config_hash") != digest:
+        else:
+            try:
+                sketches = read_sketch_file(path)  # all of it: checksums and values verified
+                meta = sketches.meta
+                queries.append(sketches)
+            except SDIError as err:
+                path.unlink(missing_ok=True)
+                problems.append(
+                    f"{getattr(err, 'what', err)}: removed; run sdi-query (or the same "
+                    "sdi-attribute command) again to recompute it"
+                )
+        if meta and meta.get("config_hash") != digest:
             problems.append(
                 f"{path} was made for config {meta.get('config_hash')}, not {digest}; "
                 "rerun sdi-query"
             )
+        elif meta:
+            recorded = meta.get("depends") if isinstance(meta.get("depends"), dict) else {}
+            why = explain_stale(recorded or {}, current_depends(cfg, "query", shas[k], query_sha))
+            if why:
+                problems.append(
+                    f"{path} is stale ({why}): run sdi-query (or the same sdi-attribute "
+                    "command) again to recompute it"
+                )
         query_meta.append(meta)
-    missing = [u.name for u in units if not run.is_done(u)]
+
+    blocks: dict[int, str] = {}
+    missing: list[Unit] = []
+    stale: list[tuple[str, str]] = []
+    corrupt: list[tuple[str, str]] = []
+    unit_digests: dict[str, str] = {}
+    world_sizes: set[int] = set()
+    for unit in units:
+        if unit.block not in blocks:
+            blocks[unit.block] = block_digest(train, unit.start, unit.stop)
+        current = current_depends(cfg, "train", shas[unit.ckpt], blocks[unit.block])
+        current["block"] = {"index": unit.block, "start": unit.start, "stop": unit.stop}
+        check = check_unit(run, unit.name, current=current)
+        if check.state == DONE:
+            marker = run.read_marker(unit.name) or {}
+            unit_digests[unit.name] = str(marker.get("content_digest"))
+            if isinstance(marker.get("world_size"), int):
+                world_sizes.add(marker["world_size"])
+            continue
+        if check.state == MISSING:
+            missing.append(unit)
+            continue
+        (corrupt if check.state == CORRUPT else stale).append((unit.name, check.why))
+        run.marker_path(unit).unlink(missing_ok=True)
     if missing:
+        leased = []
+        for unit in missing:
+            holder = read_holder(run.lease_path(unit.name))
+            if holder is not None and holder.gone(float(cfg.runtime.lease_timeout_s)) is None:
+                leased.append(f"{unit.name} by {holder.describe()}")
+        busy = f" (being computed now: {shortened(leased, 3)})" if leased else ""
+        mixed = ""
+        if len(world_sizes) > 1:
+            mixed = (
+                f"; workers ran with world sizes {', '.join(map(str, sorted(world_sizes)))}: run "
+                "every rank 0..W-1 of one world size W to cover all units"
+            )
         problems.append(
-            f"{len(missing)} of {len(units)} units not done: {shortened(missing)}; run the workers"
+            f"{len(missing)} of {len(units)} units not done: "
+            f"{shortened(u.name for u in missing)}{busy}; run the workers{mixed}"
         )
+    if stale:
+        problems.append(f"stale units, markers removed: {_by_reason(stale)}; {RERUN}")
+    if corrupt:
+        problems.append(f"corrupt units, markers removed: {_by_reason(corrupt)}; {RERUN}")
+
     expected = {u.name: u for u in units}
     coverage = np.zeros((n_ckpt, n_train), dtype=np.int32)
     unit_meta: dict[str, dict[str, Any]] = {}
+    reported = {name for name, _ in stale + corrupt}
     for path in sorted(run.units_dir.glob("*.h5")):
         name = path.stem
         try:
             meta = read_meta(path)
         except SDIError as err:
-            problems.append(str(err))
+            if name not in reported:
+                problems.append(str(err))
             continue
         block, ckpt = meta.get("block", {}), meta.get("checkpoint", {}).get("index")
         if isinstance(ckpt, int) and 0 <= ckpt < n_ckpt and block:
@@ -100,8 +243,8 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
             if diffs:
                 problems.append(
                     f"{path.name} does not match query/ckpt-{unit.ckpt:03d}.h5: "
-                    f"{'; '.join(diffs)}. Delete the unit and its completion marker and rerun "
-                    "its worker."
+                    f"{'; '.join(diffs)}. Delete the unit and its completion marker and run "
+                    "the same command again"
                 )
         unit_meta[name] = meta
     dup = np.argwhere(coverage > 1)
@@ -109,8 +252,16 @@ def _validate(run: RunDir, cfg: Any, n_train: int) -> _Plan:
         shown = ", ".join(f"ckpt {k} index {i}" for k, i in dup[:5])
         problems.append(f"{len(dup)} training indices covered by more than one unit file ({shown})")
     if problems:
-        raise MergeRefused("the merge refuses this run:\n- " + "\n- ".join(problems))
-    return _Plan(n_train, units, query_meta, unit_meta)
+        raise refuse(problems)
+    return _Plan(
+        n_train,
+        units,
+        query_meta,
+        unit_meta,
+        queries,
+        [str(s) for s in shas],
+        unit_digests,
+    )
 
 
 @dataclass
@@ -168,7 +319,7 @@ def contract_unit(
     ``query_flat`` is (m, M*S_q) (:func:`scores.flat_queries`); ``sdi`` (n, M*S_q) and
     ``matrix`` (n, S_tr, M*S_q), if given, accumulate as in :func:`scores.add_sdi` and
     :func:`scores.add_step_matrix`. Returns the unit's sketch (valid until the reader's next
-    read) and losses.
+    read) and losses. A corrupt unit (checksum, NaN/inf) raises RunDirError naming it.
     """
     sketch, loss = reader.read(path)
     values = torch.from_numpy(sketch)
@@ -180,14 +331,18 @@ def contract_unit(
 
 def run_merge(run_dir: str | Path) -> int:
     """Validate the run and write results.h5."""
-    run = RunDir(run_dir)
+    run = RunDir.existing(run_dir)
     setup_logging(run, "merge")
+    removed = clean_temp_files(run.folders())
+    if removed:
+        log.info("removed %d temporary file(s) of killed writers", len(removed))
     cfg = run.load_config()
-    n_train = len(build.build_dataset(cfg, "train"))
+    train = build.build_dataset(cfg, "train")
+    n_train = len(train)
     run.check_train_size(n_train)
-    plan = _validate(run, cfg, n_train)
+    plan = _validate(run, cfg, train, build.build_dataset(cfg, "query"))
     started = time.perf_counter()
-    queries = [read_sketch_file(run.query_path(k)) for k in range(len(cfg.checkpoints.paths))]
+    queries = plan.queries
     etas = [float(m["checkpoint"]["eta"]) for m in plan.query_meta]
     q_layout = SlotLayout.from_dict(plan.query_meta[0]["layout"])
     t_layout = SlotLayout.from_dict(plan.unit_meta[plan.units[0].name]["layout"])
@@ -203,6 +358,12 @@ def run_merge(run_dir: str | Path) -> int:
             "and diagnostics only (raise merge.sdi_max_gb to keep it)",
             sdi_bytes / 2**30, cfg.merge.sdi_max_gb,
         )  # fmt: skip
+    check_free_space(
+        run.results_path,
+        estimated_size(
+            n_train, n_query, s_q, s_tr, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix)
+        ),
+    )
     k_top = int(cfg.merge.topk)
     totals = scores.ScoreTotals(n_query, s_q, k_top)
     tokens = _token_queries(queries, n_train, float(cfg.merge.sdi_max_gb), k_top)
@@ -221,6 +382,7 @@ def run_merge(run_dir: str | Path) -> int:
         "assignment": str(plan.query_meta[0].get("assignment") or q_layout.describe()),
         "query_tokens": json.dumps(plan.query_meta[0].get("query_tokens")),
     }
+    corrupt: list[tuple[str, str]] = []
     with write_results(
         run.results_path,
         n_query=n_query,
@@ -245,9 +407,15 @@ def run_merge(run_dir: str | Path) -> int:
             )
             by_token = None if tokens is None else torch.zeros(stop - start, tokens.width)
             for unit in units:
-                sketch, loss = contract_unit(
-                    reader, run.unit_path(unit), q_flat[unit.ckpt], etas[unit.ckpt], sdi, matrix
-                )
+                try:
+                    sketch, loss = contract_unit(
+                        reader, run.unit_path(unit), q_flat[unit.ckpt], etas[unit.ckpt], sdi, matrix
+                    )
+                except SDIError as err:
+                    # Keep reading: every corrupt unit is named at once.
+                    corrupt.append((unit.name, getattr(err, "what", str(err))))
+                    run.marker_path(unit).unlink(missing_ok=True)
+                    continue
                 if tokens is not None and by_token is not None:
                     scores.add_sdi(
                         by_token, torch.from_numpy(sketch), tokens.flat[unit.ckpt], etas[unit.ckpt]
@@ -256,6 +424,8 @@ def run_merge(run_dir: str | Path) -> int:
                 if sketch.ndim == 3:
                     norms = np.linalg.norm(sketch, axis=2).sum(axis=0)
                     train_norm[unit.ckpt] += torch.from_numpy(norms).double()
+            if corrupt:
+                continue  # nothing of this merge will be kept
             sdi3 = sdi.reshape(-1, n_query, s_q)
             tracin = totals.update(sdi3, start)
             token_rows = None
@@ -270,6 +440,9 @@ def run_merge(run_dir: str | Path) -> int:
                 None if token_rows is None else token_rows.numpy(),
             )
             log.info("merged block %d (%d..%d)", block, start, stop)
+        if corrupt:
+            # Raised inside the writer: its temporary file is removed, nothing is renamed.
+            raise refuse([f"corrupt units, markers removed: {_by_reason(corrupt)}; {RERUN}"])
         for (scope, sign), top in totals.tops.items():
             out.write_topk(scope, sign, top.indices.numpy(), top.scores.float().numpy())
         if tokens is not None:
@@ -295,6 +468,13 @@ def run_merge(run_dir: str | Path) -> int:
         out.write_units(
             [u.name for u in plan.units],
             [json.loads(run.marker_path(u).read_text()) for u in plan.units],
+        )
+        out.write_inputs(
+            config_hash=config_hash(cfg),
+            units=plan.unit_digests,
+            query=[str(m["content_digest"]) for m in plan.query_meta],
+            checkpoints=list(cfg.checkpoints.paths),
+            checkpoint_sha256=plan.checkpoint_sha,
         )
     log.info(
         "wrote %s: %d train x %d queries x %d slots in %.1fs",

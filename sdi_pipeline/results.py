@@ -1,14 +1,19 @@
-"""results.h5, format v2 (see docs/format.md): the one module that writes and reads it.
+"""results.h5, format v3 (see docs/format.md): the one module that writes and reads it.
 
 :func:`write_results` creates the file under a temporary name and renames it when the
-writer's block completes; :class:`Results` reads it lazily (top-k per query and step, SDI
-trajectories, per-step energy, diagnostics). This module imports neither torch nor the
-engine nor Hydra, so opening results is light.
+writer's block completes; every dataset carries an HDF5 Fletcher-32 checksum, and the
+``inputs`` group records what the file was made from (each unit's and query file's content
+digest, the checkpoints' sha256). :class:`Results` reads it lazily (top-k per query and step,
+SDI trajectories, per-step energy, diagnostics); :meth:`Results.open` refuses a results.h5
+that is stale -- its run directory's units, query files or checkpoints changed since the
+merge. This module imports neither torch nor the engine nor Hydra, so opening results is
+light.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +24,12 @@ import numpy as np
 
 from sdi_pipeline.atomic import atomic_path
 from sdi_pipeline.errors import ConfigError, RunDirError
+from sdi_pipeline.freshness import results_inputs, results_staleness, stale_message
 
 RESULTS_FORMAT = "sdi-pipeline/results"
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
+# Every dataset is chunked with a Fletcher-32 checksum, verified whenever it is read.
+_CHECKED = {"fletcher32": True}
 Sign = Literal["positive", "negative"]
 # Per-unit statistics kept in diagnostics/units (from the units' completion markers).
 UNIT_STATS = ("examples", "seconds", "examples_per_s", "peak_rss_mb", "rank")
@@ -42,21 +50,37 @@ def find_results(path: str | Path) -> Path:
     raise RunDirError(f"no results at {p}")
 
 
+def stale_reasons(path: str | Path) -> list[str]:
+    """Why the results.h5 at ``path`` no longer matches its run directory (empty: it does,
+    or it is not inside one). Cheap: markers, query file attributes, checkpoint digests
+    from the run's cache; changed *data* is seen by the jobs, not here."""
+    try:
+        with h5py.File(path, "r") as f:
+            inputs = results_inputs(f)
+    except OSError as err:
+        return [f"it cannot be read ({err})"]
+    return results_staleness(Path(path), inputs)
+
+
 class Results:
     """Lazy access to a merged run. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        fix = f"run sdi-merge run_dir={path.parent} (or the same sdi-attribute command) again"
         try:
             self._f = h5py.File(path, "r")
         except OSError as err:
-            raise RunDirError(f"cannot read {path}: {err}") from err
+            raise RunDirError(f"cannot read {path} ({' '.join(str(err).split())}): {fix}") from err
         if self._f.attrs.get("format") != RESULTS_FORMAT:
+            self._f.close()
             raise RunDirError(f"{path} is not an sdi-pipeline results file")
         if int(self._f.attrs.get("format_version", -1)) != RESULTS_VERSION:
+            version = self._f.attrs.get("format_version")
+            self._f.close()
             raise RunDirError(
-                f"{path} has results format {self._f.attrs.get('format_version')}; this "
-                f"sdi-pipeline reads format {RESULTS_VERSION}: rerun sdi-merge on its run dir"
+                f"{path} has results format {version}; this sdi-pipeline reads format "
+                f"{RESULTS_VERSION}: {fix}"
             )
         attrs = self._f.attrs
         self.slot_names: list[str] = json.loads(str(attrs["slot_names"]))
@@ -71,9 +95,27 @@ class Results:
         self.assignment = str(attrs["assignment"])
 
     @classmethod
-    def open(cls, path: str | Path) -> Results:
-        """Open results.h5 given it, its run directory, or a run name directory."""
-        return cls(find_results(path))
+    def open(cls, path: str | Path, *, allow_stale: bool = False) -> Results:
+        """Open results.h5 given it, its run directory, or a run name directory.
+
+        A results.h5 whose run directory changed since the merge (a unit or query file
+        recomputed or removed, a checkpoint rewritten) is refused with what changed, unless
+        ``allow_stale=True``.
+        """
+        res = cls(find_results(path))
+        if not allow_stale:
+            reasons = results_staleness(res.path, results_inputs(res._f))
+            if reasons:
+                res.close()
+                raise RunDirError(
+                    stale_message(res.path, reasons)
+                    + "; Results.open(..., allow_stale=True) opens it as it is"
+                )
+        return res
+
+    def inputs(self) -> dict[str, Any] | None:
+        """What the merge combined: unit and query digests, checkpoints and their sha256."""
+        return results_inputs(self._f)
 
     def __enter__(self) -> Results:
         return self
@@ -266,11 +308,13 @@ class ResultsWriter:
     def create(self, n_train: int, *, sdi: bool, step_matrix: bool) -> None:
         """Create the per-example datasets: TracIn always, SDI and the step matrix if asked."""
         m, s_q = self.n_query, self.s_q
-        self._f.create_dataset("tracin", (n_train, m), "f4", chunks=True)
+        self._f.create_dataset("tracin", (n_train, m), "f4", chunks=True, **_CHECKED)
         if sdi:
-            self._f.create_dataset("sdi", (n_train, m, s_q), "f4", chunks=True)
+            self._f.create_dataset("sdi", (n_train, m, s_q), "f4", chunks=True, **_CHECKED)
         if step_matrix:
-            self._f.create_dataset("sdi_matrix", (n_train, m, self.s_tr, s_q), "f4", chunks=True)
+            self._f.create_dataset(
+                "sdi_matrix", (n_train, m, self.s_tr, s_q), "f4", chunks=True, **_CHECKED
+            )
 
     def create_tokens(self, n_train: int, positions: np.ndarray, *, sdi_tokens: bool) -> None:
         """Per-token outputs: the chosen query tokens (M, P) and, if asked, SDI per (step,
@@ -301,23 +345,83 @@ class ResultsWriter:
 
     def write_topk(self, scope: str, sign: str, indices: np.ndarray, scores: np.ndarray) -> None:
         group = self._f.require_group(f"topk/{scope}/{sign}")
-        group.create_dataset("indices", data=indices)
-        group.create_dataset("scores", data=scores)
+        _checked(group, "indices", indices)
+        _checked(group, "scores", scores)
 
     def write_diagnostics(self, arrays: Mapping[str, np.ndarray]) -> None:
         """``diagnostics/<name>`` datasets (energy, signed_share, sketch norms, losses)."""
         diag = self._f.require_group("diagnostics")
         for name, values in arrays.items():
-            diag.create_dataset(name, data=values)
+            _checked(diag, name, values)
 
     def write_units(self, names: Sequence[str], stats: Sequence[Mapping[str, Any]]) -> None:
         """The per-unit table (names and :data:`UNIT_STATS`) and the coverage attribute."""
         group = self._f.require_group("diagnostics/units")
-        group.create_dataset("name", data=np.array(list(names), dtype="S"))
+        _checked(group, "name", np.array(list(names), dtype="S"))
         for key in UNIT_STATS:
-            group.create_dataset(key, data=np.array([s.get(key, np.nan) for s in stats], "f8"))
+            _checked(group, key, np.array([s.get(key, np.nan) for s in stats], "f8"))
         self._f["diagnostics"].attrs["coverage"] = json.dumps(
             {"units": len(names), "examples": int(sum(s.get("examples", 0) for s in stats))}
+        )
+
+    def write_inputs(
+        self,
+        *,
+        config_hash: str,
+        units: Mapping[str, str],
+        query: Sequence[str],
+        checkpoints: Sequence[str],
+        checkpoint_sha256: Sequence[str],
+    ) -> None:
+        """What the results are made from: each unit's and query file's content digest, the
+        checkpoints and their sha256 (how :meth:`Results.open` tells a stale file)."""
+        group = self._f.require_group("inputs")
+        group.attrs["config_hash"] = config_hash
+        names = sorted(units)
+        for name, values in (
+            ("unit_names", names),
+            ("unit_digests", [units[n] for n in names]),
+            ("query_digests", list(query)),
+            ("checkpoint_paths", list(checkpoints)),
+            ("checkpoint_sha256", list(checkpoint_sha256)),
+        ):
+            _checked(group, name, np.array([v.encode() for v in values], dtype="S"))
+
+
+def _checked(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
+    """A dataset with a Fletcher-32 checksum (chunked, as HDF5 filters need)."""
+    array = np.asarray(data)
+    if array.size == 0:  # a chunk cannot be empty; nothing to checksum either
+        return group.create_dataset(name, data=array)
+    return group.create_dataset(name, data=array, chunks=True, **_CHECKED)
+
+
+def estimated_size(
+    n_train: int, n_query: int, s_q: int, s_tr: int, *, sdi: bool, step_matrix: bool
+) -> int:
+    """Bytes a results.h5 of these dimensions takes, with a margin for HDF5's own data."""
+    values = n_train * n_query * (1 + (s_q if sdi else 0) + (s_tr * s_q if step_matrix else 0))
+    return int(4 * values * 1.1) + 16 * 2**20
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse to start writing ``path`` when its disk lacks ``needed`` bytes.
+
+    HDF5 cannot recover from a full disk in the middle of a write, so results.h5 is sized
+    first: one clear error rather than a crash.
+    """
+    folder = path.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise RunDirError(
+            f"cannot write {path}: it needs about {needed / 2**20:.0f} MiB but only "
+            f"{free / 2**20:.0f} MiB are free in {folder} (no space left on the device): free "
+            "space there (or lower merge.sdi_max_gb to skip the full SDI tensor), then run the "
+            "same command again"
         )
 
 

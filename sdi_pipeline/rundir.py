@@ -19,6 +19,7 @@ import difflib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sdi_pipeline import config as config_mod
-from sdi_pipeline.atomic import write_json_atomic, write_text_atomic
+from sdi_pipeline.atomic import ensure_dir, write_json_atomic, write_text_atomic
 from sdi_pipeline.errors import ConfigError, RunDirError
+from sdi_pipeline.layout import RunPaths, unit_name
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return f"ckpt-{self.ckpt:03d}_block-{self.block:05d}"
+        return unit_name(self.ckpt, self.block)
 
 
 def enumerate_units(n_checkpoints: int, n_train: int, block_size: int) -> list[Unit]:
@@ -70,37 +72,42 @@ def rank_units(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
     return units[rank::world_size]
 
 
-class RunDir:
-    """A run directory on disk."""
+class RunDir(RunPaths):
+    """A run directory on disk (its paths are :class:`sdi_pipeline.layout.RunPaths`)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    @classmethod
+    def existing(cls, path: str | Path) -> RunDir:
+        """An existing run directory: ``path`` must be a directory with a config.yaml.
 
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def hash_path(self) -> Path:
-        return self.path / "config.hash"
-
-    @property
-    def attribution_path(self) -> Path:
-        return self.path / "attribution.json"
-
-    @property
-    def train_hash_path(self) -> Path:
-        return self.path / "train.hash"
-
-    @property
-    def train_size_path(self) -> Path:
-        return self.path / "train.size"
+        Jobs open their run dir this way before writing anything (a log), so a mistyped
+        ``run_dir`` is one clear error and no stray folders are created.
+        """
+        run = cls(path)
+        if run.path.is_file():
+            raise RunDirError(
+                f"run_dir {run.path} is a file, not a run directory: give the folder "
+                "runs/<name>/<run id> that sdi-attribute printed"
+            )
+        if not run.path.is_dir():
+            raise RunDirError(
+                f"run_dir {run.path} does not exist: give the folder runs/<name>/<run id> that "
+                "sdi-attribute printed (sdi-attribute launcher=prepare creates one)"
+            )
+        if not run.config_path.is_file():
+            raise RunDirError(
+                f"{run.path} is not a run directory (no config.yaml): give the folder "
+                "runs/<name>/<run id> that sdi-attribute printed"
+            )
+        return run
 
     def recorded_train_size(self) -> int | None:
         """The number of training examples the run was prepared with, if recorded."""
-        if not self.train_size_path.exists():
+        try:
+            return int(json.loads(self.train_size_path.read_text())["n_train"])
+        except FileNotFoundError:
             return None
-        return int(json.loads(self.train_size_path.read_text())["n_train"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # damaged: unknown (sdi-attribute records it again)
 
     def check_train_size(self, n_train: int) -> None:
         """Refuse a training set whose size changed since the run was prepared.
@@ -121,44 +128,14 @@ class RunDir:
         self.check_train_size(n_train)
         write_json_atomic(self.train_size_path, {"n_train": n_train})
 
-    @property
-    def units_dir(self) -> Path:
-        return self.path / "units"
-
-    @property
-    def completions_dir(self) -> Path:
-        return self.path / "completions"
-
-    @property
-    def query_dir(self) -> Path:
-        return self.path / "query"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.path / "logs"
-
-    @property
-    def results_path(self) -> Path:
-        return self.path / "results.h5"
-
-    @property
-    def failures_dir(self) -> Path:
-        return self.path / "failures"
-
     def failure_path(self, unit: Unit) -> Path:
         return self.failures_dir / f"{unit.name}.json"
 
     def unit_path(self, unit: Unit) -> Path:
         return self.unit_path_named(unit.name)
 
-    def unit_path_named(self, name: str) -> Path:
-        return self.units_dir / f"{name}.h5"
-
     def marker_path(self, unit: Unit) -> Path:
-        return self.completions_dir / unit.name
-
-    def query_path(self, ckpt: int) -> Path:
-        return self.query_dir / f"ckpt-{ckpt:03d}.h5"
+        return self.marker_path_named(unit.name)
 
     def is_done(self, unit: Unit) -> bool:
         return self.marker_path(unit).exists() and self.unit_path(unit).exists()
@@ -170,12 +147,20 @@ class RunDir:
     def create(self, cfg: DictConfig) -> None:
         """Write config.yaml, config.hash and provenance.json; an existing run must match."""
         digest = config_mod.config_hash(cfg)
-        if self.config_path.exists():
+        ensure_dir(self.path)
+        if self.hash_path.exists() and self._hash_files_intact():
             self.check_hash(digest, cfg)
-            config_mod.save(cfg, self.config_path)  # launcher-only fields may have changed
+            # Launcher-only fields may have changed; a damaged config.yaml is rewritten.
+            config_mod.save(cfg, self.config_path)
             return
+        if self.hash_path.exists() and self.path.name != digest:
+            raise RunDirError(
+                f"{self.hash_path} or {self.attribution_path.name} in {self.path} is damaged, and "
+                "the run id does not show which config the run was made for: restore them, or "
+                "start a new run (another run.id)"
+            )
         for sub in ("units", "completions", "query", "logs"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.path / sub)
         config_mod.save(cfg, self.config_path)
         write_text_atomic(self.hash_path, digest + "\n")
         write_json_atomic(self.attribution_path, config_mod.attribution_view(cfg))
@@ -198,6 +183,8 @@ class RunDir:
             if other.train_hash_path.read_text().strip() != mine:
                 continue
             for marker in sorted(other.completions_dir.glob("*")):
+                if marker.name.startswith("."):
+                    continue  # a temporary file
                 unit_file = other.unit_path_named(marker.name)
                 if (self.completions_dir / marker.name).exists() or not unit_file.exists():
                     continue
@@ -213,10 +200,25 @@ class RunDir:
                 adopted += 1
         return adopted
 
+    def _hash_files_intact(self) -> bool:
+        """Whether config.hash holds a hash and attribution.json is a JSON object."""
+        try:
+            stored = self.hash_path.read_text().strip()
+            view = json.loads(self.attribution_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(re.fullmatch(r"[0-9a-f]{16}", stored)) and isinstance(view, dict)
+
     def stored_hash(self) -> str:
         if not self.hash_path.exists():
             raise RunDirError(f"{self.path} is not a run directory (no config.hash)")
-        return self.hash_path.read_text().strip()
+        stored = self.hash_path.read_text().strip()
+        if not re.fullmatch(r"[0-9a-f]{16}", stored):
+            raise RunDirError(
+                f"{self.hash_path} is damaged (it should hold a 16-hex-digit hash): run the same "
+                "sdi-attribute command again to restore it"
+            )
+        return stored
 
     def check_hash(self, digest: str, cfg: DictConfig) -> None:
         """Refuse a config whose attribution hash differs from the run's, showing the diff."""
@@ -227,7 +229,13 @@ class RunDir:
         def lines(view: Any) -> list[str]:
             return json.dumps(view, indent=1, sort_keys=True).splitlines()
 
-        stored_view = json.loads(self.attribution_path.read_text())
+        try:
+            stored_view = json.loads(self.attribution_path.read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirError(
+                f"{self.attribution_path} is damaged ({err}): run the same sdi-attribute command "
+                "again to restore it"
+            ) from err
         now_view = config_mod.attribution_view(cfg)
         diff = "\n".join(
             difflib.unified_diff(
@@ -297,8 +305,12 @@ def prepare_run(data: Any) -> RunDir:
             f"checkpoints.etas has {len(etas)} values for {len(cfg.checkpoints.paths)} "
             "checkpoints: give one per checkpoint, or null to read them from the files"
         )
-    run_id = cfg.run.id or config_mod.config_hash(cfg)
-    run = RunDir(Path(cfg.run.root) / cfg.run.name / run_id)
+    run = RunDir(run_path(cfg))
     run.create(cfg)
     run.adopt_units()
     return run
+
+
+def run_path(cfg: DictConfig) -> Path:
+    """``<run.root>/<run.name>/<run id>``: the run id is ``run.id``, else the config hash."""
+    return Path(cfg.run.root) / cfg.run.name / (cfg.run.id or config_mod.config_hash(cfg))

@@ -1,15 +1,38 @@
-"""``sdi-status``: which units of a run are done, missing or failed, where the logs are, and
-what the launchers report about its jobs (e.g. their states under launcher=slurm)."""
+"""``sdi-status``: which units of a run are done, stale, corrupt, running, missing or failed,
+whether results.h5 is up to date, where the logs are, and what the launchers report about
+its jobs (e.g. their states under launcher=slurm).
+
+By default it is cheap and needs neither the data nor the model: completion markers, file
+sizes, HDF5 headers and the checkpoints' digests (from the run's cache; a checkpoint whose
+file changed is hashed once). ``verify=true`` audits everything: it reads every value of
+every unit and query file (HDF5 checksums, finite values) and hashes the data again (which
+builds the datasets), so a silently corrupted unit or a changed example is reported too.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from sdi_pipeline import build
+from sdi_pipeline.errors import SDIError
+from sdi_pipeline.freshness import (
+    CORRUPT,
+    DONE,
+    STALE,
+    check_unit,
+    checkpoint_digests,
+    explain_stale,
+    read_attrs,
+)
 from sdi_pipeline.launchers import LAUNCHERS
+from sdi_pipeline.leases import read_holder
 from sdi_pipeline.messages import shortened
+from sdi_pipeline.results import stale_reasons
 from sdi_pipeline.rundir import RunDir, run_units
+
+FIX = "run the same sdi-attribute command again (or its sdi-worker / sdi-query): it is recomputed"
 
 
 @dataclass
@@ -17,51 +40,201 @@ class RunStatus:
     done: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     failed: dict[str, dict] = field(default_factory=dict)
+    # Unit -> why it no longer matches its inputs / why it is damaged.
+    stale: dict[str, str] = field(default_factory=dict)
+    corrupt: dict[str, str] = field(default_factory=dict)
+    # Unit -> who holds its lease (a live job computing it now).
+    running: dict[str, str] = field(default_factory=dict)
     query_done: list[int] = field(default_factory=list)
     query_missing: list[int] = field(default_factory=list)
+    # Checkpoint -> why its query file is stale or damaged.
+    query_bad: dict[int, str] = field(default_factory=dict)
     merged: bool = False
+    # Why results.h5 no longer matches the run (empty: up to date, or not written).
+    results_stale: list[str] = field(default_factory=list)
+    verified: bool = False
+    # Checkpoints of the config that are missing or unreadable now.
+    missing_checkpoints: list[str] = field(default_factory=list)
     # What the launchers say about the jobs they started for the run (Launcher.status_lines).
     launcher_lines: list[str] = field(default_factory=list)
 
+    @property
+    def healthy(self) -> bool:
+        return not (
+            self.failed or self.corrupt or self.stale or self.query_bad or self.results_stale
+        )
 
-def run_status(run: RunDir) -> RunStatus:
+
+def run_status(run: RunDir, verify: bool = False) -> RunStatus:
     cfg = run.load_config()
     # The recorded size spares building the user's data set (and importing its code).
     n_train = run.recorded_train_size()
-    if n_train is None:
+    if n_train is None or verify:
         n_train = len(build.build_dataset(cfg, "train"))
-    status = RunStatus(merged=run.results_path.exists())
+    status = RunStatus(merged=run.results_path.exists(), verified=verify)
+    if status.merged:
+        status.results_stale = stale_reasons(run.results_path)
     # Every launcher is asked, not only the config's: after launcher=prepare, jobs may have
     # been submitted by hand.
     for launcher in LAUNCHERS.values():
         if launcher.status_lines is not None:
             status.launcher_lines += launcher.status_lines(run, status.merged)
-    for k in range(len(cfg.checkpoints.paths)):
-        (status.query_done if run.query_path(k).exists() else status.query_missing).append(k)
-    for unit in run_units(cfg, n_train):
-        if run.is_done(unit):
-            status.done.append(unit.name)
-        elif run.failure_path(unit).exists():
-            status.failed[unit.name] = json.loads(run.failure_path(unit).read_text())
+    paths = list(cfg.checkpoints.paths)
+    shas = checkpoint_digests(run, paths)
+    status.missing_checkpoints = [p for p, sha in zip(paths, shas, strict=True) if sha is None]
+    audit = _Audit(run, cfg, n_train) if verify else None
+    for k in range(len(paths)):
+        path = run.query_path(k)
+        if not path.exists():
+            status.query_missing.append(k)
+            continue
+        why = _query_problem(path, shas[k], audit, k)
+        if why:
+            status.query_bad[k] = why
         else:
-            status.missing.append(unit.name)
+            status.query_done.append(k)
+    timeout = float(cfg.runtime.lease_timeout_s)
+    for unit in run_units(cfg, n_train):
+        current = audit.unit_depends(unit, shas[unit.ckpt]) if audit else None
+        # Cheap: markers and file sizes (a truncated file shows); verify=true: headers and data.
+        check = check_unit(
+            run, unit.name, checkpoint_sha=shas[unit.ckpt], current=current, read_header=verify
+        )
+        if check.state == DONE and audit is not None:
+            check = audit.read(unit.name, check)
+        if check.state == DONE:
+            status.done.append(unit.name)
+        elif check.state == STALE:
+            status.stale[unit.name] = check.why
+        elif check.state == CORRUPT:
+            status.corrupt[unit.name] = check.why
+        elif run.failure_path(unit).exists():
+            status.failed[unit.name] = _failure(run.failure_path(unit))
+        else:
+            holder = read_holder(run.lease_path(unit.name))
+            if holder is not None and holder.gone(timeout) is None:
+                status.running[unit.name] = (
+                    f"{holder.describe()}, heartbeat {holder.age_s:.0f}s ago"
+                )
+            else:
+                status.missing.append(unit.name)
+    if verify and status.merged and status.stale:
+        status.results_stale.append("units it was made from are stale now (their inputs changed)")
     return status
 
 
+def _failure(path: Any) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {"error": "unreadable failure record"}
+    except (OSError, ValueError):
+        return {"error": f"unreadable failure record {path}"}
+
+
+def _query_problem(path: Any, sha: str | None, audit: _Audit | None, k: int) -> str:
+    try:
+        attrs = read_attrs(path, "depends", "content_digest")
+    except SDIError as err:
+        return str(err)
+    depends = attrs.get("depends") if isinstance(attrs.get("depends"), dict) else {}
+    if sha is not None and (depends or {}).get("checkpoint_sha256") != sha:
+        return explain_stale(depends or {}, {"checkpoint_sha256": sha})
+    if audit is not None:
+        return audit.query_problem(path, depends or {}, sha)
+    return ""
+
+
+class _Audit:
+    """verify=true: the data's digests as they are now, and full reads of every file."""
+
+    def __init__(self, run: RunDir, cfg: Any, n_train: int) -> None:
+        from sdi_pipeline.content import block_digest
+
+        self.run, self.cfg = run, cfg
+        self.train = build.build_dataset(cfg, "train")
+        query = build.build_dataset(cfg, "query")
+        self.query_sha = block_digest(query, 0, len(query), "query")
+        self._blocks: dict[int, str] = {}
+        self._block_digest = block_digest
+
+    def unit_depends(self, unit: Any, sha: str | None) -> dict[str, Any]:
+        from sdi_pipeline.merge import current_depends
+
+        if unit.block not in self._blocks:
+            self._blocks[unit.block] = self._block_digest(self.train, unit.start, unit.stop)
+        out = current_depends(self.cfg, "train", sha, self._blocks[unit.block])
+        out["block"] = {"index": unit.block, "start": unit.start, "stop": unit.stop}
+        return out
+
+    def read(self, name: str, check: Any) -> Any:
+        from sdi_pipeline.freshness import UnitCheck
+        from sdi_pipeline.store import verify_sketch_file
+
+        path = self.run.unit_path_named(name)
+        try:
+            verify_sketch_file(path)
+        except SDIError as err:
+            # The workers only read headers: a unit damaged inside needs removing (or a merge,
+            # which reads everything and removes its marker).
+            what = getattr(err, "what", str(err))
+            return UnitCheck(CORRUPT, f"{what}; delete {path} and run the same command again")
+        return check
+
+    def query_problem(self, path: Any, depends: dict[str, Any], sha: str | None) -> str:
+        from sdi_pipeline.merge import current_depends
+        from sdi_pipeline.store import verify_sketch_file
+
+        try:
+            verify_sketch_file(path)
+        except SDIError as err:
+            return str(err)  # the query job verifies its files: running it again is the fix
+        return explain_stale(depends, current_depends(self.cfg, "query", sha, self.query_sha))
+
+
 def format_status(run: RunDir, status: RunStatus) -> str:
-    total = len(status.done) + len(status.missing) + len(status.failed)
+    total = (
+        len(status.done) + len(status.missing) + len(status.failed) + len(status.stale)
+        + len(status.corrupt) + len(status.running)
+    )  # fmt: skip
+    n_query = len(status.query_done) + len(status.query_missing) + len(status.query_bad)
+    bad_query = f", {len(status.query_bad)} stale or corrupt" if status.query_bad else ""
     lines = [
         f"run {run.path}",
-        f"  query sketches: {len(status.query_done)} of "
-        f"{len(status.query_done) + len(status.query_missing)} checkpoints",
+        f"  query sketches: {len(status.query_done)} of {n_query} checkpoints{bad_query}",
         f"  units: {len(status.done)} done, {len(status.missing)} missing, "
-        f"{len(status.failed)} failed (of {total})",
+        f"{len(status.failed)} failed, {len(status.stale)} stale, {len(status.corrupt)} corrupt, "
+        f"{len(status.running)} running (of {total})"
+        + (" [verified: checksums and data]" if status.verified else ""),
     ]
+    for path in status.missing_checkpoints:
+        lines.append(f"    checkpoint missing: {path} (only needed to compute units again)")
+    for k, why in sorted(status.query_bad.items()):
+        lines.append(f"    QUERY {k}: {why}")
+    for name, why in sorted(status.corrupt.items()):
+        lines.append(f"    CORRUPT {name}: {why}")
+    for name, why in sorted(status.stale.items()):
+        lines.append(f"    STALE {name}: {why}")
+    if status.corrupt or status.stale or status.query_bad:
+        lines.append(f"    fix: {FIX}")
+    for name, who in sorted(status.running.items()):
+        lines.append(f"    RUNNING {name}: {who}")
     for name, info in sorted(status.failed.items()):
         lines.append(f"    FAILED {name} (rank {info.get('rank')}): {info.get('error')}")
         lines.append(f"           log: {info.get('log')}")
     if status.missing:
         lines.append(f"    missing: {shortened(status.missing, 8)}")
-    lines.append(f"  results.h5: {'written' if status.merged else 'not yet'}")
+    if not status.merged:
+        results = "not yet"
+    elif status.results_stale:
+        results = (
+            f"STALE ({'; '.join(status.results_stale[:2])}"
+            f"{' ...' if len(status.results_stale) > 2 else ''}): run the same sdi-attribute "
+            "command again"
+        )
+    else:
+        results = "written, up to date"
+    lines.append(f"  results.h5: {results}")
+    if not status.verified:
+        lines.append("  (cheap checks; sdi-status verify=true also reads every file and the data)")
     lines += status.launcher_lines
     return "\n".join(lines)

@@ -80,26 +80,35 @@ class CorruptibleData(Dataset):
     """A data set whose example ``bad_index`` cannot be read while the file ``flag`` exists.
 
     Stands for a corrupted input in one block: the worker that reads it fails, the others
-    do not, and removing ``flag`` is the fix.
+    do not, and removing ``flag`` is the fix. ``only_in_jobs``: only inside a SLURM job
+    (the corruption appears after sdi-attribute's preflight has read every example).
     """
 
-    def __init__(self, data: Dataset, bad_index: int, flag: str) -> None:
+    def __init__(self, data: Dataset, bad_index: int, flag: str, only_in_jobs: bool = False):
         self.data, self.bad_index, self.flag = data, bad_index, Path(flag)
+        self.only_in_jobs = only_in_jobs
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Any:
-        if i == self.bad_index and self.flag.exists():
+        active = not self.only_in_jobs or "SLURM_JOB_ID" in os.environ
+        if i == self.bad_index and active and self.flag.exists():
             raise ValueError(f"example {i} is corrupted ({self.flag} exists)")
         return self.data[i]
 
 
 def corruptible_parity(
-    paths: list[str] | str, bad_index: int, flag: str, split: str = "train", limit: int = 40
+    paths: list[str] | str,
+    bad_index: int,
+    flag: str,
+    split: str = "train",
+    limit: int = 40,
+    only_in_jobs: bool = False,
 ) -> CorruptibleData:
     """The toy's parity training set with one corruptible example (see CorruptibleData)."""
-    return CorruptibleData(parity_from_checkpoints(paths, split, limit), bad_index, flag)
+    data = parity_from_checkpoints(paths, split, limit)
+    return CorruptibleData(data, bad_index, flag, only_in_jobs)
 
 
 def write_toy_checkpoints(folder: Path, n: int = 2, n_train: int = 40) -> list[Path]:
@@ -141,3 +150,25 @@ def cli_overrides(tmp_path: Path, *extra: str) -> list[str]:
         "wandb=disabled",
         *extra,
     ]
+
+
+class NoisyData(Dataset):
+    """A data set whose examples change every time they are read (random augmentation)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        item = dict(self.data[i])
+        item["tokens"] = item["tokens"].clone()
+        item["tokens"][0] = int(torch.randint(0, 2, ()))
+        item["noise"] = torch.rand(())
+        return item
+
+
+def noisy_parity(paths: list[str] | str, split: str = "train", limit: int = 40) -> NoisyData:
+    """The toy's parity data with random noise in every read (see NoisyData)."""
+    return NoisyData(parity_from_checkpoints(paths, split, limit))

@@ -37,6 +37,8 @@ class Launcher:
     of ``sdi-attribute``. ``runs_jobs`` is False for a launcher that only prints how to run
     them (no results summary follows it). ``status_lines(run, merged)``, if set, gives the
     lines ``sdi-status`` adds about the jobs this launcher started for the run.
+    ``validate(cfg)``, if set, checks the launcher's values when the config is validated
+    (before any run directory exists), raising one ConfigError.
     """
 
     name: str
@@ -44,15 +46,28 @@ class Launcher:
     launch: Callable[[RunDir, DictConfig, int], int]
     runs_jobs: bool = True
     status_lines: Callable[[RunDir, bool], list[str]] | None = None
+    validate: Callable[[DictConfig], None] | None = None
 
 
 LAUNCHERS: dict[str, Launcher] = {
     launcher.name: launcher
     for launcher in (
-        Launcher("local", local.LocalLauncherConfig, local.launch_local),
         Launcher(
-            "slurm", slurm.SlurmLauncherConfig, slurm.launch_slurm, status_lines=slurm.status_lines
+            "local", local.LocalLauncherConfig, local.launch_local, validate=local.validate_config
         ),
-        Launcher("prepare", prepare.PrepareLauncherConfig, prepare.launch_prepare, runs_jobs=False),
+        Launcher(
+            "slurm",
+            slurm.SlurmLauncherConfig,
+            slurm.launch_slurm,
+            status_lines=slurm.status_lines,
+            validate=slurm.validate_config,
+        ),
+        Launcher(
+            "prepare",
+            prepare.PrepareLauncherConfig,
+            prepare.launch_prepare,
+            runs_jobs=False,
+            validate=prepare.validate_config,
+        ),
     )
 }

@@ -2,27 +2,43 @@
 
 Workers are separate processes running the same ``sdi-worker`` code as on a cluster. The
 machine's cores are split between them (threads per worker), and with several GPUs each
-worker sees one (CUDA_VISIBLE_DEVICES). One progress bar follows the units; Ctrl-C asks the
-workers to stop after their current batch, and running the same command again resumes.
+worker sees one (CUDA_VISIBLE_DEVICES). One progress bar follows the units; Ctrl-C (or a
+SIGTERM / SIGHUP to the launcher) asks the workers to stop after their current batch, and
+running the same command again resumes.
+
+The jobs die with their launcher: each is started with Linux's parent-death signal
+(``PR_SET_PDEATHSIG``: SIGTERM when the launcher dies, even by SIGKILL), and the launcher
+stops every job's process group on its way out. A failed job is reported in one line: the
+job, its error line and its log.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
-from sdi_pipeline.atomic import write_text_atomic
+from sdi_pipeline.atomic import ensure_dir, write_error, write_text_atomic
+from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.rundir import RunDir, run_units
 
 EXIT_CTRL_C = 130
+# PR_SET_PDEATHSIG from <sys/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+# Seconds the jobs get to finish their batch after a stop request before they are killed.
+STOP_GRACE_S = 60.0
 
 
 @dataclass
@@ -35,48 +51,112 @@ class LocalLauncherConfig:
     threads_per_worker: int | None = None
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """launcher.workers and threads_per_worker must be positive."""
+    lc = cfg.launcher
+    if lc.workers < 1:
+        raise ConfigError(
+            f"launcher.workers must be at least 1 (the number of worker processes), got "
+            f"{lc.workers}"
+        )
+    if lc.threads_per_worker is not None and lc.threads_per_worker < 1:
+        raise ConfigError(
+            f"launcher.threads_per_worker must be at least 1 or null, got {lc.threads_per_worker}"
+        )
+
+
 def job_command(job: str, run: RunDir, *extra: str) -> list[str]:
     """The command line of one job (the same entry points a user runs by hand)."""
     return [sys.executable, "-m", "sdi_pipeline.cli", job, f"run_dir={run.path}", *extra]
 
 
 def _record(run: RunDir, name: str, cmd: list[str], env: dict[str, str]) -> None:
-    folder = run.path / "commands"
-    folder.mkdir(exist_ok=True)
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    write_text_atomic(folder / f"{name}.sh", f"{shown} {shlex.join(cmd)}\n".lstrip())
+    write_text_atomic(run.path / "commands" / f"{name}.sh", f"{shown} {shlex.join(cmd)}\n".lstrip())
 
 
-def _start(run: RunDir, name: str, cmd: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
-    _record(run, name, cmd, env_extra)
-    log = open(run.logs_dir / f"{name}.out", "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(
-        cmd,
-        env=os.environ | env_extra,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def _run_one(run: RunDir, name: str, cmd: list[str], env: dict[str, str]) -> int:
-    proc = _start(run, name, cmd, env)
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when this process dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        _stop([proc])
-        raise
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os._exit(143)
+
+    return preexec
+
+
+class Jobs:
+    """The launcher's child processes; each leads its own process group."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
+        _record(self.run, name, cmd, env_extra)
+        path = self.run.logs_dir / f"{name}.out"
+        try:
+            log = open(path, "ab")  # noqa: SIM115 - owned by the child
+        except OSError as err:
+            mapped = write_error(path, err)
+            if mapped is not None:
+                raise mapped from err
+            raise
+        with log:
+            proc = subprocess.Popen(
+                cmd,
+                env=os.environ | env_extra,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM every live job's process group, wait up to ``grace_s``, then SIGKILL."""
+        live = [p for p in self.procs if p.poll() is None]
+        for p in live:
+            _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in live:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(p, signal.SIGKILL)
+                p.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP to the launcher act as Ctrl-C: the jobs are stopped cleanly."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
@@ -90,47 +170,54 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     gpus = torch.cuda.device_count()
     units = run_units(cfg, n_train)
     quiet = {"SDI_PROGRESS": "0"}
+    ensure_dir(run.logs_dir)
+    jobs = Jobs(run)
     try:
-        print(f"[sdi] query sketches ({len(cfg.checkpoints.paths)} checkpoints) ...", flush=True)
-        code = _run_one(
-            run, "query", job_command("query", run), quiet | {"SDI_THREADS": str(cores)}
-        )
-        if code != 0:
-            return _failed(run, "query", code)
-        todo = sum(not run.is_done(u) for u in units)
-        print(
-            f"[sdi] {workers} workers x {threads} threads"
-            + (f" on {gpus} GPUs" if gpus else "")
-            + f": {todo} of {len(units)} units to sketch",
-            flush=True,
-        )
-        procs = []
-        for rank in range(workers):
-            env = quiet | {"SDI_THREADS": str(threads)}
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
-            cmd = job_command("worker", run, f"rank={rank}", f"world_size={workers}")
-            procs.append(_start(run, f"worker-{rank:04d}", cmd, env))
-        try:
+        with _stop_signals_interrupt():
+            print(
+                f"[sdi] query sketches ({len(cfg.checkpoints.paths)} checkpoints) ...", flush=True
+            )
+            code = _run_one(
+                jobs, "query", job_command("query", run), quiet | {"SDI_THREADS": str(cores)}
+            )
+            if code != 0:
+                return _failed(run, "query", code)
+            todo = sum(not run.is_done(u) for u in units)
+            print(
+                f"[sdi] {workers} workers x {threads} threads"
+                + (f" on {gpus} GPUs" if gpus else "")
+                + f": {todo} of {len(units)} units to sketch",
+                flush=True,
+            )
+            procs = []
+            for rank in range(workers):
+                env = quiet | {"SDI_THREADS": str(threads)}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+                cmd = job_command("worker", run, f"rank={rank}", f"world_size={workers}")
+                procs.append(jobs.start(f"worker-{rank:04d}", cmd, env))
             _follow(run, units, procs)
-        except KeyboardInterrupt:
-            print("\n[sdi] stopping workers after their current batch ...", flush=True)
-            _stop(procs)
-            print(f"[sdi] stopped. Run the same command again to resume {run.path}")
-            return EXIT_CTRL_C
-        failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            for rank, code in failed:
-                _failed(run, f"worker-{rank:04d}", code)
-            return 1
-        print("[sdi] merging ...", flush=True)
-        code = _run_one(run, "merge", job_command("merge", run), {"SDI_THREADS": str(cores)})
-        if code != 0:
-            return _failed(run, "merge", code)
+            failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+            if failed:
+                for rank, code in failed:
+                    _failed(run, f"worker-{rank:04d}", code)
+                return 1
+            print("[sdi] merging ...", flush=True)
+            code = _run_one(jobs, "merge", job_command("merge", run), {"SDI_THREADS": str(cores)})
+            if code != 0:
+                return _failed(run, "merge", code)
     except KeyboardInterrupt:
-        print(f"\n[sdi] stopped. Run the same command again to resume {run.path}")
+        print("\n[sdi] stopping the jobs after their current batch ...", flush=True)
+        jobs.stop()
+        print(f"[sdi] stopped. Run the same command again to resume {run.path}", flush=True)
         return EXIT_CTRL_C
+    finally:
+        jobs.stop(grace_s=10.0)  # nothing outlives the launcher
     return 0
+
+
+def _run_one(jobs: Jobs, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    return jobs.start(name, cmd, env).wait()
 
 
 def _follow(run: RunDir, units: list, procs: list[subprocess.Popen]) -> None:
@@ -145,10 +232,27 @@ def _follow(run: RunDir, units: list, procs: list[subprocess.Popen]) -> None:
         bar.update(sum(run.is_done(u) for u in units) - bar.n)
 
 
+def job_error(log: Path) -> str | None:
+    """The ``error:`` line a job printed last (its one-line SDIError), if any."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line for line in lines if line.startswith("error: ")]
+    return errors[-1][len("error: ") :] if errors else None
+
+
 def _failed(run: RunDir, name: str, code: int) -> int:
+    """One line on stderr: which job failed, its error (or exit status), and its log."""
     log = Path(run.logs_dir / f"{name}.out")
-    tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
-    print(f"[sdi] {name} failed (exit {code}); log: {log}", file=sys.stderr)
-    for line in tail:
-        print(f"    {line}", file=sys.stderr)
-    return code or 1
+    error = job_error(log)
+    if error is not None:
+        print(f"error: {name} failed: {error} (log: {log})", file=sys.stderr)
+        return code or 1
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+    tail = []
+    with suppress(OSError):
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+    last = f"; last output: {tail[0].strip()[:200]}" if tail else ""
+    print(f"error: {name} failed ({how}){last}; full log: {log}", file=sys.stderr)
+    return code if code > 0 else 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.rundir import RunDir
 
 
@@ -19,6 +20,15 @@ class PrepareLauncherConfig:
     name: str = "prepare"
     # The world size used in the printed worker commands.
     workers: int = 4
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """launcher.workers must be a positive world size."""
+    if cfg.launcher.workers < 1:
+        raise ConfigError(
+            f"launcher.workers must be at least 1 (the world size of the printed worker "
+            f"commands), got {cfg.launcher.workers}"
+        )
 
 
 def launch_prepare(run: RunDir, cfg: DictConfig, n_train: int) -> int:

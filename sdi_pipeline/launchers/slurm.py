@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.results import stale_reasons
 from sdi_pipeline.rundir import RunDir, rank_units, run_units
 
 
@@ -52,6 +54,76 @@ class SlurmLauncherConfig:
     merge_cpus: int = 4
     # Requeues after preemption or timeout before a task gives up.
     max_requeues: int = 3
+
+
+# What SLURM values may hold: they land in #SBATCH lines of generated scripts and on sbatch's
+# command line, so no whitespace, quotes, newlines or other shell characters.
+_SAFE = re.compile(r"[A-Za-z0-9_.,:=+@%/-]+")
+# --constraint also has SLURM's own operators: & | [ ] ( ) * (e.g. "a100|h100", "[rack1|rack2]").
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:=+@%/&|\[\]()*-]+")
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_ALLOWED = "letters, digits and _ . , : = + @ % / - only"
+
+
+def _check_value(key: str, value: Any, pattern: re.Pattern[str], allowed: str = _ALLOWED) -> None:
+    text = str(value)
+    if pattern.fullmatch(text):
+        return
+    if re.search(r"[\x00-\x1f\x7f]", text):
+        what = "a newline or control character"
+    elif not text:
+        what = "nothing"
+    else:
+        bad = sorted({c for c in text if not pattern.fullmatch(c)})
+        what = "the character(s) " + " ".join(repr(c) for c in bad)
+    raise ConfigError(
+        f"{key}={text!r} holds {what}: SLURM values may hold {allowed} (they go into #SBATCH "
+        "lines and sbatch's command line)"
+    )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the SLURM launcher's values: counts and times in range, names free of newlines
+    and shell characters (partition, account, qos, constraint, additional keys and values,
+    and run.name / run.id, which name the jobs)."""
+    lc = cfg.launcher
+    at_least = {
+        "array_size": 1, "time_min": 1, "cpus_per_task": 1, "query_time_min": 1,
+        "merge_time_min": 1, "merge_cpus": 1, "gpus_per_task": 0, "max_requeues": 0,
+    }  # fmt: skip
+    for key, low in at_least.items():
+        if lc[key] < low:
+            raise ConfigError(f"launcher.{key} must be at least {low}, got {lc[key]}")
+    for key in ("mem_gb", "merge_mem_gb"):
+        if not lc[key] > 0:
+            raise ConfigError(f"launcher.{key} must be positive, got {lc[key]}")
+    if lc.array_parallelism is not None and lc.array_parallelism < 1:
+        raise ConfigError(
+            f"launcher.array_parallelism must be at least 1 or null, got {lc.array_parallelism}"
+        )
+    for key in ("partition", "account", "qos"):
+        if lc[key] is not None:
+            _check_value(f"launcher.{key}", lc[key], _SAFE)
+    if lc.constraint is not None:
+        _check_value(
+            "launcher.constraint", lc.constraint, _CONSTRAINT, _ALLOWED + " and & | [ ] ( ) *"
+        )
+    additional = OmegaConf.to_container(lc.additional, resolve=True) or {}
+    assert isinstance(additional, dict)
+    for key, value in additional.items():
+        if not _KEY.fullmatch(str(key)):
+            _check_value("launcher.additional key", key, _KEY, "letters, digits, _ and - only")
+        if isinstance(value, (bool, int, float)):
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"launcher.additional.{key} is a {type(value).__name__}: give a string, number "
+                "or boolean"
+            )
+        _check_value(f"launcher.additional.{key}", value, _SAFE)
+    for key in ("name", "id"):
+        if cfg.run[key] is not None:
+            _check_value(f"run.{key}", cfg.run[key], _SAFE)
 
 
 def jobs_path(run: RunDir) -> Path:
@@ -230,8 +302,8 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
             f"launcher=slurm needs SLURM's {' and '.join(missing)} on PATH: run sdi-attribute "
             "on a cluster login node (or use launcher=local)"
         )
-    if run.results_path.exists():
-        print(f"[sdi] {run.results_path} exists: nothing to submit")
+    if run.results_path.exists() and not stale_reasons(run.results_path):
+        print(f"[sdi] {run.results_path} exists and is up to date: nothing to submit")
         return 0
     world = int(cfg.launcher.array_size)
     units = run_units(cfg, n_train)

@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sdi_pipeline.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.checkpoints import load_checkpoint, resolve_checkpoint_paths
 from sdi_pipeline.errors import CheckpointError, ConfigError
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import ParityData, make_parity_dataset
@@ -25,7 +23,7 @@ def first_checkpoint(paths: list[str] | str) -> dict[str, Any]:
     files = sorted(resolve_checkpoint_paths(patterns, strict=False))
     if not files or not Path(files[0]).is_file():
         raise CheckpointError(f"no toy checkpoint found at {patterns}: run sdi-train-toy first")
-    data = torch.load(files[0], map_location="cpu", weights_only=True)
+    data = load_checkpoint(files[0])
     if "model_config" not in data or "task" not in data:
         raise CheckpointError(f"{files[0]} is not a toy checkpoint (no model_config / task)")
     return data
