@@ -43,7 +43,7 @@ from sdi_pipeline.freshness import CORRUPT, DONE, STALE, check_unit, explain_sta
 from sdi_pipeline.launchers import allocated_cpus
 from sdi_pipeline.layout import query_lease_name
 from sdi_pipeline.leases import Holder, acquire
-from sdi_pipeline.logs import log, peak_rss_mb, setup_logging
+from sdi_pipeline.logs import as_job_error, log, peak_rss_mb, setup_logging
 from sdi_pipeline.rundir import RunDir, Unit, rank_units, run_units
 from sdi_pipeline.store import FORMAT_VERSION, verify_sketch_file, write_sketch_file
 from sdi_pipeline.wandb_log import WandbLogger
@@ -352,7 +352,9 @@ def _attempt(
         return EXIT_INTERRUPTED
     except Exception as err:
         _record_failure(run, unit, rank, err)
-        raise
+        if isinstance(err, SDIError):
+            raise
+        raise as_job_error(err, f"unit {unit.name}", f"worker-{rank:04d}") from err
     run.failure_path(unit).unlink(missing_ok=True)
     wandb_log.log_unit(stats)
     if ctx.stop.is_set():
@@ -517,7 +519,12 @@ def _query_checkpoint(
     if isinstance(lease, Holder):
         return lease
     with lease:
-        return _compute_query(ctx, query, k, current, path, wandb_log)
+        try:
+            return _compute_query(ctx, query, k, current, path, wandb_log)
+        except Exception as err:
+            if isinstance(err, SDIError):
+                raise
+            raise as_job_error(err, f"the query sketches of checkpoint {k}", "query") from err
 
 
 def _compute_query(

@@ -403,6 +403,29 @@ def test_mismatched_world_sizes_compute_each_unit_once_and_are_named(
     assert_same(run.results_path, toy_ref)
 
 
+def test_a_bug_in_the_users_loss_is_one_line_with_its_traceback_in_the_log(
+    tmp_path, toy_ref, capsys, monkeypatch
+) -> None:
+    loss = {"loss": {"_target_": "pipeline_helpers.buggy_parity_loss", "_partial_": True}}
+    run = prepare_run(toy_config(tmp_path, analysis=loss))
+    assert run_query(run.path) == 0
+    flag = tmp_path / "bug"
+    flag.touch()
+    monkeypatch.setenv("SDI_TEST_BUG", str(flag))
+    line = refused(capsys, monkeypatch, cli.worker_main, [f"run_dir={run.path}"])
+    log = run.logs_dir / "worker-0000.log"
+    assert line == (
+        f"error: unit {UNITS[0]} failed: IndexError: index out of range in self (in the model, "
+        f"loss, collate or dataset code; the traceback is in {log})"
+    )
+    assert "Traceback" in log.read_text()
+    assert run_status(run).failed[UNITS[0]]["error"].startswith("IndexError")
+    flag.unlink()  # the user fixes the code
+    recover(run)
+    assert not run_status(run).failed
+    assert_same(run.results_path, toy_ref)
+
+
 def test_a_unit_leased_by_a_live_job_is_named_by_status_and_the_merge(tmp_path, toy_ref) -> None:
     run = run_all(toy_config(tmp_path))
     run.results_path.unlink()
