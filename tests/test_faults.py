@@ -838,6 +838,31 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, toy_ref) -> Non
     assert_same(run.results_path, toy_ref)
 
 
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failing_disk_without_a_namespace(tmp_path, toy_ref, capsys, monkeypatch, number) -> None:
+    """The same errors injected in this process (where unshare is not available the tests
+    above skip; these always run): the unit write fails as the disk would fail it."""
+    import sdi_pipeline.atomic as atomic
+
+    run = prepare_run(toy_config(tmp_path))
+    assert run_query(run.path) == 0
+    real = atomic._fsync
+
+    def failing(path: Path) -> None:
+        if path.parent == run.units_dir:
+            raise OSError(number, os.strerror(number), str(path))
+        real(path)
+
+    monkeypatch.setattr(atomic, "_fsync", failing)
+    line = refused(capsys, monkeypatch, cli.worker_main, [f"run_dir={run.path}"])
+    assert f"cannot write {run.units_dir / UNITS[0]}.h5: " in line
+    assert f"({errno.errorcode[number]}) in {run.units_dir} (nothing was left half-written)" in line
+    assert not list(run.units_dir.iterdir()) and not list(run.completions_dir.iterdir())
+    monkeypatch.setattr(atomic, "_fsync", real)
+    recover(run)
+    assert_same(run.results_path, toy_ref)
+
+
 def test_no_room_for_results_is_refused_before_writing(tmp_path, toy_ref, monkeypatch) -> None:
     run = run_all(toy_config(tmp_path))
     run.results_path.unlink()
