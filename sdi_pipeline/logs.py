@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import sys
 
 from sdi_pipeline.atomic import ensure_dir, write_error
+from sdi_pipeline.errors import DataError, SDIError
 from sdi_pipeline.rundir import RunDir
 
 log = logging.getLogger("sdi_pipeline")
@@ -43,6 +45,36 @@ def setup_logging(run: RunDir, name: str) -> None:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+
+
+def log_file(job: str) -> str:
+    """Where the current job logs (for messages that point to the full traceback)."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return f"logs/{job}.log"
+
+
+def traceback_to_file(message: str) -> None:
+    """Log ``message`` with the current exception's traceback to the log file only: the
+    terminal gets the one-line error, the log keeps everything."""
+    record = log.makeRecord(log.name, logging.ERROR, "", 0, message, (), sys.exc_info())
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def as_job_error(err: BaseException, what: str, job: str) -> SDIError:
+    """An unexpected exception from the user's code (model, loss, collate, dataset) during a
+    job, as one line; its traceback goes to the job's log file."""
+    if isinstance(err, SDIError):
+        return err
+    traceback_to_file(f"{what} failed")
+    first = " ".join(str(err).split())[:300]
+    return DataError(
+        f"{what} failed: {type(err).__name__}: {first} (in the model, loss, collate or dataset "
+        f"code; the traceback is in {log_file(job)})"
+    )
 
 
 def peak_rss_mb() -> float:

@@ -172,3 +172,11 @@ class NoisyData(Dataset):
 def noisy_parity(paths: list[str] | str, split: str = "train", limit: int = 40) -> NoisyData:
     """The toy's parity data with random noise in every read (see NoisyData)."""
     return NoisyData(parity_from_checkpoints(paths, split, limit))
+
+
+def buggy_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The parity loss, with a bug (an IndexError) while the file $SDI_TEST_BUG exists."""
+    flag = os.environ.get("SDI_TEST_BUG")
+    if flag and Path(flag).exists():
+        raise IndexError("index out of range in self")
+    return parity_loss(model, batch)

@@ -403,6 +403,29 @@ def test_mismatched_world_sizes_compute_each_unit_once_and_are_named(
     assert_same(run.results_path, toy_ref)
 
 
+def test_a_bug_in_the_users_loss_is_one_line_with_its_traceback_in_the_log(
+    tmp_path, toy_ref, capsys, monkeypatch
+) -> None:
+    loss = {"loss": {"_target_": "pipeline_helpers.buggy_parity_loss", "_partial_": True}}
+    run = prepare_run(toy_config(tmp_path, analysis=loss))
+    assert run_query(run.path) == 0
+    flag = tmp_path / "bug"
+    flag.touch()
+    monkeypatch.setenv("SDI_TEST_BUG", str(flag))
+    line = refused(capsys, monkeypatch, cli.worker_main, [f"run_dir={run.path}"])
+    log = run.logs_dir / "worker-0000.log"
+    assert line == (
+        f"error: unit {UNITS[0]} failed: IndexError: index out of range in self (in the model, "
+        f"loss, collate or dataset code; the traceback is in {log})"
+    )
+    assert "Traceback" in log.read_text()
+    assert run_status(run).failed[UNITS[0]]["error"].startswith("IndexError")
+    flag.unlink()  # the user fixes the code
+    recover(run)
+    assert not run_status(run).failed
+    assert_same(run.results_path, toy_ref)
+
+
 def test_a_unit_leased_by_a_live_job_is_named_by_status_and_the_merge(tmp_path, toy_ref) -> None:
     run = run_all(toy_config(tmp_path))
     run.results_path.unlink()
@@ -811,6 +834,31 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, toy_ref) -> Non
     assert f"make {run.units_dir} writable" in line
     assert not temps(run.units_dir) and not list(run.completions_dir.iterdir())
     run.units_dir.chmod(0o755)
+    recover(run)
+    assert_same(run.results_path, toy_ref)
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failing_disk_without_a_namespace(tmp_path, toy_ref, capsys, monkeypatch, number) -> None:
+    """The same errors injected in this process (where unshare is not available the tests
+    above skip; these always run): the unit write fails as the disk would fail it."""
+    import sdi_pipeline.atomic as atomic
+
+    run = prepare_run(toy_config(tmp_path))
+    assert run_query(run.path) == 0
+    real = atomic._fsync
+
+    def failing(path: Path) -> None:
+        if path.parent == run.units_dir:
+            raise OSError(number, os.strerror(number), str(path))
+        real(path)
+
+    monkeypatch.setattr(atomic, "_fsync", failing)
+    line = refused(capsys, monkeypatch, cli.worker_main, [f"run_dir={run.path}"])
+    assert f"cannot write {run.units_dir / UNITS[0]}.h5: " in line
+    assert f"({errno.errorcode[number]}) in {run.units_dir} (nothing was left half-written)" in line
+    assert not list(run.units_dir.iterdir()) and not list(run.completions_dir.iterdir())
+    monkeypatch.setattr(atomic, "_fsync", real)
     recover(run)
     assert_same(run.results_path, toy_ref)
 
