@@ -358,15 +358,15 @@ def run_merge(run_dir: str | Path) -> int:
             "and diagnostics only (raise merge.sdi_max_gb to keep it)",
             sdi_bytes / 2**30, cfg.merge.sdi_max_gb,
         )  # fmt: skip
-    check_free_space(
-        run.results_path,
-        estimated_size(
-            n_train, n_query, s_q, s_tr, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix)
-        ),
-    )
     k_top = int(cfg.merge.topk)
     totals = scores.ScoreTotals(n_query, s_q, k_top)
     tokens = _token_queries(queries, n_train, float(cfg.merge.sdi_max_gb), k_top)
+    needed = estimated_size(
+        n_train, n_query, s_q, s_tr, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix)
+    )
+    if tokens is not None and tokens.stored:
+        needed += 4 * n_train * tokens.width
+    check_free_space(run.results_path, needed)
     train_norm = torch.zeros(len(etas), s_tr, dtype=torch.float64)
     train_loss = np.zeros((len(etas), n_train), dtype=np.float32)
 

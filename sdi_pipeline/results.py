@@ -319,10 +319,10 @@ class ResultsWriter:
     def create_tokens(self, n_train: int, positions: np.ndarray, *, sdi_tokens: bool) -> None:
         """Per-token outputs: the chosen query tokens (M, P) and, if asked, SDI per (step,
         token) (N, M, S_q, P)."""
-        self._f.create_dataset("token_positions", data=positions)
+        _checked(self._f, "token_positions", positions)
         if sdi_tokens:
             shape = (n_train, self.n_query, self.s_q, positions.shape[1])
-            self._f.create_dataset("sdi_tokens", shape, "f4", chunks=True)
+            self._f.create_dataset("sdi_tokens", shape, "f4", chunks=True, **_CHECKED)
 
     def write_rows(
         self,

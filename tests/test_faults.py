@@ -513,7 +513,7 @@ def test_a_touched_checkpoint_is_hashed_again_but_nothing_is_recomputed(tmp_path
     recover(run)
     assert marker_times(run) == before
     cache = json.loads(run.digest_cache_path.read_text())
-    assert cache[str(ckpt)]["stat"][1] == ckpt.stat().st_mtime_ns
+    assert cache[str(ckpt)]["stat"][0][1] == ckpt.stat().st_mtime_ns  # per file: one here
 
 
 def test_checkpoints_deleted_after_the_run_leave_the_results_usable(
