@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdi_pipeline.atomic import atomic_path
+
 
 def plot_step_profiles(
     energy: np.ndarray,
@@ -43,8 +45,8 @@ def plot_step_profiles(
     if title:
         fig.suptitle(title)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:  # never a half-written PNG under its name
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return out
 
@@ -79,7 +81,7 @@ def plot_trajectories(
     fig.colorbar(image, ax=ax, label="SDI")
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:  # never a half-written PNG under its name
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return out
