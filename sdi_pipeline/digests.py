@@ -147,6 +147,8 @@ class DigestCache:
         hit = self.cached(p, files)
         if hit is not None:
             return hit
+        if not p.exists():  # as reading a missing file would: callers handle OSError
+            raise FileNotFoundError(f"checkpoint not found: {p}")
         members = list(files or checkpoint_files(p))
         before = _stat_key(members)
         digest = sha256_files(p, members)

@@ -24,6 +24,18 @@ class _JobFileHandler(logging.FileHandler):
             self.close()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, not the one of when the job began: jobs run
+    in-process (tests, notebooks) outlive a replaced or closed stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(run: RunDir, name: str) -> None:
     """Log to ``logs/<name>.log`` in the run dir and to stderr.
 
@@ -41,7 +53,7 @@ def setup_logging(run: RunDir, name: str) -> None:
         if mapped is not None:
             raise mapped from err
         raise
-    for handler in (file_handler, logging.StreamHandler()):
+    for handler in (file_handler, _StderrHandler()):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
