@@ -12,6 +12,7 @@ light.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,8 @@ _CHECKED = {"fletcher32": True}
 Sign = Literal["positive", "negative"]
 # Per-unit statistics kept in diagnostics/units (from the units' completion markers).
 UNIT_STATS = ("examples", "seconds", "examples_per_s", "peak_rss_mb", "rank")
+# Scopes of the stored top-k: by TracIn, by SDI per slot, by SDI per (slot, query token).
+TOPK_SCOPES = ("overall", "per_step", "per_token")
 
 
 def find_results(path: str | Path) -> Path:
@@ -283,19 +286,110 @@ class Results:
         )
         return out
 
-    def to_xarray(self) -> Any:
-        """An xarray Dataset of TracIn, SDI (if stored) and energy; needs xarray installed."""
-        try:
-            import xarray as xr  # pyright: ignore[reportMissingImports]
-        except ImportError as err:
-            raise ConfigError("to_xarray() needs xarray: pip install xarray") from err
+    def to_xarray(self, train: slice | None = None) -> Any:
+        """The run as an ``xarray.Dataset`` with labelled dims (needs xarray installed).
+
+        Variables: ``tracin`` (train, query); ``energy`` and ``signed_share`` (query, step);
+        ``sdi`` (train, query, step) when the full SDI is stored; ``sdi_matrix`` (train,
+        query, train_step, step) when the merge wrote it; per-token runs add
+        ``token_energy`` (query, step, token) and, when stored, ``sdi_tokens`` (train,
+        query, step, token). The ``step`` coordinate holds the slot names (``"step 1"``,
+        ``"prelude"``, ...), ``token_position`` (query, token) each chosen token's position.
+        Everything is read into memory: ``train`` (a slice) keeps only those rows.
+        """
+        xr = _optional_import("xarray", "to_xarray()")
+        rows = slice(None) if train is None else train
+        if not isinstance(rows, slice):
+            raise ConfigError(f"train must be a slice of training rows, got {type(rows).__name__}")
         data: dict[str, Any] = {
-            "tracin": (("train", "query"), np.asarray(self.tracin)),
-            "energy": (("query", "slot"), self.energy()),
+            "tracin": (("train", "query"), np.asarray(self.tracin[rows])),
+            "energy": (("query", "step"), self.energy()),
+            "signed_share": (("query", "step"), self.signed_share()),
         }
-        if "sdi" in self._f:
-            data["sdi"] = (("train", "query", "slot"), np.asarray(self._f["sdi"]))
-        return xr.Dataset(data, coords={"slot": self.slot_names})
+        coords: dict[str, Any] = {
+            "train": np.arange(self.n_train)[rows],
+            "query": np.arange(self.n_query),
+            "step": list(self.slot_names),
+        }
+        if self.has_sdi:
+            data["sdi"] = (("train", "query", "step"), np.asarray(self.sdi[rows]))
+        if "sdi_matrix" in self._f:
+            dims = ("train", "query", "train_step", "step")
+            data["sdi_matrix"] = (dims, np.asarray(self.sdi_matrix[rows]))
+            coords["train_step"] = list(self.train_slot_names)
+        if self.has_tokens:
+            positions = self.token_positions
+            coords["token"] = np.arange(positions.shape[1])
+            coords["token_position"] = (("query", "token"), positions)
+            energy = np.asarray(self._f["diagnostics/token_energy"])
+            data["token_energy"] = (("query", "step", "token"), energy)
+            if self.has_sdi_tokens:
+                dims = ("train", "query", "step", "token")
+                data["sdi_tokens"] = (dims, np.asarray(self.sdi_tokens[rows]))
+        attrs = {
+            "config_hash": self.config_hash,
+            "assignment": self.assignment,
+            "etas": list(self.etas),
+            "checkpoints": list(self.checkpoints),
+        }
+        return xr.Dataset(data, coords=coords, attrs=attrs)
+
+    def topk_frame(self, scope: str = "overall", sign: Sign = "positive") -> Any:
+        """The stored top-k of every query as a pandas DataFrame (needs pandas installed).
+
+        One row per (query, slot, token, rank) with columns ``query``, ``slot``, ``token``,
+        ``position``, ``rank`` (1 = the strongest), ``train_index`` and ``score``.
+        ``scope`` is ``"overall"`` (by TracIn; ``slot`` is ``"overall"``), ``"per_step"`` (by
+        SDI at each slot) or ``"per_token"`` (by SDI at each slot and chosen query token:
+        ``token`` indexes the query's chosen tokens, ``position`` is where that token is);
+        ``token`` and ``position`` are missing (``<NA>``) outside ``"per_token"``.
+        """
+        pd = _optional_import("pandas", "topk_frame()")
+        if scope not in TOPK_SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(TOPK_SCOPES)}, got {scope!r}")
+        if sign not in ("positive", "negative"):
+            raise ConfigError(f"sign must be 'positive' or 'negative', got {sign!r}")
+        if scope == "per_token":
+            self._need_tokens()
+        indices, scores = self.topk_arrays(scope, sign)
+        # Bring every scope to (M, S, P, k): overall has one pseudo-slot, only per_token P > 1.
+        if scope == "overall":
+            indices, scores = indices[:, None, None], scores[:, None, None]
+            slots = ["overall"]
+        elif scope == "per_step":
+            indices, scores = indices[:, :, None], scores[:, :, None]
+            slots = list(self.slot_names)
+        else:
+            slots = list(self.slot_names)
+        n_query, n_slots, n_tokens, k = indices.shape
+        query, slot, token, rank = np.meshgrid(
+            np.arange(n_query), np.arange(n_slots), np.arange(n_tokens), np.arange(k),
+            indexing="ij",
+        )  # fmt: skip
+        if scope == "per_token":
+            token_col = token.ravel()
+            position_col = self.token_positions[query.ravel(), token_col]
+        else:  # no token: nullable integers, all missing
+            token_col = position_col = np.full(query.size, None, dtype=object)
+        return pd.DataFrame(
+            {
+                "query": query.ravel(),
+                "slot": np.asarray(slots, dtype=object)[slot.ravel()],
+                "token": pd.array(token_col, dtype="Int64"),
+                "position": pd.array(position_col, dtype="Int64"),
+                "rank": rank.ravel() + 1,
+                "train_index": indices.ravel().astype(np.int64),
+                "score": scores.ravel().astype(np.float64),
+            }
+        )
+
+
+def _optional_import(name: str, what: str) -> Any:
+    """Import a package the notebook helpers need but the pipeline does not."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ConfigError(f"{what} needs {name}: pip install {name}") from err
 
 
 class ResultsWriter:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +34,89 @@ def describe_example(item: Any, max_tokens: int = 24) -> str:
     return text
 
 
-def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
-    """Print the top-k training examples of each query (overall and at its peak step).
+def example_key(item: Any) -> Hashable:
+    """An exact identity of a dataset item: equal keys for identical inputs (and targets).
 
-    ``loss`` says which loss the scores are of (and where it was set), e.g.
+    Tensors and arrays count by dtype, shape and bytes; dicts by their sorted keys and
+    values; anything else by its ``repr``.
+    """
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu().numpy()
+    if isinstance(item, np.ndarray):
+        return ("array", str(item.dtype), item.shape, item.tobytes())
+    if isinstance(item, dict):
+        return ("dict", tuple((str(k), example_key(v)) for k, v in sorted(item.items())))
+    if isinstance(item, list | tuple):
+        return ("seq", tuple(example_key(v) for v in item))
+    return ("value", repr(item))
+
+
+@dataclass
+class DistinctExample:
+    """One line of a top-k listing: a training example and its identical copies."""
+
+    index: int
+    score: float
+    identical: list[int] = field(default_factory=list)
+
+
+def distinct_top(
+    ranked: Sequence[tuple[int, float]], key: Callable[[int], Hashable], k: int
+) -> list[DistinctExample]:
+    """The first ``k`` distinct training inputs of a ranked list (index, score), best first.
+
+    Examples whose ``key`` equals an earlier one's are not listed again but counted on that
+    line (``identical``), anywhere in ``ranked``; fewer than ``k`` lines come back when
+    ``ranked`` holds fewer distinct inputs.
+    """
+    lines: dict[Hashable, DistinctExample] = {}
+    for index, score in ranked:
+        name = key(index)
+        if name in lines:
+            lines[name].identical.append(index)
+        elif len(lines) < k:
+            lines[name] = DistinctExample(index, score)
+    return list(lines.values())
+
+
+def format_example(line: DistinctExample, text: str, shown: int = 3) -> str:
+    """``train #131 (+2 identical: #314, #288) +3.400e-07  <text>``."""
+    label = f"train #{line.index}"
+    if line.identical:
+        listed = ", ".join(f"#{i}" for i in line.identical[:shown])
+        more = ", …" if len(line.identical) > shown else ""
+        label += f" (+{len(line.identical)} identical: {listed}{more})"
+    return f"{label:<14s} {line.score:+.3e}  {text}"
+
+
+def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
+    """Print the top-k distinct training inputs of each query (overall and at its peak step).
+
+    Identical training inputs share one line with their count, read from the stored top-k
+    (merge.topk) of results.h5, which is left as it is. ``loss`` says which loss the
+    scores are of (and where it was set), e.g.
     ``sdi_pipeline.losses.next_token_loss (from data=tokens)``.
     """
     cfg = run.load_config()
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
+    keys: dict[int, Hashable] = {}
+
+    def key(i: int) -> Hashable:
+        if i not in keys:
+            keys[i] = example_key(train[i])
+        return keys[i]
+
+    def listing(title: str, ranked: list[tuple[int, float]], n_train: int) -> None:
+        lines = distinct_top(ranked, key, k)
+        note = ""
+        if len(lines) < k:
+            more = "" if len(ranked) >= n_train else ": a larger merge.topk keeps more"
+            note = f" (only {len(lines)} distinct among the {len(ranked)} stored{more})"
+        print(f"  {title}{note}:")
+        for line in lines:
+            print(f"    {format_example(line, describe_example(train[line.index]))}")
+
     print(f"\nloss: {loss}")
     with Results.open(run.path) as res:
         print(f"targets: {res.assignment}")
@@ -50,12 +126,10 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
             # The loop step where influence peaks (prelude / readout slots are not steps).
             peak = loop[int(energy[j, loop].argmax())]
             print(f"\nquery {j}: {describe_example(query[j])}")
-            print(f"  influence peaks at loop {res.slot_names[peak]}; top {k} overall (TracIn):")
-            for i, score in res.topk(j, k):
-                print(f"    train #{i:<6d} {score:+.3e}  {describe_example(train[i])}")
-            print(f"  top {k} at {res.slot_names[peak]}:")
-            for i, score in res.topk(j, k, step=peak):
-                print(f"    train #{i:<6d} {score:+.3e}  {describe_example(train[i])}")
+            print(f"  influence peaks at loop {res.slot_names[peak]}")
+            # The whole stored top-k: identical copies fill it, k distinct lines are wanted.
+            listing(f"top {k} overall (TracIn)", res.topk(j), res.n_train)
+            listing(f"top {k} at {res.slot_names[peak]}", res.topk(j, step=peak), res.n_train)
         plots = write_plots(run, res)
     print(f"\nplots: {', '.join(str(p) for p in plots)}")
     print(f"results: {run.results_path}")

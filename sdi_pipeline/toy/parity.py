@@ -60,13 +60,21 @@ def make_parity_dataset(n: int, n_bits: int = 8, seed: int = 0) -> ParityData:
     return ParityData(tokens=tokens, targets=targets)
 
 
-def parity_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def parity_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], per_token: bool = False
+) -> torch.Tensor:
     """Per-example cross-entropy at the marker position; returns shape (B,).
 
-    This follows the tool's ``loss_fn(model, batch) -> (B,)`` convention.
+    This follows the tool's ``loss_fn(model, batch) -> (B,)`` convention. ``per_token=True``
+    returns per-token losses (B, T) instead: the marker's loss at the last position and
+    zeros elsewhere, so rows sum to the per-example loss (for ``analysis.query_tokens``).
     """
-    logits = model(batch["tokens"])[:, -1, :]
-    return F.cross_entropy(logits, batch["target"], reduction="none")
+    logits = model(batch["tokens"])
+    loss = F.cross_entropy(logits[:, -1, :], batch["target"], reduction="none")
+    if not per_token:
+        return loss
+    # Only the answer position carries a loss; the bits before it are inputs, not targets.
+    return F.pad(loss[:, None], (logits.shape[1] - 1, 0))
 
 
 def parity_accuracy(model: nn.Module, data: ParityData, batch_size: int = 256) -> float:
