@@ -32,6 +32,7 @@ from sdi_pipeline.checkpoints import (
     resolve_eta_and_source,
 )
 from sdi_pipeline.config import config_hash, train_hash
+from sdi_pipeline.dynamics import LoopTrace, trace_batches
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import ConfigError, SDIError
@@ -92,6 +93,7 @@ class JobContext:
         self.device = build.pick_device(self.cfg)
         self.model = build.build_model(self.cfg).to(self.device)
         self._loss = build.build_loss(self.cfg)
+        self.loop_trace = build.build_loop_trace(self.cfg)
         self._collate = build.build_collate(self.cfg)
         self.checkpoints = list(self.cfg.checkpoints.paths)
         tokens = self.cfg.analysis.query_tokens
@@ -151,12 +153,7 @@ class JobContext:
         """Sketch examples [start, stop) of ``dataset``; raises Interrupted on a stop request.
 
         ``tokens``: also per-token features, as ``analysis.query_tokens`` chooses."""
-        loader = DataLoader(
-            Subset(dataset, range(start, stop)),
-            batch_size=int(self.cfg.data.batch_size),
-            shuffle=False,
-            collate_fn=self._collate,
-        )
+        loader = self._loader(dataset, start, stop)
         parts = []
         choice = self.query_tokens if tokens else None
         batches = self.featurizer.iter_batches(
@@ -170,6 +167,23 @@ class JobContext:
         finally:
             batches.close()
         return StepFeatures.concat(parts)
+
+    def trace(self, dataset: Any, loop_steps: int, stop: int | None = None) -> LoopTrace:
+        """``analysis.loop_trace`` of examples [0, stop) of ``dataset`` (default: all)."""
+        assert self.loop_trace is not None
+        n = len(dataset) if stop is None else stop
+        batches = (build.to_device(b, self.device) for b in self._loader(dataset, 0, n))
+        trace = trace_batches(self.loop_trace, self.model, batches, loop_steps)
+        trace.check(n, loop_steps)
+        return trace
+
+    def _loader(self, dataset: Any, start: int, stop: int) -> DataLoader:
+        return DataLoader(
+            Subset(dataset, range(start, stop)),
+            batch_size=int(self.cfg.data.batch_size),
+            shuffle=False,
+            collate_fn=self._collate,
+        )
 
     @contextmanager
     def signals_stop(self) -> Iterator[None]:
@@ -317,6 +331,9 @@ def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
         if feats.tokens is not None and feats.positions is not None:
             extra = {"token_sketch": feats.tokens, "token_positions": feats.positions}
             meta["query_tokens"] = ctx.query_tokens
+        if ctx.loop_trace is not None:
+            trace = ctx.trace(query, feats.layout.loop_steps)
+            extra |= {"loop_states": trace.states, "loop_margins": trace.margins}
         write_sketch_file(
             path,
             torch.arange(len(query)),

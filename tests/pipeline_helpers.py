@@ -141,3 +141,11 @@ def cli_overrides(tmp_path: Path, *extra: str) -> list[str]:
         "wandb=disabled",
         *extra,
     ]
+
+
+def short_trace(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """A loop trace that forgets the last loop step: a user mistake the preflight refuses."""
+    from sdi_pipeline.examples.parity_dynamics import parity_loop_trace
+
+    full = parity_loop_trace(model, batch)
+    return type(full)(full.states[:, :-1], full.margins[:, :-1])
