@@ -33,19 +33,26 @@ class LoopTrace:
     states: torch.Tensor
     margins: torch.Tensor
 
-    def check(self, n_examples: int, loop_steps: int) -> None:
-        """Refuse a trace whose shapes do not fit ``n_examples`` and the run's loop steps."""
+    def check(self, loop_steps: int, n_examples: int | None = None) -> None:
+        """Refuse a trace whose shapes do not fit the run's loop steps (and ``n_examples``,
+        by default as many as ``states`` holds)."""
+        if not (isinstance(self.states, torch.Tensor) and isinstance(self.margins, torch.Tensor)):
+            raise DataError(
+                "analysis.loop_trace must return LoopTrace(states, margins) of torch tensors, "
+                f"got {type(self.states).__name__} and {type(self.margins).__name__}"
+            )
         if self.states.dim() != 3 or self.margins.dim() != 2:
             raise DataError(
                 f"analysis.loop_trace returned states {tuple(self.states.shape)} and margins "
                 f"{tuple(self.margins.shape)}; expected (B, loop steps, d) and (B, loop steps)"
             )
-        want = (n_examples, loop_steps)
+        n = self.states.shape[0] if n_examples is None else n_examples
+        want = (n, loop_steps)
         if tuple(self.states.shape[:2]) != want or tuple(self.margins.shape) != want:
             raise DataError(
-                f"analysis.loop_trace returned {tuple(self.margins.shape[:2])} (examples, steps) "
-                f"for {n_examples} examples, but the targets show {loop_steps} loop steps: "
-                "return one state and margin per example and loop step"
+                f"analysis.loop_trace returned {tuple(self.margins.shape)} (examples, steps) "
+                f"for {n} examples, but the targets show {loop_steps} loop steps: return one "
+                "state and margin per example and loop step"
             )
 
 
@@ -71,7 +78,7 @@ def trace_batches(
                         "analysis.loop_trace must return sdi_pipeline.dynamics.LoopTrace(states, "
                         f"margins), got {type(trace).__name__}"
                     )
-                trace.check(len(trace.margins), loop_steps)
+                trace.check(loop_steps)
                 parts.append(trace)
     finally:
         model.train(was_training)

@@ -174,7 +174,7 @@ class JobContext:
         n = len(dataset) if stop is None else stop
         batches = (build.to_device(b, self.device) for b in self._loader(dataset, 0, n))
         trace = trace_batches(self.loop_trace, self.model, batches, loop_steps)
-        trace.check(n, loop_steps)
+        trace.check(loop_steps, n)
         return trace
 
     def _loader(self, dataset: Any, start: int, stop: int) -> DataLoader:

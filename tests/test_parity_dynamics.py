@@ -59,6 +59,9 @@ def test_a_trace_of_the_wrong_shape_is_refused_in_one_line() -> None:
         trace_batches(short, model, [parity_batch(2)], loop_steps=3)
     with pytest.raises(DataError, match=r"must return sdi_pipeline.dynamics.LoopTrace"):
         trace_batches(lambda m, b: (1, 2), model, [parity_batch(2)], loop_steps=3)
+    with pytest.raises(DataError, match=r"of torch tensors, got ndarray and ndarray"):
+        trace = LoopTrace(np.zeros((2, 3, 4)), np.zeros((2, 3)))  # type: ignore[arg-type]
+        trace_batches(lambda m, b: trace, model, [parity_batch(2)], loop_steps=3)
 
 
 def test_a_wrong_trace_is_refused_before_any_job(tmp_path) -> None:
