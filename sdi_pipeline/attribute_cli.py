@@ -70,6 +70,13 @@ def preflight(cfg: DictConfig) -> Preflight:
     print(f"[sdi] targets: {ctx.featurizer.assignment}", flush=True)
     if feats.tokens is not None:
         _check_token_size(cfg, len(query), feats.tokens.shape)
+    if ctx.loop_trace is not None:
+        trace = ctx.trace(query, feats.layout.loop_steps, stop=len(feats))
+        print(
+            f"[sdi] loop trace: answer-token states (d={trace.states.shape[2]}) and logit "
+            f"margins after each of {trace.margins.shape[1]} loop steps",
+            flush=True,
+        )
     return Preflight(ctx, len(train), train_scan.block_digests, query_scan.block_digests[0])
 
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sdi_pipeline.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.dynamics import TraceFn
 from sdi_pipeline.engine.featurizer import LossFn
 from sdi_pipeline.errors import ConfigError, DataError, SDIError
 
@@ -120,6 +121,22 @@ def build_loss(cfg: DictConfig) -> LossFn:
             "add `_partial_: true` to its node"
         )
     return loss
+
+
+def build_loop_trace(cfg: DictConfig) -> TraceFn | None:
+    """The callable of ``analysis.loop_trace``, or None when the config names none."""
+    if cfg.analysis.loop_trace is None:
+        return None
+    use_python_path(cfg)
+    trace: TraceFn = instantiate_node(
+        cfg.analysis.loop_trace, "the loop trace (analysis.loop_trace)"
+    )
+    if not callable(trace):
+        raise ConfigError(
+            "analysis.loop_trace must build a callable trace(model, batch) -> LoopTrace; for a "
+            "plain function add `_partial_: true` to its node"
+        )
+    return trace
 
 
 def build_dataset(cfg: DictConfig, which: str) -> Any:

@@ -30,7 +30,7 @@ NON_ATTRIBUTION_KEYS = ("run", "launcher", "wandb", "runtime")
 # Fields that change the results but not the train sketches: train units are shared by
 # every run whose attribution differs only in these.
 QUERY_SIDE_KEYS = (("data", "query"), ("merge",), ("analysis", "query_tokens"),
-                   ("analysis", "query_tokens_max_gb"))  # fmt: skip
+                   ("analysis", "query_tokens_max_gb"), ("analysis", "loop_trace"))  # fmt: skip
 
 
 @dataclass
@@ -96,6 +96,9 @@ class AnalysisConfig:
     query_tokens: Any = None
     # Refuse query_tokens whose query sketches would take more than this (GiB).
     query_tokens_max_gb: float = 4.0
+    # A callable trace(model, batch) -> sdi_pipeline.dynamics.LoopTrace: each query's answer-
+    # token state and logit margin after every loop step (the loop-dynamics figure); null: off.
+    loop_trace: Any = None
 
 
 @dataclass

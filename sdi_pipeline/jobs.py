@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from sdi_pipeline import build
 from sdi_pipeline.atomic import clean_temp_files, write_json_atomic
@@ -42,6 +42,7 @@ from sdi_pipeline.checkpoints import (
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.content import HashingSubset, block_digest
 from sdi_pipeline.digests import DigestCache, record_digest
+from sdi_pipeline.dynamics import LoopTrace, trace_batches
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import CheckpointError, ConfigError, DataError, SDIError
@@ -107,6 +108,7 @@ class JobContext:
         self.device = build.pick_device(self.cfg)
         self.model = build.build_model(self.cfg).to(self.device)
         self._loss = build.build_loss(self.cfg)
+        self.loop_trace = build.build_loop_trace(self.cfg)
         self._collate = build.build_collate(self.cfg)
         self.checkpoints = list(self.cfg.checkpoints.paths)
         tokens = self.cfg.analysis.query_tokens
@@ -233,6 +235,23 @@ class JobContext:
         finally:
             batches.close()
         return StepFeatures.concat(parts), subset.digest()
+
+    def trace(self, dataset: Any, loop_steps: int, stop: int | None = None) -> LoopTrace:
+        """``analysis.loop_trace`` of examples [0, stop) of ``dataset`` (default: all)."""
+        assert self.loop_trace is not None
+        n = len(dataset) if stop is None else stop
+        batches = (build.to_device(b, self.device) for b in self._loader(dataset, 0, n))
+        trace = trace_batches(self.loop_trace, self.model, batches, loop_steps)
+        trace.check(loop_steps, n)
+        return trace
+
+    def _loader(self, dataset: Any, start: int, stop: int) -> DataLoader:
+        return DataLoader(
+            Subset(dataset, range(start, stop)),
+            batch_size=int(self.cfg.data.batch_size),
+            shuffle=False,
+            collate_fn=self._collate,
+        )
 
     @contextmanager
     def signals_stop(self) -> Iterator[None]:
@@ -584,6 +603,9 @@ def _compute_query(
     if feats.tokens is not None and feats.positions is not None:
         extra = {"token_sketch": feats.tokens, "token_positions": feats.positions}
         meta["query_tokens"] = ctx.query_tokens
+    if ctx.loop_trace is not None:
+        trace = ctx.trace(query, feats.layout.loop_steps)
+        extra |= {"loop_states": trace.states, "loop_margins": trace.margins}
     write_sketch_file(
         path,
         torch.arange(len(query)),

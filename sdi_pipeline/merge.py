@@ -306,6 +306,16 @@ def _token_queries(queries: list[Any], n_train: int, max_gb: float, k: int) -> _
     return _TokenQueries(flat, positions, n_tokens, width, stored, totals)
 
 
+def _loop_dynamics(queries: list[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The queries' loop traces of every checkpoint, stacked: states (K, M, τ, d) and
+    margins (K, M, τ); None when the run has no analysis.loop_trace."""
+    # The query files were validated to share the run's config hash, which names the trace.
+    if "loop_margins" not in queries[0].extra:
+        return None
+    states = np.stack([q.extra["loop_states"] for q in queries])
+    return states, np.stack([q.extra["loop_margins"] for q in queries])
+
+
 def contract_unit(
     reader: UnitReader,
     path: Path,
@@ -395,6 +405,9 @@ def run_merge(run_dir: str | Path) -> int:
         out.create(n_train, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix))
         if tokens is not None:
             out.create_tokens(n_train, tokens.positions, sdi_tokens=tokens.stored)
+        dynamics = _loop_dynamics(queries)
+        if dynamics is not None:
+            out.write_dynamics(*dynamics)
         by_block: dict[int, list[Unit]] = defaultdict(list)
         for unit in plan.units:
             by_block[unit.block].append(unit)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdi_pipeline.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from sdi_pipeline.results import Results
 
 
 def _pyplot() -> Any:
@@ -129,3 +132,109 @@ def plot_token_map(
     fig.colorbar(image, ax=ax, label="SDI" if signed else "Σ_i |SDI|")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_loop_dynamics(
+    sdi: np.ndarray | None,
+    sdi_labels: Sequence[str],
+    margins: np.ndarray,
+    portrait: np.ndarray,
+    explained: np.ndarray,
+    path: str | Path,
+    sdi_title: str = "SDI at the answer token",
+    highlight: int = 0,
+) -> Path:
+    """Three panels of one run's loop: SDI per loop step, logit margin, phase portrait.
+
+    ``sdi`` (lines, τ) holds the highlighted query's top training examples' SDI at each loop
+    step (labelled by ``sdi_labels``; None when the run kept no SDI tensor), ``margins``
+    (M, τ) every query's logit margin after each loop step, ``portrait`` (M, τ, 2) the
+    answer-token states on their top-2 principal components (``explained``: their variance
+    ratios). Query ``highlight`` is drawn bold, the others thin.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    steps = np.arange(1, margins.shape[1] + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
+    ax = axes[0]
+    if sdi is None:
+        ax.text(0.5, 0.5, "no SDI tensor stored\n(raise merge.sdi_max_gb)", ha="center",
+                va="center", transform=ax.transAxes)  # fmt: skip
+    else:
+        for row, label in zip(np.asarray(sdi, dtype=np.float64), sdi_labels, strict=True):
+            ax.plot(steps, row, marker="o", markersize=3, label=label)
+        ax.legend(loc="best", fontsize=7)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_title(f"(a) {sdi_title}, query {highlight}: its top training examples", fontsize=10)
+    ax.set_xlabel("loop step")
+    ax.set_ylabel("SDI")
+
+    ax = axes[1]
+    for j, row in enumerate(np.asarray(margins, dtype=np.float64)):
+        if j != highlight:
+            ax.plot(steps, row, color="tab:gray", alpha=0.5, linewidth=0.8)
+    ax.plot(steps, margins[highlight], color="tab:red", marker="o", markersize=4, linewidth=2,
+            label=f"query {highlight}")  # fmt: skip
+    ax.plot([], [], color="tab:gray", alpha=0.5, label="other queries")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_title("(b) logit margin after each loop step (correct − other)", fontsize=10)
+    ax.set_xlabel("loop step")
+    ax.set_ylabel("logit margin")
+    ax.legend(loc="best", fontsize=8)
+
+    ax = axes[2]
+    colours = plt.get_cmap("tab10")
+    for j, points in enumerate(np.asarray(portrait, dtype=np.float64)):
+        if j == highlight:
+            continue
+        ax.plot(points[:, 0], points[:, 1], color=colours(j % 10), alpha=0.45, linewidth=0.8,
+                marker=".", markersize=4)  # fmt: skip
+        ax.plot(*points[-1], color=colours(j % 10), marker="s", markersize=4, alpha=0.6)
+    probe = np.asarray(portrait[highlight], dtype=np.float64)
+    ax.plot(probe[:, 0], probe[:, 1], color="tab:red", linewidth=2, marker="o", markersize=4,
+            label=f"query {highlight}")  # fmt: skip
+    for t, (x, y) in enumerate(probe, 1):
+        ax.annotate(str(t), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.plot(*probe[0], color="black", marker="^", markersize=7, linestyle="", label="step 1")
+    ax.plot([], [], color="tab:gray", marker="s", linestyle="", label=f"step {len(steps)}")
+    ax.set_title("(c) answer-token state across loop steps (PCA)", fontsize=10)
+    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.0f}% of variance)")
+    ax.legend(loc="best", fontsize=8)
+    for a in axes[:2]:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for a in axes:
+        a.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def loop_dynamics_figure(res: Results, path: str | Path, query: int = 0, lines: int = 5) -> Path:
+    """:func:`plot_loop_dynamics` of a run with a loop trace, at its last checkpoint.
+
+    Panel (a) shows SDI at the answer token (the last of the chosen query tokens) of
+    ``query``'s ``lines`` strongest training examples (by |SDI summed over steps|), or the
+    whole loss's SDI when the run has no per-token SDI. Training examples with equal SDI
+    rows (identical inputs) are drawn once, with their count.
+    """
+    if res.has_sdi_tokens:
+        rows, title = np.asarray(res.sdi_tokens[:, query, :, -1]), "SDI at the answer token"
+    elif res.has_sdi:
+        rows, title = np.asarray(res.sdi[:, query]), "SDI (whole loss)"
+    else:
+        rows, title = None, "SDI"
+    sdi, labels = None, []
+    if rows is not None:
+        # Enough candidates to find `lines` distinct rows among the copies of one input.
+        order = np.argsort(-np.abs(rows.sum(axis=1)), kind="stable")[: 10 * lines]
+        groups: dict[bytes, list[int]] = {}
+        for i in order:
+            groups.setdefault(rows[i].tobytes(), []).append(int(i))
+        chosen = list(groups.values())[:lines]
+        sdi = rows[[g[0] for g in chosen]][:, res.loop_slots]
+        labels = [f"train #{g[0]}" + (f" (+{len(g) - 1} equal)" if len(g) > 1 else "")
+                  for g in chosen]  # fmt: skip
+    coords, explained = res.phase_portrait()
+    return plot_loop_dynamics(
+        sdi, labels, res.loop_margins(), coords, explained, path, sdi_title=title, highlight=query
+    )

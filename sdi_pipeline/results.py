@@ -286,6 +286,60 @@ class Results:
         )
         return out
 
+    @property
+    def has_loop_trace(self) -> bool:
+        """Whether the run recorded the queries' loop dynamics (analysis.loop_trace)."""
+        return "dynamics" in self._f
+
+    @property
+    def loop_slots(self) -> list[int]:
+        """The indices of the loop-step slots among :attr:`slot_names` (no prelude/readout)."""
+        return [s for s, name in enumerate(self.slot_names) if name.startswith("step ")]
+
+    def loop_margins(self, checkpoint: int = -1) -> np.ndarray:
+        """(N_query, loop steps): each query's logit margin after every loop step (the
+        correct class's logit minus the other's) at one checkpoint (default: the last)."""
+        return np.asarray(self._dynamics("margins")[self._checkpoint(checkpoint)])
+
+    def loop_states(self, checkpoint: int = -1) -> np.ndarray:
+        """(N_query, loop steps, d): each query's answer-token hidden state after every loop
+        step at one checkpoint (default: the last)."""
+        return np.asarray(self._dynamics("states")[self._checkpoint(checkpoint)])
+
+    def phase_portrait(self, checkpoint: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """The answer-token states projected on their top-2 principal components.
+
+        Returns (N_query, loop steps, 2) coordinates, PCA over all queries' states at all
+        loop steps of one checkpoint, and the two components' explained variance ratios.
+        Each component's sign is fixed (its largest loading is positive), so the same
+        states give the same picture.
+        """
+        states = self.loop_states(checkpoint).astype(np.float64)
+        points = states.reshape(-1, states.shape[-1])
+        centred = points - points.mean(axis=0)
+        _, singular, components = np.linalg.svd(centred, full_matrices=False)
+        top = components[:2]
+        signs = np.sign(top[np.arange(len(top)), np.abs(top).argmax(axis=1)])
+        top = top * signs[:, None]
+        variance = singular**2
+        explained = variance[:2] / max(float(variance.sum()), 1e-300)
+        coords = (centred @ top.T).reshape(*states.shape[:2], len(top))
+        return coords, explained
+
+    def _dynamics(self, name: str) -> h5py.Dataset:
+        if not self.has_loop_trace:
+            raise ConfigError(
+                f"{self.path} has no loop dynamics: run with analysis.loop_trace set (e.g. "
+                "model=parity_dynamics)"
+            )
+        return self._f[f"dynamics/{name}"]  # type: ignore[return-value]
+
+    def _checkpoint(self, checkpoint: int) -> int:
+        n = len(self.checkpoints)
+        if not -n <= checkpoint < n:
+            raise ConfigError(f"checkpoint {checkpoint} out of range ({n} checkpoints)")
+        return checkpoint % n
+
     def to_xarray(self, train: slice | None = None) -> Any:
         """The run as an ``xarray.Dataset`` with labelled dims (needs xarray installed).
 
@@ -326,6 +380,12 @@ class Results:
             if self.has_sdi_tokens:
                 dims = ("train", "query", "step", "token")
                 data["sdi_tokens"] = (dims, np.asarray(self.sdi_tokens[rows]))
+        if self.has_loop_trace:
+            coords["checkpoint"] = np.arange(len(self.checkpoints))
+            coords["loop_step"] = [self.slot_names[s] for s in self.loop_slots]
+            dims = ("checkpoint", "query", "loop_step")
+            data["loop_margins"] = (dims, np.asarray(self._dynamics("margins")))
+            data["loop_states"] = ((*dims, "hidden"), np.asarray(self._dynamics("states")))
         attrs = {
             "config_hash": self.config_hash,
             "assignment": self.assignment,
@@ -436,6 +496,13 @@ class ResultsWriter:
             self._f["sdi"][start:stop] = sdi  # type: ignore[index]
         if step_matrix is not None and "sdi_matrix" in self._f:
             self._f["sdi_matrix"][start:stop] = step_matrix  # type: ignore[index]
+
+    def write_dynamics(self, states: np.ndarray, margins: np.ndarray) -> None:
+        """The queries' loop dynamics at every checkpoint: answer-token states (K, M, τ, d)
+        and logit margins (K, M, τ)."""
+        group = self._f.require_group("dynamics")
+        group.create_dataset("states", data=states.astype(np.float32))
+        group.create_dataset("margins", data=margins.astype(np.float32))
 
     def write_topk(self, scope: str, sign: str, indices: np.ndarray, scores: np.ndarray) -> None:
         group = self._f.require_group(f"topk/{scope}/{sign}")

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from sdi_pipeline import build
-from sdi_pipeline.plots import plot_step_profiles, plot_token_map, plot_trajectories
+from sdi_pipeline.plots import (
+    loop_dynamics_figure,
+    plot_step_profiles,
+    plot_token_map,
+    plot_trajectories,
+)
 from sdi_pipeline.results import Results
 from sdi_pipeline.rundir import RunDir
 
@@ -167,4 +172,6 @@ def write_plots(run: RunDir, res: Results) -> list[Path]:
             path = folder / f"sdi_tokens_query0_train{top}.png"
             title = f"query 0, its top training example #{top}: SDI per loop step and token"
             paths.append(plot_token_map(res.token_map(0, top), names, positions, path, title))
+    if res.has_loop_trace:
+        paths.append(loop_dynamics_figure(res, folder / "loop_dynamics.png"))
     return paths

@@ -184,7 +184,10 @@ class WandbLogger:
         * ``topk/{overall,per_step}/{positive,negative}``: tables (query, slot, rank,
           train_index, score), ``slot`` = ``"overall"`` for the TracIn ranking;
         * ``sketch_norm/train`` (checkpoint, slot, value), ``sketch_norm/query``
-          (checkpoint, query, slot, value), ``units`` (per-unit throughput).
+          (checkpoint, query, slot, value), ``units`` (per-unit throughput);
+        * with a loop trace (``analysis.loop_trace``): ``loop/margin`` (checkpoint, query,
+          step, value), the logit margin after each loop step, and ``loop/dynamics``, the
+          figure of SDI at the answer token, the margins and the PCA phase portrait.
 
         Summary: ``n_train``, ``n_query``, ``n_slots``, ``topk``, ``sdi_stored``,
         ``coverage/units``, ``coverage/examples``, ``energy/<slot>`` and
@@ -231,6 +234,17 @@ class WandbLogger:
                 ],
             )
             data["units"] = _units_table(wandb, diagnostics)
+            if res.has_loop_trace:
+                loop = [slots[s] for s in res.loop_slots]
+                data["loop/margin"] = _table(
+                    wandb,
+                    ["checkpoint", "query", "step", "value"],
+                    [
+                        [k, j, loop[t], float(v)]
+                        for k in range(len(res.checkpoints))
+                        for (j, t), v in np.ndenumerate(res.loop_margins(k))
+                    ],
+                )
             counts, edges, moments = _tracin_histogram(res.tracin)
             data["tracin/histogram"] = wandb.Histogram(np_histogram=(counts, edges))
             coverage = res.coverage()
@@ -372,7 +386,8 @@ def _tracin_histogram(
 def _plots(
     wandb: Any, res: Results, energy: np.ndarray, share: np.ndarray, folder: Path
 ) -> dict[str, Any]:
-    """Step-profile plot and, with the full SDI stored, trajectory heatmaps, as wandb.Images."""
+    """Step-profile plot, trajectory heatmaps (with the full SDI stored) and the loop-dynamics
+    figure (with a loop trace), as wandb.Images."""
     from sdi_pipeline import plots
 
     slots = list(res.slot_names)
@@ -385,4 +400,7 @@ def _plots(
         for j in range(first.shape[1]):
             path = plots.plot_trajectories(first, slots, j, folder / f"trajectories-{j}.png")
             out[f"sdi/trajectories/query_{j:05d}"] = wandb.Image(str(path))
+    if res.has_loop_trace:
+        path = plots.loop_dynamics_figure(res, folder / "loop_dynamics.png")
+        out["loop/dynamics"] = wandb.Image(str(path))
     return out

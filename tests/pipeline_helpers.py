@@ -180,3 +180,11 @@ def buggy_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     if flag and Path(flag).exists():
         raise IndexError("index out of range in self")
     return parity_loss(model, batch)
+
+
+def short_trace(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """A loop trace that forgets the last loop step: a user mistake the preflight refuses."""
+    from sdi_pipeline.examples.parity_dynamics import parity_loop_trace
+
+    full = parity_loop_trace(model, batch)
+    return type(full)(full.states[:, :-1], full.margins[:, :-1])

@@ -163,10 +163,30 @@ class LoopedGPT(nn.Module):
             n_loops: Number of block applications; defaults to ``config.n_loops``.
                 Overriding it allows test-time looping with a different depth.
         """
-        loops = self.config.n_loops if n_loops is None else n_loops
-        if loops < 0:
-            raise ValueError(f"n_loops must be >= 0, got {loops}")
+        loops = self._loops(n_loops)
         h = self.embed(tokens)
         for _ in range(loops):
             h = self.block(h)
         return self.readout(h)
+
+    def loop_states(self, tokens: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
+        """The residual stream after each loop step: (B, τ, T, d_model) for ``tokens`` (B, T).
+
+        ``readout(loop_states(tokens)[:, t])`` is what the model would predict had it stopped
+        after step t + 1; the last one is ``forward(tokens)``'s input to the readout.
+        """
+        loops = self._loops(n_loops)
+        h = self.embed(tokens)
+        states = []
+        for _ in range(loops):
+            h = self.block(h)
+            states.append(h)
+        if not states:
+            return h.new_zeros((h.shape[0], 0, *h.shape[1:]))
+        return torch.stack(states, dim=1)
+
+    def _loops(self, n_loops: int | None) -> int:
+        loops = self.config.n_loops if n_loops is None else n_loops
+        if loops < 0:
+            raise ValueError(f"n_loops must be >= 0, got {loops}")
+        return loops
