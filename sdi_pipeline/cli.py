@@ -1,9 +1,11 @@
-"""Command-line entry points: ``sdi-worker``, ``sdi-query``, ``sdi-merge``, ``sdi-status``.
+"""Command-line entry points: ``sdi-worker``, ``sdi-query``, ``sdi-score``, ``sdi-merge``,
+``sdi-status``.
 
 Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
-rank=3 world_size=8``, ``sdi-status run_dir=... [verify=true]``. In launcher=slurm's job
-array, rank and world size default to the array task id and count. ``python -m
-sdi_pipeline.cli <worker|query|merge|status> ...`` runs the same entry points. A user mistake
+rank=3 world_size=8``, ``sdi-score run_dir=... rank=R world_size=W``, ``sdi-status
+run_dir=... [verify=true]``. In a SLURM job array, rank and world size default to the array
+task id and count. ``python -m sdi_pipeline.cli <worker|query|score|merge|status> ...`` runs
+the same entry points. A user mistake
 prints one ``error:`` line and exits with status 2.
 """
 
@@ -58,14 +60,25 @@ def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
     return main
 
 
-def _worker(argv: list[str]) -> int:
-    from sdi_pipeline.jobs import run_worker
+def _rank_args(argv: list[str]) -> tuple[str, int, int]:
     from sdi_pipeline.launchers import array_task_count, array_task_id
 
     args = parse_kv(argv, ["run_dir"], ["rank", "world_size"])
     rank = _int(args, "rank") if "rank" in args else array_task_id()
     world = _int(args, "world_size") if "world_size" in args else array_task_count()
-    return run_worker(args["run_dir"], rank, world)
+    return args["run_dir"], rank, world
+
+
+def _worker(argv: list[str]) -> int:
+    from sdi_pipeline.jobs import run_worker
+
+    return run_worker(*_rank_args(argv))
+
+
+def _score(argv: list[str]) -> int:
+    from sdi_pipeline.jobs import run_score
+
+    return run_score(*_rank_args(argv))
 
 
 def _query(argv: list[str]) -> int:
@@ -95,8 +108,15 @@ def _status(argv: list[str]) -> int:
     return 0 if status.healthy else 1
 
 
-JOBS = {"worker": _worker, "query": _query, "merge": _merge, "status": _status}
+JOBS = {
+    "worker": _worker,
+    "query": _query,
+    "score": _score,
+    "merge": _merge,
+    "status": _status,
+}
 worker_main = guarded(_worker)
+score_main = guarded(_score)
 query_main = guarded(_query)
 merge_main = guarded(_merge)
 status_main = guarded(_status)

@@ -27,6 +27,8 @@ SCHEMA_VERSION = 1
 
 # Top-level sections that do not change what is computed, only where/how it runs.
 NON_ATTRIBUTION_KEYS = ("run", "launcher", "wandb", "runtime")
+# Fields inside attribution groups that change what is kept on disk, not the results.
+NON_ATTRIBUTION_FIELDS = (("sketch", "store_train"),)
 # Fields that change the results but not the train sketches: train units are shared by
 # every run whose attribution differs only in these.
 QUERY_SIDE_KEYS = (("data", "query"), ("merge",), ("analysis", "query_tokens"),
@@ -80,6 +82,9 @@ class SketchConfig:
     dtype: str = "float32"
     # full: keep per-step train sketches (all outputs); summed: one vector (no step matrix).
     train_steps: str = "full"
+    # Keep the train sketches on disk (units/), so that another query set can re-use them;
+    # false: the workers only score them (no train sketch bytes on disk; queries first).
+    store_train: bool = True
 
 
 @dataclass
@@ -126,6 +131,9 @@ class RuntimeConfig:
     # before another worker takes the unit over. A dead process on the same host is seen
     # at once.
     lease_timeout_s: float = 300.0
+    # Checkpoints a job keeps loaded in memory (GiB of checkpoint files): a worker uses
+    # every checkpoint once per block; beyond this it reads them again.
+    checkpoint_cache_gb: float = 4.0
 
 
 @dataclass
@@ -231,6 +239,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"runtime.lease_timeout_s must be positive, got {cfg.runtime.lease_timeout_s}"
         )
+    if cfg.runtime.checkpoint_cache_gb < 0:
+        raise ConfigError(
+            f"runtime.checkpoint_cache_gb must be 0 or more, got {cfg.runtime.checkpoint_cache_gb}"
+        )
     if cfg.runtime.threads is not None and cfg.runtime.threads <= 0:
         raise ConfigError(f"runtime.threads must be positive or null, got {cfg.runtime.threads}")
     launcher = LAUNCHERS[cfg.launcher.name]
@@ -274,7 +286,11 @@ def attribution_view(cfg: DictConfig) -> dict[str, Any]:
     """The part of the config that determines the results (resolved, as plain data)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
-    return {str(k): v for k, v in data.items() if k not in NON_ATTRIBUTION_KEYS}
+    view = {str(k): v for k, v in data.items() if k not in NON_ATTRIBUTION_KEYS}
+    for group, key in NON_ATTRIBUTION_FIELDS:
+        if isinstance(view.get(group), dict):
+            view[group].pop(key, None)
+    return view
 
 
 def _digest(data: Any) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from sdi_pipeline.digests import DigestCache, describe_change
 from sdi_pipeline.errors import RunDirError
 from sdi_pipeline.layout import SKETCH_FORMAT_VERSION, RunPaths
+from sdi_pipeline.shards import shard_matches
 
 DONE, STALE, CORRUPT, MISSING = "done", "stale", "corrupt", "missing"
 
@@ -147,6 +148,33 @@ def check_unit(
     return UnitCheck(DONE)
 
 
+def query_digests(run: RunPaths, n_checkpoints: int) -> list[str] | None:
+    """The content digests of the query files (None unless every one is there and readable):
+    the identity of the query set the shards are scored against."""
+    out = []
+    for k in range(n_checkpoints):
+        try:
+            digest = read_attrs(run.query_path(k), "content_digest").get("content_digest")
+        except RunDirError:
+            return None
+        if not isinstance(digest, str):
+            return None
+        out.append(digest)
+    return out
+
+
+def block_done(run: RunPaths, block: Any, store_train: bool, queries: list[str] | None) -> bool:
+    """Cheap check (markers, a header): whether ``block`` needs no more work -- its units
+    stored (with ``store_train``) and its shard scored against the query files ``queries``
+    (None: they are not there yet, so it is not). The jobs check everything."""
+    if store_train and not all(
+        run.marker_path_named(u.name).exists() and run.unit_path_named(u.name).exists()
+        for u in block.units
+    ):
+        return False
+    return queries is not None and shard_matches(run.shard_path(block.index), queries)
+
+
 def checkpoint_digests(run: RunPaths, paths: list[str]) -> list[str | None]:
     """Current sha256 of each checkpoint (None if missing), via the run's digest cache."""
     cache = DigestCache(run.digest_cache_path)
@@ -173,6 +201,7 @@ def results_inputs(f: h5py.File) -> dict[str, Any] | None:
 
     return {
         "units": dict(zip(strings("unit_names"), strings("unit_digests"), strict=False)),
+        "shards": dict(zip(strings("shard_names"), strings("shard_digests"), strict=False)),
         "query": strings("query_digests"),
         "checkpoints": strings("checkpoint_paths"),
         "checkpoint_sha256": strings("checkpoint_sha256"),
@@ -184,11 +213,14 @@ def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[s
     """Why results.h5 no longer matches its run directory's units and checkpoints (empty if
     it does, or if it is not inside a run directory)."""
     run = RunPaths(results.parent)
-    if not run.hash_path.is_file():
-        return []  # a copied results file: nothing to compare it with
     if inputs is None:
         return ["it records no inputs (made by an older sdi-pipeline)"]
-    reasons = []
+    # results.h5 reads its per-example datasets from the score shards beside it: a shard
+    # missing or rewritten since the merge would show NaN or other numbers. This holds for
+    # a copied results.h5 too (copy the scores/ folder with it).
+    reasons = _shard_changes(run, inputs["shards"])
+    if not run.hash_path.is_file():
+        return reasons  # a copied results file: nothing else to compare it with
     try:
         stored = run.hash_path.read_text().strip()
     except OSError:
@@ -224,6 +256,30 @@ def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[s
         if attrs.get("content_digest") != digest:
             reasons.append(f"the query sketches of checkpoint {k} changed since the merge")
     return reasons
+
+
+def _shard_changes(run: RunPaths, shards: Mapping[str, str]) -> list[str]:
+    missing, changed = [], []
+    for name, digest in shards.items():
+        path = run.scores_dir / f"{name}.h5"
+        if not path.exists():
+            missing.append(name)
+            continue
+        try:
+            attrs = read_attrs(path, "content_digest")
+        except RunDirError:
+            attrs = {}
+        if attrs.get("content_digest") != digest:
+            changed.append(name)
+    out = []
+    if missing:
+        out.append(
+            f"{len(missing)} score shard(s) it reads are missing from {run.scores_dir} "
+            f"(e.g. {missing[0]}.h5; a copied results.h5 needs the scores/ folder beside it)"
+        )
+    if changed:
+        out.append(f"{len(changed)} score shard(s) were recomputed since the merge ({changed[0]})")
+    return out
 
 
 def stale_message(results: Path, reasons: list[str]) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
@@ -45,14 +46,37 @@ from sdi_pipeline.digests import DigestCache, record_digest
 from sdi_pipeline.dynamics import LoopTrace, trace_batches
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
-from sdi_pipeline.errors import CheckpointError, ConfigError, DataError, SDIError
-from sdi_pipeline.freshness import CORRUPT, DONE, STALE, check_unit, explain_stale, read_attrs
+from sdi_pipeline.errors import CheckpointError, ConfigError, DataError, RunDirError, SDIError
+from sdi_pipeline.freshness import (
+    CORRUPT,
+    DONE,
+    MISSING,
+    STALE,
+    check_unit,
+    explain_stale,
+    read_attrs,
+)
 from sdi_pipeline.launchers import allocated_cpus
 from sdi_pipeline.layout import query_lease_name
 from sdi_pipeline.leases import Holder, acquire
 from sdi_pipeline.logs import as_job_error, log, peak_rss_mb, setup_logging
-from sdi_pipeline.rundir import RunDir, Unit, rank_units, run_units
-from sdi_pipeline.store import FORMAT_VERSION, verify_sketch_file, write_sketch_file
+from sdi_pipeline.rundir import Block, RunDir, Unit, rank_blocks, run_blocks, run_units
+from sdi_pipeline.scoring import (
+    BlockScorer,
+    Scoring,
+    add_stored,
+    as_stored,
+    read_query_set,
+    scoring_plan,
+    shard_problem,
+)
+from sdi_pipeline.shards import write_shard
+from sdi_pipeline.store import (
+    FORMAT_VERSION,
+    UnitReader,
+    verify_sketch_file,
+    write_sketch_file,
+)
 from sdi_pipeline.wandb_log import WandbLogger
 
 # Exit status of a job stopped by SIGTERM/SIGINT before finishing its work (EX_TEMPFAIL).
@@ -125,7 +149,12 @@ class JobContext:
             expected_steps=self.cfg.analysis.expected_steps,
         )
         self.lease_timeout = float(self.cfg.runtime.lease_timeout_s)
+        self.store_train = bool(self.cfg.sketch.store_train)
+        self.reader = UnitReader()
         self._loaded: tuple[int, str] | None = None
+        # Checkpoints kept in memory (by index: sha256, contents) up to runtime.checkpoint_cache_gb:
+        # a worker goes through every checkpoint once per block.
+        self._cached: dict[int, tuple[str, Any]] = {}
         self._info: dict[int, CheckpointInfo] = {}
         self._block_digests: dict[int, str] = {}
         self.stop = threading.Event()
@@ -153,12 +182,17 @@ class JobContext:
         sha = self.checkpoint_sha(k)
         if self._loaded != (k, sha):
             size = checkpoint_size(path)
-            data = load_checkpoint(path, trust=bool(self.cfg.checkpoints.trust))
-            if self.checkpoint_sha(k) != sha:
-                raise CheckpointError(
-                    f"checkpoint {path} changed while it was read: wait until it is written "
-                    "completely, then run the same command again"
-                )
+            cached = self._cached.get(k)
+            if cached is not None and cached[0] == sha:
+                data = cached[1]
+            else:
+                data = load_checkpoint(path, trust=bool(self.cfg.checkpoints.trust))
+                if self.checkpoint_sha(k) != sha:
+                    raise CheckpointError(
+                        f"checkpoint {path} changed while it was read: wait until it is written "
+                        "completely, then run the same command again"
+                    )
+                self._cache_checkpoint(k, sha, size, data)
             load_into(self.model, data, path)
             etas = self.cfg.checkpoints.etas
             spec = CheckpointSpec(path, None if etas is None else float(etas[k]))
@@ -168,6 +202,26 @@ class JobContext:
             self._info[k] = CheckpointInfo(k, path, size, sha, eta, source)
             self._loaded = (k, sha)
         return self._info[k]
+
+    def _cache_checkpoint(self, k: int, sha: str, size: int, data: Any) -> None:
+        self._cached.pop(k, None)
+        held = sum(self._info[i].size for i in self._cached if i in self._info)
+        if held + size <= float(self.cfg.runtime.checkpoint_cache_gb) * 2**30:
+            self._cached[k] = (sha, data)
+
+    def scoring(self, n_train: int) -> Scoring | None:
+        """The run's query set, ready to score against, when every query file is complete
+        and current; None otherwise (logged)."""
+        query = build.build_dataset(self.cfg, "query")
+        query_sha = block_digest(query, 0, len(query), "query")
+        for k in range(len(self.checkpoints)):
+            path = self.run.query_path(k)
+            fresh, why = query_fresh(path, self.query_depends(k, query_sha))
+            if not fresh:
+                log.info("query sketches of checkpoint %d not ready (%s)", k, why or "missing")
+                return None
+        queries = read_query_set(self.run, len(self.checkpoints), self.device)
+        return Scoring(queries, scoring_plan(self.cfg, n_train, queries))
 
     def base_meta(self, info: CheckpointInfo) -> dict[str, Any]:
         return {
@@ -307,39 +361,67 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
     run.check_train_size(len(train))
-    mine = rank_units(run_units(ctx.cfg, len(train)), rank, world_size)
+    mine = rank_blocks(run_blocks(ctx.cfg, len(train)), rank, world_size)
+    scoring = ctx.scoring(len(train))
+    if scoring is None and not ctx.store_train:
+        raise ConfigError(
+            "sketch.store_train=false scores the train sketches as they are made, so the query "
+            f"sketches must be complete first: run sdi-query run_dir={run.path} (sdi-attribute "
+            "runs it first), then the workers"
+        )
+    units = [u for b in mine for u in b.units]
     log.info(
-        "rank %d/%d on %s (%s): %d units, %d already done",
-        rank, world_size, socket.gethostname(), ctx.device, len(mine),
-        sum(run.is_done(u) for u in mine),
+        "rank %d/%d on %s (%s): %d blocks x %d checkpoints = %d units, %d already done; %s",
+        rank, world_size, socket.gethostname(), ctx.device, len(mine), len(ctx.checkpoints),
+        len(units), sum(map(run.is_done, units)),
+        "scoring each block as it is sketched" if scoring is not None else
+        "the query sketches are not complete: sketching only (the merge scores the blocks)",
     )  # fmt: skip
     _name_other_world_sizes(run, ctx.cfg, len(train), world_size)
+    return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=True)
+
+
+def _blocks(
+    ctx: JobContext,
+    train: Any,
+    mine: list[Block],
+    rank: int,
+    world_size: int,
+    wandb_log: WandbLogger,
+    scoring: Scoring | None,
+    *,
+    sketch: bool,
+) -> int:
+    """Make sure each of ``mine`` is done (sketched if stored, scored if ``scoring``)."""
     waiting: dict[str, Holder] = {}
-    for i, unit in enumerate(mine):
-        outcome = _attempt(
-            ctx, train, unit, f"[{i + 1}/{len(mine)}] {unit.name}", rank, world_size, wandb_log
-        )
+    for i, block in enumerate(mine):
+        desc = f"[{i + 1}/{len(mine)}] {block.name}"
+        outcome = _attempt(ctx, train, block, desc, rank, world_size, wandb_log, scoring, sketch)
         if isinstance(outcome, Holder):
-            log.info("%s is being computed by %s: coming back to it", unit.name, outcome.describe())
-            waiting[unit.name] = outcome
+            log.info(
+                "%s is being computed by %s: coming back to it", block.name, outcome.describe()
+            )
+            waiting[block.name] = outcome
         elif outcome == EXIT_INTERRUPTED:
             return EXIT_INTERRUPTED
-    # Units leased by live owners: wait for them to finish, or take over when they die.
-    pending = [u for u in mine if u.name in waiting]
+    # Blocks leased by live owners: wait for them to finish, or take over when they die.
+    pending = [b for b in mine if b.name in waiting]
     while pending:
         if ctx.stop.is_set():
-            log.warning("stopped while waiting for %d unit(s) leased by other jobs", len(pending))
+            log.warning("stopped while waiting for %d block(s) leased by other jobs", len(pending))
             return EXIT_INTERRUPTED
         time.sleep(_poll_seconds(ctx))
         still = []
-        for unit in pending:
-            outcome = _attempt(ctx, train, unit, unit.name, rank, world_size, wandb_log)
+        for block in pending:
+            outcome = _attempt(
+                ctx, train, block, block.name, rank, world_size, wandb_log, scoring, sketch
+            )
             if isinstance(outcome, Holder):
-                still.append(unit)
+                still.append(block)
             elif outcome == EXIT_INTERRUPTED:
                 return EXIT_INTERRUPTED
         pending = still
-    log.info("rank %d/%d: all %d units done", rank, world_size, len(mine))
+    log.info("rank %d/%d: all %d blocks done", rank, world_size, len(mine))
     return 0
 
 
@@ -367,43 +449,47 @@ def _name_other_world_sizes(run: RunDir, cfg: DictConfig, n_train: int, world_si
 def _attempt(
     ctx: JobContext,
     train: Any,
-    unit: Unit,
+    block: Block,
     desc: str,
     rank: int,
     world_size: int,
     wandb_log: WandbLogger,
+    scoring: Scoring | None,
+    sketch: bool,
 ) -> Holder | int:
-    """Make sure ``unit`` is done: 0 if it is (now), the Holder if another job has it,
+    """Make sure ``block`` is done: 0 if it is (now), the Holder if another job has it,
     EXIT_INTERRUPTED on a stop request. Failures are recorded for sdi-status and re-raised."""
     run = ctx.run
+    job = f"worker-{rank:04d}" if sketch else f"score-{rank:04d}"
     try:
-        current = ctx.unit_depends(unit, train)
-        if _fresh(ctx, unit, current):
+        currents = [ctx.unit_depends(u, train) for u in block.units]
+        if _block_fresh(ctx, block, currents, scoring):
             return 0
-        lease = acquire(run.lease_path(unit.name), f"worker-{rank:04d}", ctx.lease_timeout, log=log)
+        lease = acquire(run.lease_path(block.name), job, ctx.lease_timeout, log=log)
         if isinstance(lease, Holder):
             return lease
         with lease:
-            if _fresh(ctx, unit, current, quiet=True):  # finished by another job meanwhile
+            if _block_fresh(ctx, block, currents, scoring, quiet=True):  # done meanwhile
                 return 0
-            stats = _unit(ctx, train, unit, desc, rank, world_size, current)
+            _block(ctx, train, block, currents, desc, rank, world_size, wandb_log, scoring, sketch)
     except Interrupted:
-        log.warning("stopped during %s; it will be redone on restart", unit.name)
+        log.warning("stopped during %s; it will be redone on restart", block.name)
         return EXIT_INTERRUPTED
     except Exception as err:
-        _record_failure(run, unit, rank, err)
+        for unit in block.units:
+            _record_failure(run, unit, rank, err, job)
         if isinstance(err, SDIError):
             raise
-        raise as_job_error(err, f"unit {unit.name}", f"worker-{rank:04d}") from err
-    run.failure_path(unit).unlink(missing_ok=True)
-    wandb_log.log_unit(stats)
+        raise as_job_error(err, f"block {block.name}", job) from err
+    for unit in block.units:
+        run.failure_path(unit).unlink(missing_ok=True)
     if ctx.stop.is_set():
-        log.warning("stopping after %s on request", unit.name)
+        log.warning("stopping after %s on request", block.name)
         return EXIT_INTERRUPTED
     return 0
 
 
-def _record_failure(run: RunDir, unit: Unit, rank: int, err: BaseException) -> None:
+def _record_failure(run: RunDir, unit: Unit, rank: int, err: BaseException, job: str) -> None:
     """Record a failed unit so sdi-status can name it and its log (best effort)."""
     log.error("unit %s failed: %s: %s", unit.name, type(err).__name__, err)
     # Best effort: the disk that failed the unit may fail this too; the error still reaches
@@ -412,7 +498,7 @@ def _record_failure(run: RunDir, unit: Unit, rank: int, err: BaseException) -> N
         write_json_atomic(
             run.failure_path(unit),
             {"unit": unit.name, "rank": rank, "error": f"{type(err).__name__}: {err}",
-             "log": str(run.logs_dir / f"worker-{rank:04d}.log"), "host": socket.gethostname()},
+             "log": str(run.logs_dir / f"{job}.log"), "host": socket.gethostname()},
         )  # fmt: skip
 
 
@@ -430,7 +516,84 @@ def _fresh(ctx: JobContext, unit: Unit, current: dict[str, Any], quiet: bool = F
     return False
 
 
-def _unit(
+def _block_fresh(
+    ctx: JobContext,
+    block: Block,
+    currents: list[dict[str, Any]],
+    scoring: Scoring | None,
+    quiet: bool = False,
+) -> bool:
+    """Whether the block needs nothing: its units stored and current (sketch.store_train),
+    its shard current (when scoring)."""
+    if ctx.store_train:
+        fresh = [_fresh(ctx, u, c, quiet) for u, c in zip(block.units, currents, strict=True)]
+        if not all(fresh):
+            return False
+    if scoring is None:
+        return True
+    why = shard_problem(ctx.run.shard_path(block.index), scoring.depends(block, currents))
+    if why and why != MISSING and not quiet:
+        log.warning("%s: %s; rescoring", block.name, why)
+    return not why
+
+
+def _block(
+    ctx: JobContext,
+    train: Any,
+    block: Block,
+    currents: list[dict[str, Any]],
+    desc: str,
+    rank: int,
+    world_size: int,
+    wandb_log: WandbLogger,
+    scoring: Scoring | None,
+    sketch: bool,
+) -> None:
+    """Sketch (or read back) the block at every checkpoint, then write its shard."""
+    run = ctx.run
+    scorer = None
+    if scoring is not None and shard_problem(
+        run.shard_path(block.index), scoring.depends(block, currents)
+    ):
+        scorer = BlockScorer(block, scoring.queries, scoring.plan, ctx.device)
+    started = time.perf_counter()
+    for unit, current in zip(block.units, currents, strict=True):
+        if ctx.store_train and _fresh(ctx, unit, current, quiet=True):
+            if scorer is not None:  # stored earlier: read it back rather than sketch again
+                add_stored(scorer, run, unit, ctx.reader)
+            continue
+        if not sketch:
+            raise RunDirError(
+                f"{unit.name} is not stored (or no longer current): sdi-score scores stored "
+                "train sketches only; run the workers (sdi-worker, or the same sdi-attribute "
+                "command with sketch.store_train=true) to sketch it"
+            )
+        values, loss, meta, stats = _sketch_unit(
+            ctx, train, unit, f"{desc} ckpt {unit.ckpt}", rank, world_size, current
+        )
+        wandb_log.log_unit(stats)
+        if scorer is not None:
+            scorer.add(unit, as_stored(values, ctx.cfg.sketch.dtype), loss, meta, stats)
+    if scorer is None or scoring is None:
+        return
+    depends = scoring.depends(block, currents)
+    shard = scorer.finish(
+        {
+            "block": depends["block"],
+            "depends": depends,
+            "content_digest": record_digest(depends),
+            "rank": rank,
+            "world_size": world_size,
+        }
+    )
+    write_shard(run.shard_path(block.index), shard)
+    log.info(
+        "scored %s against %d queries in %.2fs", block.name, scoring.queries.n_query,
+        time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _sketch_unit(
     ctx: JobContext,
     train: Any,
     unit: Unit,
@@ -438,8 +601,9 @@ def _unit(
     rank: int,
     world_size: int,
     current: dict[str, Any],
-) -> dict[str, Any]:
-    """Sketch one unit, write its file, then its completion marker; returns its stats."""
+) -> tuple[torch.Tensor, np.ndarray, dict[str, Any], dict[str, Any]]:
+    """Sketch one unit; with sketch.store_train, write its file, then its completion marker.
+    Returns its train sketches (as computed), losses, file attributes and stats."""
     run = ctx.run
     started = time.perf_counter()
     info = ctx.use_checkpoint(unit.ckpt)
@@ -461,34 +625,66 @@ def _unit(
         "content_digest": digest,
     }
     values = feats.summed() if ctx.cfg.sketch.train_steps == "summed" else feats.values
-    indices = torch.arange(unit.start, unit.stop)
-    path = run.unit_path(unit)
-    run.marker_path(unit).unlink(missing_ok=True)  # not done until the new file is in place
-    write_sketch_file(path, indices, values, feats.loss, meta, ctx.cfg.sketch.dtype)
-    seconds = time.perf_counter() - started
-    stats = {
+    stats: dict[str, Any] = {
         "unit": unit.name,
         "examples": unit.stop - unit.start,
-        "seconds": round(seconds, 4),
-        "examples_per_s": round((unit.stop - unit.start) / max(seconds, 1e-9), 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
         "rank": rank,
         "world_size": world_size,
         "host": socket.gethostname(),
         "content_digest": digest,
-        "file_size": path.stat().st_size,
         "checkpoint_sha256": info.sha256,
         "data_sha256": data_sha,
     }
+    if ctx.store_train:
+        path = run.unit_path(unit)
+        run.marker_path(unit).unlink(missing_ok=True)  # not done until the new file is in place
+        indices = torch.arange(unit.start, unit.stop)
+        write_sketch_file(path, indices, values, feats.loss, meta, ctx.cfg.sketch.dtype)
+        stats["file_size"] = path.stat().st_size
+    seconds = time.perf_counter() - started
+    stats |= {
+        "seconds": round(seconds, 4),
+        "examples_per_s": round((unit.stop - unit.start) / max(seconds, 1e-9), 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
     if ctx.device.type == "cuda":
         stats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
-    run.mark_done(unit, stats)
+    if ctx.store_train:
+        run.mark_done(unit, stats)
     log.info(
         "done %s: %d examples in %.2fs (%.1f ex/s), peak RSS %.0f MiB; targets: %s",
         unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
         ctx.featurizer.assignment,
     )  # fmt: skip
-    return stats
+    return values, feats.loss.detach().cpu().numpy(), meta, stats
+
+
+def run_score(run_dir: str | Path, rank: int, world_size: int) -> int:
+    """Score this rank's blocks (``blocks[rank::world_size]``) from stored train sketches
+    against the run's query sketches: ``sdi-score``, the re-scoring array. Never sketches.
+
+    Returns 0 when all its blocks are scored, EXIT_INTERRUPTED when stopped by a signal.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    name = f"score-{rank:04d}"
+    _start_job(run_dir, name)
+    ctx = JobContext.open(run_dir)
+    with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "score", name) as wandb_log:
+        train = build.build_dataset(ctx.cfg, "train")
+        ctx.run.check_train_size(len(train))
+        scoring = ctx.scoring(len(train))
+        if scoring is None:
+            raise ConfigError(
+                "sdi-score scores against the query sketches, which are not complete: run "
+                f"sdi-query run_dir={ctx.run.path} first"
+            )
+        mine = rank_blocks(run_blocks(ctx.cfg, len(train)), rank, world_size)
+        log.info(
+            "scoring rank %d/%d on %s (%s): %d blocks", rank, world_size,
+            socket.gethostname(), ctx.device, len(mine),
+        )  # fmt: skip
+        return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=False)
 
 
 def run_query(run_dir: str | Path) -> int:

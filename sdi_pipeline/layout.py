@@ -7,7 +7,8 @@
         query/ckpt-000.h5 ...                        query sketches, one file per checkpoint
         units/ckpt-000_block-00017.h5 ...            train sketches, one file per unit
         completions/ckpt-000_block-00017             a unit is done when its marker exists
-        leases/ckpt-000_block-00017                  the worker computing the unit now
+        scores/block-00017.h5 ...                    a block's scores against the query set
+        leases/block-00017                           the job computing the block now
         failures/  logs/  commands/                  failed units, job logs, command lines
         results.h5                                   the merge's output
 
@@ -31,6 +32,11 @@ SKETCH_FORMAT_VERSION = 2
 
 def unit_name(ckpt: int, block: int) -> str:
     return f"ckpt-{ckpt:03d}_block-{block:05d}"
+
+
+def block_name(block: int) -> str:
+    """A block of training examples: its score shard's and its lease's name."""
+    return f"block-{block:05d}"
 
 
 def query_lease_name(ckpt: int) -> str:
@@ -76,6 +82,10 @@ class RunPaths:
         return self.path / "units"
 
     @property
+    def scores_dir(self) -> Path:
+        return self.path / "scores"
+
+    @property
     def completions_dir(self) -> Path:
         return self.path / "completions"
 
@@ -104,6 +114,7 @@ class RunPaths:
         return [
             self.path,
             self.units_dir,
+            self.scores_dir,
             self.completions_dir,
             self.leases_dir,
             self.query_dir,
@@ -121,6 +132,10 @@ class RunPaths:
 
     def lease_path(self, name: str) -> Path:
         return self.leases_dir / name
+
+    def shard_path(self, block: int) -> Path:
+        """The score shard of training block ``block`` (see :mod:`sdi_pipeline.shards`)."""
+        return self.scores_dir / f"{block_name(block)}.h5"
 
     def query_path(self, ckpt: int) -> Path:
         return self.query_dir / f"ckpt-{ckpt:03d}.h5"

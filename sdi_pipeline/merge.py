@@ -1,4 +1,4 @@
-"""The merge: validate all sketch files, then stream them into results.h5.
+"""The merge: validate the run, then reduce the blocks' score shards into results.h5.
 
 Validation comes first and reports every problem at once, in one line: missing or
 unreadable query files, missing units (by name, and who is computing them if anyone),
@@ -8,14 +8,15 @@ sketch spec / parameters / checkpoint / step layout differ from the query file's
 covered twice or not at all. Nothing is computed until the run is complete and consistent;
 the merge waits for nothing.
 
-The contraction streams blocks of training examples: for block b it sums, over checkpoints
-k, eta_k * (train sketch of unit (k, b) summed over slots) @ (query sketches of k flattened
-over (query, slot)) -- one matmul per unit -- writes the block's rows of TracIn / SDI, and
-folds them into running top-k and per-step diagnostics. Memory is one block plus per-query
-accumulators, whatever N_train is. Every value read is verified (HDF5 Fletcher-32 checksums,
-finite values): a corrupt unit is named and the merge refuses.
+The workers score each block as they sketch it (:mod:`sdi_pipeline.scoring`): a block's
+shard holds its rows of TracIn / SDI, its own top-k per query and its float64 sums. The merge
+is a reduce: it checks every shard is current (a block without one, or with a stale one, is
+scored here from its stored train sketches; without stored sketches the merge refuses),
+folds the shards' top-k and sums, and writes results.h5 with the per-example datasets as HDF5
+virtual datasets stitched from the shards -- never copied, never read. Its memory and the
+bytes it reads per training example do not grow with N_train.
 
-Stale or corrupt units lose their completion marker (a corrupt query file is removed), so the
+Stale or corrupt units lose their completion marker and corrupt shards are removed, so the
 advice "run the same command again" recomputes exactly them. results.h5 is written under a
 temporary name and renamed; it records the digests of everything it was made from.
 """
@@ -36,15 +37,25 @@ from sdi_pipeline import build, scores
 from sdi_pipeline.atomic import clean_temp_files
 from sdi_pipeline.config import config_hash, train_hash
 from sdi_pipeline.content import block_digest
-from sdi_pipeline.digests import DigestCache
+from sdi_pipeline.digests import DigestCache, record_digest
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.errors import MergeRefused, SDIError
 from sdi_pipeline.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
 from sdi_pipeline.leases import read_holder
 from sdi_pipeline.logs import log, setup_logging
 from sdi_pipeline.messages import shortened
-from sdi_pipeline.results import check_free_space, estimated_size, write_results
-from sdi_pipeline.rundir import RunDir, Unit, run_units
+from sdi_pipeline.results import check_free_space, write_results
+from sdi_pipeline.rundir import Block, RunDir, Unit, run_blocks, run_units
+from sdi_pipeline.scoring import (
+    BlockScorer,
+    QuerySet,
+    Scoring,
+    add_stored,
+    query_set,
+    scoring_plan,
+    shard_problem,
+)
+from sdi_pipeline.shards import ShardSummary, read_shard_meta, read_shard_summary, write_shard
 from sdi_pipeline.store import (
     FORMAT_VERSION,
     SketchFile,
@@ -66,6 +77,7 @@ class _Plan:
     units: list[Unit]
     query_meta: list[dict[str, Any]]
     unit_meta: dict[str, dict[str, Any]]
+    store_train: bool
     queries: list[SketchFile] = field(default_factory=list)
     checkpoint_sha: list[str] = field(default_factory=list)
     unit_digests: dict[str, str] = field(default_factory=dict)
@@ -169,13 +181,15 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
                 )
         query_meta.append(meta)
 
+    store_train = bool(cfg.sketch.store_train)
     blocks: dict[int, str] = {}
     missing: list[Unit] = []
     stale: list[tuple[str, str]] = []
     corrupt: list[tuple[str, str]] = []
     unit_digests: dict[str, str] = {}
     world_sizes: set[int] = set()
-    for unit in units:
+    # Without stored train sketches the shards are all there is: _shards checks them.
+    for unit in units if store_train else []:
         if unit.block not in blocks:
             blocks[unit.block] = block_digest(train, unit.start, unit.stop)
         current = current_depends(cfg, "train", shas[unit.ckpt], blocks[unit.block])
@@ -218,7 +232,7 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
     coverage = np.zeros((n_ckpt, n_train), dtype=np.int32)
     unit_meta: dict[str, dict[str, Any]] = {}
     reported = {name for name, _ in stale + corrupt}
-    for path in sorted(run.units_dir.glob("*.h5")):
+    for path in sorted(run.units_dir.glob("*.h5")) if store_train else []:
         name = path.stem
         try:
             meta = read_meta(path)
@@ -258,55 +272,14 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
         units,
         query_meta,
         unit_meta,
+        store_train,
         queries,
         [str(s) for s in shas],
         unit_digests,
     )
 
 
-@dataclass
-class _TokenQueries:
-    """The per-token query sketches of a run and what the merge accumulates from them."""
-
-    flat: list[torch.Tensor]  # per checkpoint (m, M*S_q*P)
-    positions: np.ndarray  # (M, P)
-    n_tokens: int
-    width: int  # M*S_q*P
-    stored: bool  # sdi_tokens kept (below merge.sdi_max_gb)
-    totals: scores.ScoreTotals
-
-
-def _token_queries(queries: list[Any], n_train: int, max_gb: float, k: int) -> _TokenQueries | None:
-    """Per-token query sketches, if the query job made them (analysis.query_tokens)."""
-    if "token_sketch" not in queries[0].extra:
-        return None
-    positions = queries[0].extra["token_positions"]
-    for k_ckpt, q in enumerate(queries):
-        if "token_sketch" not in q.extra or not np.array_equal(
-            q.extra["token_positions"], positions
-        ):
-            raise MergeRefused(
-                f"query/ckpt-{k_ckpt:03d}.h5 has other per-token query sketches than "
-                "query/ckpt-000.h5 (query_tokens='last' follows nonzero per-token losses, which "
-                "changed between checkpoints): choose token positions, and rerun sdi-query"
-            )
-    n_query, s_q, n_tokens, _ = queries[0].extra["token_sketch"].shape
-    width = n_query * s_q * n_tokens
-    stored = 4 * n_train * width <= max_gb * 2**30
-    if not stored:
-        log.warning(
-            "SDI per token would take %.2f GiB > merge.sdi_max_gb: writing its top-k and "
-            "energy maps only", 4 * n_train * width / 2**30,
-        )  # fmt: skip
-    flat = [
-        scores.flat_queries(torch.from_numpy(q.extra["token_sketch"]).flatten(1, 2))
-        for q in queries
-    ]
-    totals = scores.ScoreTotals(n_query, s_q * n_tokens, k, overall=False)
-    return _TokenQueries(flat, positions, n_tokens, width, stored, totals)
-
-
-def _loop_dynamics(queries: list[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+def _loop_dynamics(queries: list[SketchFile]) -> tuple[np.ndarray, np.ndarray] | None:
     """The queries' loop traces of every checkpoint, stacked: states (K, M, τ, d) and
     margins (K, M, τ); None when the run has no analysis.loop_trace."""
     # The query files were validated to share the run's config hash, which names the trace.
@@ -316,31 +289,154 @@ def _loop_dynamics(queries: list[Any]) -> tuple[np.ndarray, np.ndarray] | None:
     return states, np.stack([q.extra["loop_margins"] for q in queries])
 
 
-def contract_unit(
-    reader: UnitReader,
-    path: Path,
-    query_flat: torch.Tensor,
-    eta: float,
-    sdi: torch.Tensor,
-    matrix: torch.Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one (validated) unit and add eta * its contraction with the queries, in place.
+def _train_depends(cfg: Any, plan: _Plan, train: Any, block: Block) -> list[dict[str, Any]]:
+    """Each checkpoint's train depends for ``block`` as the merge sees them (no parameters:
+    the merge builds no model)."""
+    digest = block_digest(train, block.start, block.stop)
+    out = []
+    for unit in block.units:
+        current = current_depends(cfg, "train", plan.checkpoint_sha[unit.ckpt], digest)
+        current["block"] = {"index": block.index, "start": block.start, "stop": block.stop}
+        out.append(current)
+    return out
 
-    ``query_flat`` is (m, M*S_q) (:func:`scores.flat_queries`); ``sdi`` (n, M*S_q) and
-    ``matrix`` (n, S_tr, M*S_q), if given, accumulate as in :func:`scores.add_sdi` and
-    :func:`scores.add_step_matrix`. Returns the unit's sketch (valid until the reader's next
-    read) and losses. A corrupt unit (checksum, NaN/inf) raises RunDirError naming it.
-    """
-    sketch, loss = reader.read(path)
-    values = torch.from_numpy(sketch)
-    scores.add_sdi(sdi, values, query_flat, eta)
-    if matrix is not None:
-        scores.add_step_matrix(matrix, values, query_flat, eta)
-    return sketch, loss
+
+def _shards(
+    run: RunDir, cfg: Any, plan: _Plan, train: Any, blocks: list[Block], scoring: Scoring
+) -> None:
+    """Make sure every block has a current shard: score those without one from their stored
+    train sketches, or refuse naming them when the train sketches are not stored."""
+    todo: list[tuple[Block, list[dict[str, Any]], str]] = []
+    for block in blocks:
+        currents = _train_depends(cfg, plan, train, block)
+        path = run.shard_path(block.index)
+        why = shard_problem(path, scoring.depends(block, currents))
+        if not why and plan.store_train:
+            recorded = read_shard_meta(path)["depends"]["train"]
+            if [record_digest(r) for r in recorded] != [
+                plan.unit_digests.get(u.name) for u in block.units
+            ]:
+                why = "its train sketches were recomputed since it was scored"
+        if why:
+            todo.append((block, currents, why))
+    if not todo:
+        return
+    if not plan.store_train:
+        raise refuse(
+            [
+                f"{len(todo)} of {len(blocks)} blocks not scored: "
+                f"{_by_reason([(b.name, why) for b, _, why in todo])}; run the workers "
+                "(sketch.store_train=false keeps no train sketches to score here)"
+            ]
+        )
+    log.info(
+        "scoring %d block(s) the workers did not (the query sketches were not ready, or the "
+        "shard is stale): %s",
+        len(todo), _by_reason([(b.name, why) for b, _, why in todo]),
+    )  # fmt: skip
+    reader = UnitReader()
+    corrupt: list[tuple[str, str]] = []
+    for block, _currents, _why in todo:
+        scorer = BlockScorer(block, scoring.queries, scoring.plan, torch.device("cpu"))
+        try:
+            for unit in block.units:
+                add_stored(scorer, run, unit, reader)
+        except SDIError as err:
+            # Keep going: every corrupt unit is named at once.
+            corrupt.append((block.name, getattr(err, "what", str(err))))
+            for unit in block.units:
+                run.marker_path(unit).unlink(missing_ok=True)
+            continue
+        # The full depends, as the workers would record them, come from the units' files.
+        full = [read_meta(run.unit_path(u))["depends"] for u in block.units]
+        depends = scoring.depends(block, full)
+        meta = {
+            "block": depends["block"],
+            "depends": depends,
+            "content_digest": record_digest(depends),
+            "rank": None,
+            "world_size": None,
+        }
+        write_shard(run.shard_path(block.index), scorer.finish(meta))
+    if corrupt:
+        raise refuse([f"corrupt units, markers removed: {_by_reason(corrupt)}; {RERUN}"])
+
+
+@dataclass
+class _Reduced:
+    """What the reduce folds from the shards."""
+
+    totals: scores.ScoreTotals
+    tokens: scores.ScoreTotals | None
+    train_norm: np.ndarray  # (K, S_tr) float64
+    unit_stats: list[dict[str, Any]]
+    shard_digests: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _tops(summary: ShardSummary, scopes: tuple[str, ...], rename: str | None = None) -> Any:
+    out = {}
+    for scope in scopes:
+        for sign in scores.SIGNS:
+            idx, values = summary.topk[f"{scope}/{sign}"]
+            out[(rename or scope, sign)] = (torch.from_numpy(idx), torch.from_numpy(values))
+    return out
+
+
+def _reduce(
+    run: RunDir, blocks: list[Block], queries: QuerySet, k_top: int, n_ckpt: int, s_tr: int
+) -> _Reduced:
+    """Fold every shard's top-k and sums (reading only those); a corrupt shard is removed
+    and named."""
+    totals = scores.ScoreTotals(queries.n_query, queries.n_slots, k_top)
+    tokens = None
+    if queries.positions is not None:
+        tokens = scores.ScoreTotals(
+            queries.n_query, queries.n_slots * queries.n_tokens, k_top, overall=False
+        )
+    train_norm = np.zeros((n_ckpt, s_tr), dtype=np.float64)
+    stats: list[dict[str, Any]] = []
+    digests: dict[str, str] = {}
+    corrupt: list[tuple[str, str]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for block in blocks:
+        path = run.shard_path(block.index)
+        try:
+            summary = read_shard_summary(path)
+        except SDIError as err:
+            corrupt.append((block.name, getattr(err, "what", str(err))))
+            path.unlink(missing_ok=True)
+            continue
+        totals.absorb(
+            _tops(summary, scores.SCOPES),
+            torch.from_numpy(summary.sums["energy"]),
+            torch.from_numpy(summary.sums["signed"]),
+        )
+        if tokens is not None:
+            tokens.absorb(
+                _tops(summary, ("per_token",), rename="per_step"),
+                torch.from_numpy(summary.sums["token_energy"]),
+                torch.from_numpy(summary.sums["token_signed"]),
+            )
+        if "train_sketch_norm" in summary.sums:
+            train_norm += summary.sums["train_sketch_norm"]
+        stats.extend(summary.meta.get("units") or [{} for _ in block.units])
+        digests[block.name] = str(summary.meta.get("content_digest"))
+        # Per example: the shapes past the rows (past the checkpoints for train_loss).
+        rest = {name: shape[1:] for name, shape in summary.shapes.items() if name != "train_loss"}
+        if summary.shapes.get("train_loss", (0, 0))[0] != n_ckpt:
+            corrupt.append((block.name, f"{path} holds losses of other checkpoints"))
+        elif not shapes:
+            shapes = rest
+        elif rest != shapes:
+            corrupt.append((block.name, f"{path} holds datasets of other shapes than the others"))
+    if corrupt:
+        raise refuse([f"corrupt score shards, removed: {_by_reason(corrupt)}; {RERUN}"])
+    return _Reduced(totals, tokens, train_norm, stats, digests, shapes)
 
 
 def run_merge(run_dir: str | Path) -> int:
-    """Validate the run and write results.h5."""
+    """Validate the run, score any block nobody scored, reduce the shards into results.h5."""
     run = RunDir.existing(run_dir)
     setup_logging(run, "merge")
     removed = clean_temp_files(run.folders())
@@ -352,147 +448,95 @@ def run_merge(run_dir: str | Path) -> int:
     run.check_train_size(n_train)
     plan = _validate(run, cfg, train, build.build_dataset(cfg, "query"))
     started = time.perf_counter()
-    queries = plan.queries
-    etas = [float(m["checkpoint"]["eta"]) for m in plan.query_meta]
-    q_layout = SlotLayout.from_dict(plan.query_meta[0]["layout"])
-    t_layout = SlotLayout.from_dict(plan.unit_meta[plan.units[0].name]["layout"])
-    n_query, s_q = queries[0].sketch.shape[0], q_layout.n_slots
-    s_tr = t_layout.n_slots
-    q_flat = [scores.flat_queries(torch.from_numpy(q.sketch)) for q in queries]
-
-    sdi_bytes = 4 * n_train * n_query * s_q
-    store_sdi = sdi_bytes <= float(cfg.merge.sdi_max_gb) * 2**30
-    if not store_sdi:
+    queries = query_set(plan.queries, torch.device("cpu"))
+    scoring = Scoring(queries, scoring_plan(cfg, n_train, queries))
+    if not scoring.plan.sdi:
         log.warning(
             "the full SDI tensor would take %.2f GiB > merge.sdi_max_gb=%s: writing TracIn, top-k "
             "and diagnostics only (raise merge.sdi_max_gb to keep it)",
-            sdi_bytes / 2**30, cfg.merge.sdi_max_gb,
+            4 * n_train * queries.n_query * queries.n_slots / 2**30, cfg.merge.sdi_max_gb,
         )  # fmt: skip
-    k_top = int(cfg.merge.topk)
-    totals = scores.ScoreTotals(n_query, s_q, k_top)
-    tokens = _token_queries(queries, n_train, float(cfg.merge.sdi_max_gb), k_top)
-    needed = estimated_size(
-        n_train, n_query, s_q, s_tr, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix)
-    )
-    if tokens is not None and tokens.stored:
-        needed += 4 * n_train * tokens.width
-    check_free_space(run.results_path, needed)
-    train_norm = torch.zeros(len(etas), s_tr, dtype=torch.float64)
-    train_loss = np.zeros((len(etas), n_train), dtype=np.float32)
-
-    reader = UnitReader()
+    blocks = run_blocks(cfg, n_train)
+    _shards(run, cfg, plan, train, blocks, scoring)
+    n_ckpt = len(queries.files)
+    q_layout = SlotLayout.from_dict(plan.query_meta[0]["layout"])
+    t_layout = SlotLayout.from_dict(_train_layout(run, blocks[0]))
+    k_top = scoring.plan.topk
+    reduced = _reduce(run, blocks, queries, k_top, n_ckpt, t_layout.n_slots)
+    check_free_space(run.results_path, 16 * 2**20 + 64 * reduced.totals.energy.numel() * k_top)
     attrs = {
         "config_hash": config_hash(cfg),
         "n_train": n_train,
-        "etas": etas,
+        "etas": queries.etas,
         "checkpoints": list(cfg.checkpoints.paths),
-        "sdi_stored": bool(store_sdi),
+        "sdi_stored": scoring.plan.sdi,
         "train_steps": str(cfg.sketch.train_steps),
         "topk": k_top,
         "assignment": str(plan.query_meta[0].get("assignment") or q_layout.describe()),
         "query_tokens": json.dumps(plan.query_meta[0].get("query_tokens")),
     }
-    corrupt: list[tuple[str, str]] = []
+    # Relative to results.h5: HDF5 finds them from its folder, wherever the run dir moves.
+    shard_files = [run.shard_path(b.index).relative_to(run.path) for b in blocks]
+    sources = [(str(f), b.start, b.stop) for f, b in zip(shard_files, blocks, strict=True)]
     with write_results(
         run.results_path,
-        n_query=n_query,
+        n_query=queries.n_query,
         query_layout=q_layout.to_dict(),
         train_layout=t_layout.to_dict(),
         slot_names=q_layout.slot_names(),
         train_slot_names=t_layout.slot_names(),
         attrs=attrs,
     ) as out:
-        out.create(n_train, sdi=store_sdi, step_matrix=bool(cfg.merge.step_matrix))
-        if tokens is not None:
-            out.create_tokens(n_train, tokens.positions, sdi_tokens=tokens.stored)
-        dynamics = _loop_dynamics(queries)
+        for name, rest in reduced.shapes.items():
+            out.stitch(name, name, (n_train, *rest), 0, sources)
+        out.stitch("diagnostics/train_loss", "train_loss", (n_ckpt, n_train), 1, sources)
+        if queries.positions is not None:
+            out.write_token_positions(queries.positions)
+        dynamics = _loop_dynamics(queries.files)
         if dynamics is not None:
             out.write_dynamics(*dynamics)
-        by_block: dict[int, list[Unit]] = defaultdict(list)
-        for unit in plan.units:
-            by_block[unit.block].append(unit)
-        for block in sorted(by_block):
-            units = by_block[block]
-            start, stop = units[0].start, units[0].stop
-            sdi = torch.zeros(stop - start, n_query * s_q)
-            matrix = (
-                torch.zeros(stop - start, s_tr, n_query * s_q) if cfg.merge.step_matrix else None
-            )
-            by_token = None if tokens is None else torch.zeros(stop - start, tokens.width)
-            for unit in units:
-                try:
-                    sketch, loss = contract_unit(
-                        reader, run.unit_path(unit), q_flat[unit.ckpt], etas[unit.ckpt], sdi, matrix
-                    )
-                except SDIError as err:
-                    # Keep reading: every corrupt unit is named at once.
-                    corrupt.append((unit.name, getattr(err, "what", str(err))))
-                    run.marker_path(unit).unlink(missing_ok=True)
-                    continue
-                if tokens is not None and by_token is not None:
-                    scores.add_sdi(
-                        by_token, torch.from_numpy(sketch), tokens.flat[unit.ckpt], etas[unit.ckpt]
-                    )
-                train_loss[unit.ckpt, start:stop] = loss
-                if sketch.ndim == 3:
-                    norms = np.linalg.norm(sketch, axis=2).sum(axis=0)
-                    train_norm[unit.ckpt] += torch.from_numpy(norms).double()
-            if corrupt:
-                continue  # nothing of this merge will be kept
-            sdi3 = sdi.reshape(-1, n_query, s_q)
-            tracin = totals.update(sdi3, start)
-            token_rows = None
-            if tokens is not None and by_token is not None:
-                token_rows = by_token.reshape(-1, n_query, s_q, tokens.n_tokens)
-                tokens.totals.update(token_rows.flatten(2), start)
-            out.write_rows(
-                start,
-                tracin.numpy(),
-                sdi3.numpy() if store_sdi else None,
-                None if matrix is None else scores.step_matrix_layout(matrix, n_query, s_q).numpy(),
-                None if token_rows is None else token_rows.numpy(),
-            )
-            log.info("merged block %d (%d..%d)", block, start, stop)
-        if corrupt:
-            # Raised inside the writer: its temporary file is removed, nothing is renamed.
-            raise refuse([f"corrupt units, markers removed: {_by_reason(corrupt)}; {RERUN}"])
-        for (scope, sign), top in totals.tops.items():
+        for (scope, sign), top in reduced.totals.tops.items():
             out.write_topk(scope, sign, top.indices.numpy(), top.scores.float().numpy())
-        if tokens is not None:
-            grid = (n_query, s_q, tokens.n_tokens, -1)
-            for (_scope, sign), top in tokens.totals.tops.items():
+        if reduced.tokens is not None:
+            grid = (queries.n_query, queries.n_slots, queries.n_tokens, -1)
+            for (_scope, sign), top in reduced.tokens.tops.items():
                 out.write_topk(
                     "per_token",
                     sign,
                     top.indices.reshape(grid).numpy(),
                     top.scores.float().reshape(grid).numpy(),
                 )
-            out.write_diagnostics({"token_energy": tokens.totals.energy.reshape(grid[:3]).numpy()})
+            out.write_diagnostics({"token_energy": reduced.tokens.energy.reshape(grid[:3]).numpy()})
         out.write_diagnostics(
             {
-                "energy": totals.energy.numpy(),
-                "signed_share": totals.signed_share().numpy(),
-                "train_sketch_norm": (train_norm / n_train).numpy(),
-                "query_sketch_norm": np.stack([np.linalg.norm(q.sketch, axis=-1) for q in queries]),
-                "train_loss": train_loss,
-                "query_loss": np.stack([q.loss for q in queries]),
+                "energy": reduced.totals.energy.numpy(),
+                "signed_share": reduced.totals.signed_share().numpy(),
+                "train_sketch_norm": reduced.train_norm / n_train,
+                "query_sketch_norm": np.stack(
+                    [np.linalg.norm(q.sketch, axis=-1) for q in queries.files]
+                ),
+                "query_loss": np.stack([q.loss for q in queries.files]),
             }
         )
-        out.write_units(
-            [u.name for u in plan.units],
-            [json.loads(run.marker_path(u).read_text()) for u in plan.units],
-        )
+        out.write_units([u.name for b in blocks for u in b.units], reduced.unit_stats)
         out.write_inputs(
             config_hash=config_hash(cfg),
             units=plan.unit_digests,
-            query=[str(m["content_digest"]) for m in plan.query_meta],
+            shards=reduced.shard_digests,
+            query=queries.digests,
             checkpoints=list(cfg.checkpoints.paths),
             checkpoint_sha256=plan.checkpoint_sha,
         )
     log.info(
-        "wrote %s: %d train x %d queries x %d slots in %.1fs",
-        run.results_path, n_train, n_query, s_q, time.perf_counter() - started,
+        "wrote %s: %d train x %d queries x %d slots from %d shards in %.1fs",
+        run.results_path, n_train, queries.n_query, queries.n_slots, len(blocks),
+        time.perf_counter() - started,
     )  # fmt: skip
     with WandbLogger(cfg, run, "merge", "merge") as wandb_log:
         wandb_log.log_merge(run.results_path)
     return 0
+
+
+def _train_layout(run: RunDir, block: Block) -> dict[str, Any]:
+    """The train slot layout, as the first block's shard records it."""
+    return read_shard_meta(run.shard_path(block.index))["train_layout"]

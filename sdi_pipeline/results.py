@@ -1,4 +1,4 @@
-"""results.h5, format v3 (see docs/format.md): the one module that writes and reads it.
+"""results.h5, format v4 (see docs/format.md): the one module that writes and reads it.
 
 :func:`write_results` creates the file under a temporary name and renames it when the
 writer's block completes; every dataset carries an HDF5 Fletcher-32 checksum, and the
@@ -28,7 +28,7 @@ from sdi_pipeline.errors import ConfigError, RunDirError
 from sdi_pipeline.freshness import results_inputs, results_staleness, stale_message
 
 RESULTS_FORMAT = "sdi-pipeline/results"
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 # Every dataset is chunked with a Fletcher-32 checksum, verified whenever it is read.
 _CHECKED = {"fletcher32": True}
 Sign = Literal["positive", "negative"]
@@ -459,43 +459,31 @@ class ResultsWriter:
         self._f = f
         self.n_query, self.s_q, self.s_tr = n_query, s_q, s_tr
 
-    def create(self, n_train: int, *, sdi: bool, step_matrix: bool) -> None:
-        """Create the per-example datasets: TracIn always, SDI and the step matrix if asked."""
-        m, s_q = self.n_query, self.s_q
-        self._f.create_dataset("tracin", (n_train, m), "f4", chunks=True, **_CHECKED)
-        if sdi:
-            self._f.create_dataset("sdi", (n_train, m, s_q), "f4", chunks=True, **_CHECKED)
-        if step_matrix:
-            self._f.create_dataset(
-                "sdi_matrix", (n_train, m, self.s_tr, s_q), "f4", chunks=True, **_CHECKED
-            )
-
-    def create_tokens(self, n_train: int, positions: np.ndarray, *, sdi_tokens: bool) -> None:
-        """Per-token outputs: the chosen query tokens (M, P) and, if asked, SDI per (step,
-        token) (N, M, S_q, P)."""
-        _checked(self._f, "token_positions", positions)
-        if sdi_tokens:
-            shape = (n_train, self.n_query, self.s_q, positions.shape[1])
-            self._f.create_dataset("sdi_tokens", shape, "f4", chunks=True, **_CHECKED)
-
-    def write_rows(
+    def stitch(
         self,
-        start: int,
-        tracin: np.ndarray,
-        sdi: np.ndarray | None = None,
-        step_matrix: np.ndarray | None = None,
-        sdi_tokens: np.ndarray | None = None,
+        name: str,
+        source: str,
+        shape: tuple[int, ...],
+        axis: int,
+        sources: Sequence[tuple[str, int, int]],
     ) -> None:
-        """Rows ``start ..`` of TracIn (n, M), SDI (n, M, S_q), step matrix (n, M, S_tr, S_q)
-        and SDI per token (n, M, S_q, P); each written where its dataset exists."""
-        stop = start + tracin.shape[0]
-        if sdi_tokens is not None and "sdi_tokens" in self._f:
-            self._f["sdi_tokens"][start:stop] = sdi_tokens  # type: ignore[index]
-        self._f["tracin"][start:stop] = tracin  # type: ignore[index]
-        if sdi is not None and "sdi" in self._f:
-            self._f["sdi"][start:stop] = sdi  # type: ignore[index]
-        if step_matrix is not None and "sdi_matrix" in self._f:
-            self._f["sdi_matrix"][start:stop] = step_matrix  # type: ignore[index]
+        """Dataset ``name`` of ``shape`` as an HDF5 virtual dataset: the rows ``start:stop``
+        along ``axis`` of each ``(file, start, stop)`` are that file's dataset ``source``
+        (file paths relative to results.h5). Nothing is copied; what no file covers reads as
+        NaN, and a missing file is caught by :meth:`Results.open` (``inputs/shard_*``)."""
+        layout = h5py.VirtualLayout(shape=shape, dtype="f4")
+        for path, start, stop in sources:
+            part = list(shape)
+            part[axis] = stop - start
+            index = tuple(
+                slice(start, stop) if a == axis else slice(None) for a in range(len(shape))
+            )
+            layout[index] = h5py.VirtualSource(path, source, shape=tuple(part))
+        self._f.create_virtual_dataset(name, layout, fillvalue=np.nan)
+
+    def write_token_positions(self, positions: np.ndarray) -> None:
+        """The chosen query tokens of per-token runs: their positions (M, P)."""
+        _checked(self._f, "token_positions", positions)
 
     def write_dynamics(self, states: np.ndarray, margins: np.ndarray) -> None:
         """The queries' loop dynamics at every checkpoint: answer-token states (K, M, τ, d)
@@ -530,18 +518,23 @@ class ResultsWriter:
         *,
         config_hash: str,
         units: Mapping[str, str],
+        shards: Mapping[str, str],
         query: Sequence[str],
         checkpoints: Sequence[str],
         checkpoint_sha256: Sequence[str],
     ) -> None:
-        """What the results are made from: each unit's and query file's content digest, the
-        checkpoints and their sha256 (how :meth:`Results.open` tells a stale file)."""
+        """What the results are made from: each unit's, score shard's and query file's content
+        digest, the checkpoints and their sha256 (how :meth:`Results.open` tells a stale
+        file)."""
         group = self._f.require_group("inputs")
         group.attrs["config_hash"] = config_hash
         names = sorted(units)
+        blocks = sorted(shards)
         for name, values in (
             ("unit_names", names),
             ("unit_digests", [units[n] for n in names]),
+            ("shard_names", blocks),
+            ("shard_digests", [shards[b] for b in blocks]),
             ("query_digests", list(query)),
             ("checkpoint_paths", list(checkpoints)),
             ("checkpoint_sha256", list(checkpoint_sha256)),
@@ -555,14 +548,6 @@ def _checked(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
     if array.size == 0:  # a chunk cannot be empty; nothing to checksum either
         return group.create_dataset(name, data=array)
     return group.create_dataset(name, data=array, chunks=True, **_CHECKED)
-
-
-def estimated_size(
-    n_train: int, n_query: int, s_q: int, s_tr: int, *, sdi: bool, step_matrix: bool
-) -> int:
-    """Bytes a results.h5 of these dimensions takes, with a margin for HDF5's own data."""
-    values = n_train * n_query * (1 + (s_q if sdi else 0) + (s_tr * s_q if step_matrix else 0))
-    return int(4 * values * 1.1) + 16 * 2**20
 
 
 def check_free_space(path: Path, needed: int) -> None:
@@ -581,8 +566,7 @@ def check_free_space(path: Path, needed: int) -> None:
         raise RunDirError(
             f"cannot write {path}: it needs about {needed / 2**20:.0f} MiB but only "
             f"{free / 2**20:.0f} MiB are free in {folder} (no space left on the device): free "
-            "space there (or lower merge.sdi_max_gb to skip the full SDI tensor), then run the "
-            "same command again"
+            "space there, then run the same command again"
         )
 
 

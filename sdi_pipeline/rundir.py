@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from sdi_pipeline import config as config_mod
 from sdi_pipeline.atomic import ensure_dir, write_json_atomic, write_text_atomic
 from sdi_pipeline.errors import ConfigError, RunDirError
-from sdi_pipeline.layout import RunPaths, unit_name
+from sdi_pipeline.layout import RunPaths, block_name, unit_name
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,33 @@ def run_units(cfg: DictConfig, n_train: int) -> list[Unit]:
     return enumerate_units(len(cfg.checkpoints.paths), n_train, int(cfg.data.block_size))
 
 
-def rank_units(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
-    """The share of rank ``rank`` of ``world_size``: every ``world_size``-th unit from ``rank``.
+@dataclass(frozen=True)
+class Block:
+    """Training indices ``[start, stop)`` (block number ``index``) at every checkpoint: the
+    unit of scoring and of a worker's share (its ``units``, one per checkpoint)."""
 
-    The ranks' shares partition the units, and interleaving spreads each block's
-    checkpoints (adjacent in :func:`enumerate_units`) over the ranks.
-    """
-    return units[rank::world_size]
+    index: int
+    start: int
+    stop: int
+    units: tuple[Unit, ...]
+
+    @property
+    def name(self) -> str:
+        return block_name(self.index)
+
+
+def run_blocks(cfg: DictConfig, n_train: int) -> list[Block]:
+    """The blocks of a run with this config and ``n_train`` training examples."""
+    by_block: dict[int, list[Unit]] = {}
+    for unit in run_units(cfg, n_train):
+        by_block.setdefault(unit.block, []).append(unit)
+    return [Block(b, us[0].start, us[0].stop, tuple(us)) for b, us in sorted(by_block.items())]
+
+
+def rank_blocks(blocks: list[Block], rank: int, world_size: int) -> list[Block]:
+    """The share of rank ``rank`` of ``world_size``: every ``world_size``-th block from
+    ``rank``, each at all checkpoints, so that the rank can score the blocks it sketches."""
+    return blocks[rank::world_size]
 
 
 class RunDir(RunPaths):

@@ -103,10 +103,22 @@ def top_k(scores: torch.Tensor, k: int, sign: Sign = "positive") -> TopK:
     ``sign="negative"`` returns the most negative scores first.
     """
     _check_sign(sign)
-    k = min(k, scores.shape[0])
     moved = torch.movedim(scores, 0, -1)  # (M, [S,] N)
-    values, idx = torch.topk(moved, k, dim=-1, largest=sign == "positive", sorted=True)
-    return TopK(idx, values)
+    idx = torch.arange(scores.shape[0]).expand_as(moved)
+    indices, values = _ranked(idx, moved, k, sign == "positive")
+    return TopK(indices, values)
+
+
+def _ranked(
+    indices: torch.Tensor, scores: torch.Tensor, k: int, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of candidates, ties broken by the smaller train index: the
+    same top-k whatever the blocks, their order or the world size."""
+    k = min(k, scores.shape[-1])
+    by_index = torch.argsort(indices, dim=-1, stable=True)
+    indices, scores = indices.gather(-1, by_index), scores.gather(-1, by_index)
+    order = torch.argsort(scores, dim=-1, descending=largest, stable=True)[..., :k]
+    return indices.gather(-1, order), scores.gather(-1, order)
 
 
 class RunningTopK:
@@ -123,11 +135,14 @@ class RunningTopK:
         """Fold rows ``first_index ..`` of the scores in."""
         moved = torch.movedim(scores, 0, -1)
         idx = torch.arange(first_index, first_index + scores.shape[0]).expand_as(moved)
-        all_scores = torch.cat([self.scores, moved], dim=-1)
-        all_idx = torch.cat([self.indices, idx], dim=-1)
-        k = min(self.k, all_scores.shape[-1])
-        self.scores, pos = torch.topk(all_scores, k, dim=-1, largest=self.largest, sorted=True)
-        self.indices = torch.gather(all_idx, -1, pos)
+        self.fold(idx, moved)
+
+    def fold(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
+        """Fold candidates in: ``indices`` and ``scores`` (*rest, c), e.g. another block's
+        top-k. Exact when the candidates hold that block's k best of every entry."""
+        all_scores = torch.cat([self.scores, scores.to(self.scores.dtype)], dim=-1)
+        all_idx = torch.cat([self.indices, indices.to(torch.int64)], dim=-1)
+        self.indices, self.scores = _ranked(all_idx, all_scores, self.k, self.largest)
 
     def result(self) -> TopK:
         return TopK(self.indices, self.scores)
@@ -168,6 +183,19 @@ class ScoreTotals:
         self.energy += sdi.abs().sum(dim=0).double()
         self.signed += sdi.sum(dim=0).double()
         return tracin_rows
+
+    def absorb(
+        self,
+        tops: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+        energy: torch.Tensor,
+        signed: torch.Tensor,
+    ) -> None:
+        """Fold in another set of rows' totals (a block's top-k candidates per (scope, sign),
+        energy and signed sums): the same as having fed those rows to :meth:`update`."""
+        for key, top in self.tops.items():
+            top.fold(*tops[key])
+        self.energy += energy
+        self.signed += signed
 
     def signed_share(self) -> torch.Tensor:
         return signed_share(self.signed)

@@ -32,7 +32,8 @@ from omegaconf import DictConfig
 
 from sdi_pipeline.atomic import ensure_dir, write_error, write_text_atomic
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.rundir import RunDir, run_units
+from sdi_pipeline.freshness import block_done, query_digests
+from sdi_pipeline.rundir import Block, RunDir, run_blocks
 
 EXIT_CTRL_C = 130
 # PR_SET_PDEATHSIG from <sys/prctl.h>.
@@ -168,7 +169,8 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     cores = os.cpu_count() or 1
     threads = int(cfg.launcher.threads_per_worker or max(1, cores // workers))
     gpus = torch.cuda.device_count()
-    units = run_units(cfg, n_train)
+    blocks = run_blocks(cfg, n_train)
+    store_train = bool(cfg.sketch.store_train)
     quiet = {"SDI_PROGRESS": "0"}
     ensure_dir(run.logs_dir)
     jobs = Jobs(run)
@@ -182,11 +184,12 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
             )
             if code != 0:
                 return _failed(run, "query", code)
-            todo = sum(not run.is_done(u) for u in units)
+            queries = query_digests(run, len(cfg.checkpoints.paths))
+            todo = sum(not block_done(run, b, store_train, queries) for b in blocks)
             print(
                 f"[sdi] {workers} workers x {threads} threads"
                 + (f" on {gpus} GPUs" if gpus else "")
-                + f": {todo} of {len(units)} units to sketch",
+                + f": {todo} of {len(blocks)} blocks to sketch and score",
                 flush=True,
             )
             procs = []
@@ -196,7 +199,7 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
                     env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
                 cmd = job_command("worker", run, f"rank={rank}", f"world_size={workers}")
                 procs.append(jobs.start(f"worker-{rank:04d}", cmd, env))
-            _follow(run, units, procs)
+            _follow(blocks, procs, lambda b: block_done(run, b, store_train, queries))
             failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
             if failed:
                 for rank, code in failed:
@@ -220,16 +223,18 @@ def _run_one(jobs: Jobs, name: str, cmd: list[str], env: dict[str, str]) -> int:
     return jobs.start(name, cmd, env).wait()
 
 
-def _follow(run: RunDir, units: list, procs: list[subprocess.Popen]) -> None:
+def _follow(
+    blocks: list[Block], procs: list[subprocess.Popen], done: Callable[[Block], bool]
+) -> None:
     from tqdm.auto import tqdm
 
-    done = sum(run.is_done(u) for u in units)
-    with tqdm(total=len(units), initial=done, desc="units", unit="unit") as bar:
+    with tqdm(
+        total=len(blocks), initial=sum(map(done, blocks)), desc="blocks", unit="block"
+    ) as bar:
         while any(p.poll() is None for p in procs):
             time.sleep(0.5)
-            now = sum(run.is_done(u) for u in units)
-            bar.update(now - bar.n)
-        bar.update(sum(run.is_done(u) for u in units) - bar.n)
+            bar.update(sum(map(done, blocks)) - bar.n)
+        bar.update(sum(map(done, blocks)) - bar.n)
 
 
 def job_error(log: Path) -> str | None:

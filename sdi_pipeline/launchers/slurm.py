@@ -1,10 +1,12 @@
 """The SLURM launcher (submitit): query job, worker job array, dependent merge job.
 
-``launch_slurm`` submits and returns at once. Each worker task runs the same code as
+``launch_slurm`` submits and returns at once. The worker array starts after the query job
+(the workers score each block as they sketch it); each task runs the same code as
 ``sdi-worker``; on preemption or timeout submitit calls ``checkpoint`` and requeues the task,
-which resumes from the completion markers. Running the same command again submits only
-what is missing: the query job if its files are not there, array tasks for ranks with units
-left, and the merge.
+which resumes from what is on disk. Running the same command again submits only what is
+missing: the query job if its files are not there, array tasks for ranks with blocks left --
+``sdi-score`` tasks when those blocks only need scoring (their train sketches are stored, e.g.
+adopted by a run with a new query set) -- and the merge, which depends on all of them.
 
 Everything else the package knows about SLURM is here too: the defaults a job takes from
 its SLURM environment, where a run records its submitted jobs, and their states for
@@ -26,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.freshness import block_done, query_digests
 from sdi_pipeline.results import stale_reasons
-from sdi_pipeline.rundir import RunDir, rank_units, run_units
+from sdi_pipeline.rundir import RunDir, rank_blocks, run_blocks
 
 
 @dataclass
@@ -154,7 +157,7 @@ class SlurmJobs:
     """The run's last SLURM submission (``commands/slurm.json``) and its jobs' states."""
 
     query: str | None
-    array: str | None
+    array: str | None  # the worker (or sdi-score) array
     merge: str | None
     # Job id (array tasks as ``<array>_<task>``) -> state, as sacct reports it.
     states: dict[str, str] = field(default_factory=dict)
@@ -223,11 +226,13 @@ class _Task:
         self.job, self.run_dir, self.rank, self.world_size = job, run_dir, rank, world_size
 
     def __call__(self) -> int:
-        from sdi_pipeline.jobs import EXIT_INTERRUPTED, run_query, run_worker
+        from sdi_pipeline.jobs import EXIT_INTERRUPTED, run_query, run_score, run_worker
         from sdi_pipeline.merge import run_merge
 
         if self.job == "worker":
             code = run_worker(self.run_dir, self.rank, self.world_size)
+        elif self.job == "score":
+            code = run_score(self.run_dir, self.rank, self.world_size)
         elif self.job == "query":
             code = run_query(self.run_dir)
         else:
@@ -275,7 +280,7 @@ def _executor(run: RunDir, cfg: DictConfig, kind: str) -> Any:
         "slurm_constraint": lc.constraint,
         "slurm_additional_parameters": additional,
     }
-    if kind == "worker":
+    if kind in ("worker", "score"):
         params |= {
             "timeout_min": int(lc.time_min),
             "mem_gb": float(lc.mem_gb),
@@ -294,6 +299,13 @@ def _executor(run: RunDir, cfg: DictConfig, kind: str) -> Any:
     return executor
 
 
+def _depend_on(executor: Any, jobs: list[str]) -> None:
+    """The executor's jobs start after all of ``jobs`` succeed (and never if one fails)."""
+    extra = dict(executor.parameters.get("slurm_additional_parameters") or {})
+    extra |= {"dependency": "afterok:" + ":".join(jobs), "kill-on-invalid-dep": "yes"}
+    executor.update_parameters(slurm_additional_parameters=extra)
+
+
 def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     """Submit what is missing and print how to follow it; returns 0 once submitted."""
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
@@ -306,31 +318,43 @@ def launch_slurm(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         print(f"[sdi] {run.results_path} exists and is up to date: nothing to submit")
         return 0
     world = int(cfg.launcher.array_size)
-    units = run_units(cfg, n_train)
-    ranks = [r for r in range(world) if not all(map(run.is_done, rank_units(units, r, world)))]
-    need_query = any(not run.query_path(k).exists() for k in range(len(cfg.checkpoints.paths)))
+    blocks = run_blocks(cfg, n_train)
+    store_train = bool(cfg.sketch.store_train)
+    queries = query_digests(run, len(cfg.checkpoints.paths))
+    ranks = [
+        r
+        for r in range(world)
+        if not all(block_done(run, b, store_train, queries) for b in rank_blocks(blocks, r, world))
+    ]
+    # Only scoring left (every unit stored): sdi-score tasks, which never sketch.
+    kind = (
+        "score"
+        if store_train and all(run.is_done(u) for b in blocks for u in b.units)
+        else "worker"
+    )
     after: list[str] = []
     submitted: dict[str, Any] = {"run_dir": str(run.path)}
-    if need_query:
+    if queries is None:
         job = _executor(run, cfg, "query").submit(_Task("query", str(run.path)))
         after.append(str(job.job_id))
         submitted["query"] = str(job.job_id)
     if ranks:
-        executor = _executor(run, cfg, "worker")
+        executor = _executor(run, cfg, kind)
+        if after:  # the workers score against the query sketches: they start after them
+            _depend_on(executor, after)
         with executor.batch():
-            jobs = [executor.submit(_Task("worker", str(run.path), r, world)) for r in ranks]
+            jobs = [executor.submit(_Task(kind, str(run.path), r, world)) for r in ranks]
         array_id = str(jobs[0].job_id).split("_")[0]
         after.append(array_id)
         submitted["workers"] = {
             "array": array_id,
+            "job": kind,
             "ranks": ranks,
             "tasks": [str(j.job_id) for j in jobs],
         }
     merge_executor = _executor(run, cfg, "merge")
     if after:
-        extra = dict(merge_executor.parameters.get("slurm_additional_parameters") or {})
-        extra |= {"dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"}
-        merge_executor.update_parameters(slurm_additional_parameters=extra)
+        _depend_on(merge_executor, after)
     merge = merge_executor.submit(_Task("merge", str(run.path)))
     submitted["merge"] = str(merge.job_id)
     write_json_atomic(jobs_path(run), submitted)
