@@ -371,9 +371,9 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
         )
     units = [u for b in mine for u in b.units]
     log.info(
-        "rank %d/%d on %s (%s): %d blocks x %d checkpoints = %d units, %d already done; %s",
-        rank, world_size, socket.gethostname(), ctx.device, len(mine), len(ctx.checkpoints),
-        len(units), sum(map(run.is_done, units)),
+        "rank %d/%d on %s (%s): %d units, %d already done (%d blocks x %d checkpoints); %s",
+        rank, world_size, socket.gethostname(), ctx.device, len(units),
+        sum(map(run.is_done, units)), len(mine), len(ctx.checkpoints),
         "scoring each block as it is sketched" if scoring is not None else
         "the query sketches are not complete: sketching only (the merge scores the blocks)",
     )  # fmt: skip

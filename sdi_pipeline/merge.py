@@ -41,6 +41,7 @@ from sdi_pipeline.digests import DigestCache, record_digest
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.errors import MergeRefused, SDIError
 from sdi_pipeline.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
+from sdi_pipeline.layout import block_name
 from sdi_pipeline.leases import read_holder
 from sdi_pipeline.logs import log, setup_logging
 from sdi_pipeline.messages import shortened
@@ -209,7 +210,7 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
     if missing:
         leased = []
         for unit in missing:
-            holder = read_holder(run.lease_path(unit.name))
+            holder = read_holder(run.lease_path(block_name(unit.block)))
             if holder is not None and holder.gone(float(cfg.runtime.lease_timeout_s)) is None:
                 leased.append(f"{unit.name} by {holder.describe()}")
         busy = f" (being computed now: {shortened(leased, 3)})" if leased else ""

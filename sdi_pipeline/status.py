@@ -27,6 +27,7 @@ from sdi_pipeline.freshness import (
     read_attrs,
 )
 from sdi_pipeline.launchers import LAUNCHERS
+from sdi_pipeline.layout import block_name
 from sdi_pipeline.leases import read_holder
 from sdi_pipeline.messages import shortened
 from sdi_pipeline.results import stale_reasons
@@ -111,7 +112,7 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
         elif run.failure_path(unit).exists():
             status.failed[unit.name] = _failure(run.failure_path(unit))
         else:
-            holder = read_holder(run.lease_path(unit.name))
+            holder = read_holder(run.lease_path(block_name(unit.block)))
             if holder is not None and holder.gone(timeout) is None:
                 status.running[unit.name] = (
                     f"{holder.describe()}, heartbeat {holder.age_s:.0f}s ago"

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdi_pipeline")
 
-JOB_TYPES = ("query", "worker", "merge")
+JOB_TYPES = ("query", "worker", "score", "merge")
 # Bins of the TracIn histogram (W&B allows at most 512).
 HISTOGRAM_BINS = 64
 # Bytes of TracIn read per chunk when building the histogram: the matrix may not fit in
