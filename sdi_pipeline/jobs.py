@@ -371,11 +371,11 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
         )
     units = [u for b in mine for u in b.units]
     log.info(
-        "rank %d/%d on %s (%s): %d units, %d already done (%d blocks x %d checkpoints); %s",
-        rank, world_size, socket.gethostname(), ctx.device, len(units),
-        sum(map(run.is_done, units)), len(mine), len(ctx.checkpoints),
+        "rank %d/%d on %s (%s), %d blocks x %d checkpoints, %s: %d units, %d already done",
+        rank, world_size, socket.gethostname(), ctx.device, len(mine), len(ctx.checkpoints),
         "scoring each block as it is sketched" if scoring is not None else
-        "the query sketches are not complete: sketching only (the merge scores the blocks)",
+        "sketching only (the query sketches are not complete; the merge scores the blocks)",
+        len(units), sum(map(run.is_done, units)),
     )  # fmt: skip
     _name_other_world_sizes(run, ctx.cfg, len(train), world_size)
     return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=True)
@@ -461,6 +461,7 @@ def _attempt(
     EXIT_INTERRUPTED on a stop request. Failures are recorded for sdi-status and re-raised."""
     run = ctx.run
     job = f"worker-{rank:04d}" if sketch else f"score-{rank:04d}"
+    in_flight: list[Unit] = []  # the unit being sketched, if any: named when it fails
     try:
         currents = [ctx.unit_depends(u, train) for u in block.units]
         if _block_fresh(ctx, block, currents, scoring):
@@ -471,16 +472,21 @@ def _attempt(
         with lease:
             if _block_fresh(ctx, block, currents, scoring, quiet=True):  # done meanwhile
                 return 0
-            _block(ctx, train, block, currents, desc, rank, world_size, wandb_log, scoring, sketch)
+            _block(
+                ctx, train, block, currents, desc, rank, world_size, wandb_log, scoring, sketch,
+                in_flight,
+            )  # fmt: skip
     except Interrupted:
         log.warning("stopped during %s; it will be redone on restart", block.name)
         return EXIT_INTERRUPTED
     except Exception as err:
-        for unit in block.units:
+        failed = in_flight[-1:] or list(block.units)
+        for unit in failed:
             _record_failure(run, unit, rank, err, job)
         if isinstance(err, SDIError):
             raise
-        raise as_job_error(err, f"block {block.name}", job) from err
+        what = f"unit {failed[0].name}" if in_flight else f"scoring {block.name}"
+        raise as_job_error(err, what, job) from err
     for unit in block.units:
         run.failure_path(unit).unlink(missing_ok=True)
     if ctx.stop.is_set():
@@ -548,6 +554,7 @@ def _block(
     wandb_log: WandbLogger,
     scoring: Scoring | None,
     sketch: bool,
+    in_flight: list[Unit],
 ) -> None:
     """Sketch (or read back) the block at every checkpoint, then write its shard."""
     run = ctx.run
@@ -568,9 +575,11 @@ def _block(
                 "train sketches only; run the workers (sdi-worker, or the same sdi-attribute "
                 "command with sketch.store_train=true) to sketch it"
             )
+        in_flight.append(unit)
         values, loss, meta, stats = _sketch_unit(
             ctx, train, unit, f"{desc} ckpt {unit.ckpt}", rank, world_size, current
         )
+        in_flight.pop()
         wandb_log.log_unit(stats)
         if scorer is not None:
             scorer.add(unit, as_stored(values, ctx.cfg.sketch.dtype), loss, meta, stats)

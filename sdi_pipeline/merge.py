@@ -339,14 +339,18 @@ def _shards(
     corrupt: list[tuple[str, str]] = []
     for block, _currents, _why in todo:
         scorer = BlockScorer(block, scoring.queries, scoring.plan, torch.device("cpu"))
-        try:
-            for unit in block.units:
-                add_stored(scorer, run, unit, reader)
-        except SDIError as err:
-            # Keep going: every corrupt unit is named at once.
-            corrupt.append((block.name, getattr(err, "what", str(err))))
-            for unit in block.units:
+        broken = False
+        for unit in block.units:
+            try:
+                if broken:  # only read: every corrupt unit is named at once
+                    reader.read(run.unit_path(unit))
+                else:
+                    add_stored(scorer, run, unit, reader)
+            except SDIError as err:
+                broken = True
+                corrupt.append((unit.name, getattr(err, "what", str(err))))
                 run.marker_path(unit).unlink(missing_ok=True)
+        if broken:
             continue
         # The full depends, as the workers would record them, come from the units' files.
         full = [read_meta(run.unit_path(u))["depends"] for u in block.units]

@@ -6,8 +6,8 @@ runs a job's command line after installing, from the environment:
 - ``SDI_TEST_PAUSE_WRITE=<file name>``: when the job has written that file completely under its
   temporary name, but before the rename, touch ``SDI_TEST_PAUSE_FLAG`` and sleep: the test
   then kills the job in the middle of its write.
-- ``SDI_TEST_PAUSE_ROWS=1``: the merge pauses the same way after writing its first rows of
-  results.h5 (a temporary file half full).
+- ``SDI_TEST_PAUSE_ROWS=1``: the merge pauses the same way after writing its first
+  per-example dataset of results.h5 (a temporary file half full).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def install() -> None:
     if os.environ.get("SDI_TEST_PAUSE_ROWS"):
         from sdi_pipeline.results import ResultsWriter
 
-        real_rows = ResultsWriter.write_rows
+        real_rows = ResultsWriter.stitch
 
         def rows_then_pause(self: Any, *args: Any, **kwargs: Any) -> None:
             real_rows(self, *args, **kwargs)
             self._f.flush()
             _pause()
 
-        ResultsWriter.write_rows = rows_then_pause  # type: ignore[method-assign]
+        ResultsWriter.stitch = rows_then_pause  # type: ignore[method-assign]
 
 
 def main(job: str) -> None:

@@ -212,10 +212,10 @@ def test_worker_killed_mid_write_leaves_no_half_unit(tmp_path, toy_ref) -> None:
     kill(proc)  # SIGKILL while the unit's file is written but not yet renamed
     assert not run.unit_path_named(name).exists() and not run.marker_path_named(name).exists()
     (half,) = temps(run.units_dir)
-    assert run.lease_path(name).exists()  # its owner is dead: taken over at once
+    assert run.lease_path("block-00000").exists()  # its owner is dead: taken over at once
     assert run_worker(run.path, 0, 1) == 0
     assert not half.exists() and not temps(run.units_dir)  # cleaned on the next run
-    assert "taking over ckpt-001_block-00000" in log_text(run, "worker-0000")
+    assert "taking over block-00000" in log_text(run, "worker-0000")
     assert run_merge(run.path) == 0
     assert_same(run.results_path, toy_ref)
 
@@ -226,14 +226,14 @@ def test_worker_killed_mid_unit_its_lease_is_taken_over_at_once(
     run = prepare_run(toy_config(tmp_path, analysis=SLOW_LOSS))
     assert run_query(run.path) == 0
     proc = spawn("worker", run, "rank=0", "world_size=1", SDI_TEST_BATCH_SECONDS="0.2")
-    wait_for(lambda: run.lease_path(UNITS[1]).exists(), proc)  # into its second unit
+    wait_for(run.marker_path_named(UNITS[0]).exists, proc)  # into its second unit
     kill(proc)
     monkeypatch.setenv("SDI_TEST_BATCH_SECONDS", "0")
     start = time.monotonic()
     assert run_worker(run.path, 0, 1) == 0
     assert time.monotonic() - start < 30  # no waiting for a lease timeout: the pid is gone
-    assert f"taking over {UNITS[1]}" in log_text(run, "worker-0000")
-    assert "process" in log_text(run, "worker-0000").split(f"taking over {UNITS[1]}")[1]
+    assert "taking over block-00000" in log_text(run, "worker-0000")
+    assert "process" in log_text(run, "worker-0000").split("taking over block-00000")[1]
     assert run_merge(run.path) == 0
     assert_same(run.results_path, toy_ref)
 
@@ -278,7 +278,7 @@ def _launcher(tmp_path: Path, *extra: str, **env: str) -> subprocess.Popen:
 def _worker_pids(run_path: Path) -> list[int]:
     return [
         json.loads(p.read_text())["pid"]
-        for p in (run_path / "leases").glob("ckpt-*")
+        for p in (run_path / "leases").glob("block-*")
         if p.read_text().strip()
     ]
 
@@ -335,12 +335,12 @@ def test_a_frozen_worker_loses_its_unit_after_the_lease_timeout(
     assert run_query(run.path) == 0
     proc = spawn("worker", run, "rank=0", "world_size=1", SDI_TEST_BATCH_SECONDS="0.3")
     try:
-        wait_for(lambda: run.lease_path(UNITS[0]).exists(), proc)
+        wait_for(lambda: run.lease_path("block-00000").exists(), proc)
         proc.send_signal(signal.SIGSTOP)  # alive but silent: no more heartbeats
         monkeypatch.setenv("SDI_TEST_BATCH_SECONDS", "0")
         assert run_worker(run.path, 0, 1) == 0
         log = log_text(run, "worker-0000")
-        assert f"taking over {UNITS[0]}" in log and "silent for" in log
+        assert "taking over block-00000" in log and "silent for" in log
     finally:
         kill(proc)
     assert run_merge(run.path) == 0
@@ -369,7 +369,7 @@ def test_duplicate_ranks_compute_each_unit_once(tmp_path, toy_ref, monkeypatch) 
     run = prepare_run(toy_config(tmp_path, analysis=SLOW_LOSS))
     assert run_query(run.path) == 0
     proc = spawn("worker", run, "rank=0", "world_size=1", SDI_TEST_BATCH_SECONDS="0.2")
-    wait_for(lambda: run.lease_path(UNITS[0]).exists(), proc)
+    wait_for(lambda: run.lease_path("block-00000").exists(), proc)
     monkeypatch.setenv("SDI_TEST_BATCH_SECONDS", "0.05")
     assert run_worker(run.path, 0, 1) == 0  # the same rank again, in this process
     _finished(proc)
@@ -385,15 +385,15 @@ def test_mismatched_world_sizes_compute_each_unit_once_and_are_named(
     run = prepare_run(toy_config(tmp_path, analysis=SLOW_LOSS))
     assert run_query(run.path) == 0
     proc = spawn("worker", run, "rank=0", "world_size=2", SDI_TEST_BATCH_SECONDS="0.2")
-    wait_for(lambda: run.lease_path(UNITS[0]).exists(), proc)
+    wait_for(lambda: run.lease_path("block-00000").exists(), proc)
     monkeypatch.setenv("SDI_TEST_BATCH_SECONDS", "0.05")
-    assert run_worker(run.path, 1, 3) == 0  # 1/3 overlaps 0/2 in unit 4
+    assert run_worker(run.path, 2, 3) == 0  # 2/3 overlaps 0/2 in block 2
     _finished(proc)
-    # 0/2 takes units 0, 2, 4 and 1/3 takes 1, 4: unit 4 once, units 3 and 5 by nobody.
-    assert sorted(_done_units(run)) == sorted(UNITS[i] for i in (0, 1, 2, 4))
+    # 0/2 takes blocks 0 and 2, 2/3 takes block 2: block 2 once, block 1 by nobody.
+    assert sorted(_done_units(run)) == sorted(UNITS[i] for i in (0, 1, 4, 5))
     with pytest.raises(MergeRefused) as err:
         run_merge(run.path)
-    assert f"2 of 6 units not done: {UNITS[3]}, {UNITS[5]}" in str(err.value)
+    assert f"2 of 6 units not done: {UNITS[2]}, {UNITS[3]}" in str(err.value)
     assert "workers ran with world sizes 2, 3: run every rank 0..W-1 of one" in str(err.value)
     assert run_worker(run.path, 1, 2) == 0  # the missing rank of world size 2
     assert "units of this run were done by workers with world size 3" in log_text(
@@ -430,7 +430,7 @@ def test_a_unit_leased_by_a_live_job_is_named_by_status_and_the_merge(tmp_path, 
     run = run_all(toy_config(tmp_path))
     run.results_path.unlink()
     run.marker_path_named(UNITS[2]).unlink()  # as if being recomputed right now
-    lease = acquire(run.lease_path(UNITS[2]), "worker-0007")
+    lease = acquire(run.lease_path("block-00001"), "worker-0007")
     assert isinstance(lease, Lease)
     try:
         status = run_status(run)
@@ -556,6 +556,8 @@ def test_garbage_inside_a_unit_is_named_and_recomputed(
     run = run_all(toy_config(tmp_path))
     name = "ckpt-000_block-00001"
     corrupt_chunk(run.unit_path_named(name))
+    # The merge reads train sketches only to score a block nobody scored (a new query set).
+    run.shard_path(1).unlink()
     assert name in run_status(run).done  # the cheap status reads headers only
     status = run_status(run, verify=True)
     assert "fails the Fletcher-32 checksum" in status.corrupt[name]
@@ -591,6 +593,7 @@ def test_nan_in_a_unit_with_valid_checksums_is_refused(tmp_path, toy_ref) -> Non
     marker = json.loads(run.marker_path_named(name).read_text())
     marker["file_size"] = size
     run.marker_path_named(name).write_text(json.dumps(marker))
+    run.shard_path(2).unlink()  # scored again (by the merge): it reads the unit
     with pytest.raises(MergeRefused, match=f"{name}.h5 is corrupt: it holds NaN or inf values"):
         run_merge(run.path)
     recover(run)
@@ -762,6 +765,7 @@ left = {{
 subprocess.run(["mount", "-o", "remount,rw,size=64m", str(disk)], check=True)
 assert run_query(run.path) == 0 and run_worker(run.path, 0, 1) == 0 and run_merge(run.path) == 0
 shutil.copy(run.results_path, out / "results.h5")
+shutil.copytree(run.scores_dir, out / "scores")  # results.h5 reads its rows from the shards
 (out / "left.json").write_text(json.dumps(left))
 """
 
@@ -1070,6 +1074,7 @@ def test_a_corrupt_unit_never_reaches_a_results_file(tmp_path) -> None:
     run = run_all(toy_config(tmp_path))
     run.results_path.unlink()
     corrupt_chunk(run.unit_path_named(UNITS[5]))
+    run.shard_path(2).unlink()  # scored again (by the merge): it reads the unit
     with pytest.raises(SDIError):
         run_merge(run.path)
     assert not run.results_path.exists() and not temps(run.path)

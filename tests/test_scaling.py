@@ -141,11 +141,11 @@ def test_world_size_and_stored_sketches_change_nothing(reference, tmp_path, work
 
 def test_without_stored_sketches_the_queries_come_first(tmp_path) -> None:
     run = prepare_run(_config(tmp_path, "q", store_train=False))
-    with pytest.raises(ConfigError, match="store_train=false .* run sdi-query"):
+    with pytest.raises(ConfigError, match=r"store_train=false .* run sdi-query"):
         run_worker(run.path, 0, 1)
     assert run_query(run.path) == 0
     assert run_worker(run.path, 0, 2) == 0  # rank 1 of 2 not run
-    with pytest.raises(MergeRefused, match="blocks not scored: block-00001.*run the workers"):
+    with pytest.raises(MergeRefused, match=r"blocks not scored: block-00001.*run the workers"):
         run_merge(run.path)
 
 
@@ -174,7 +174,7 @@ def test_a_new_query_set_is_rescored_by_the_scoring_array(reference, tmp_path) -
 def test_sdi_score_refuses_units_that_are_not_stored(tmp_path) -> None:
     run = prepare_run(_config(tmp_path, "s"))
     assert run_query(run.path) == 0
-    with pytest.raises(RunDirError, match="not stored .* run the workers"):
+    with pytest.raises(RunDirError, match=r"not stored .* run the workers"):
         run_score(run.path, 0, 1)
     with pytest.raises(ConfigError, match="query sketches, which are not complete"):
         for path in run.query_dir.glob("*.h5"):
@@ -235,7 +235,7 @@ def test_results_refuse_changed_or_missing_shards(tmp_path) -> None:
         assert np.isfinite(res.sdi[...]).all()
     shard = run.shard_path(1)
     shard.rename(shard.with_suffix(".bak"))
-    with pytest.raises(RunDirError, match="score shard.*missing"):
+    with pytest.raises(RunDirError, match=r"score shard.*missing"):
         Results.open(run.path)
     shard.with_suffix(".bak").rename(shard)
     # A copied results.h5 needs the scores/ folder beside it.
@@ -259,7 +259,7 @@ def test_a_corrupt_shard_is_named_and_rescored(tmp_path) -> None:
         offset = f["sums/energy"].id.get_chunk_info(0).byte_offset
     data[offset] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(MergeRefused, match="block-00002.*Fletcher-32"):
+    with pytest.raises(MergeRefused, match=r"block-00002.*Fletcher-32"):
         run_merge(run.path)
     assert not shard.exists()  # removed: the next run rescores it
     assert run_worker(run.path, 0, 1) == 0
