@@ -24,6 +24,7 @@ from sdi_pipeline.freshness import (
     check_unit,
     checkpoint_digests,
     explain_stale,
+    query_digests,
     read_attrs,
 )
 from sdi_pipeline.launchers import LAUNCHERS
@@ -31,7 +32,8 @@ from sdi_pipeline.layout import block_name
 from sdi_pipeline.leases import read_holder
 from sdi_pipeline.messages import shortened
 from sdi_pipeline.results import stale_reasons
-from sdi_pipeline.rundir import RunDir, run_units
+from sdi_pipeline.rundir import RunDir, run_blocks, run_units
+from sdi_pipeline.shards import shard_matches
 
 FIX = "run the same sdi-attribute command again (or its sdi-worker / sdi-query): it is recomputed"
 
@@ -50,6 +52,12 @@ class RunStatus:
     query_missing: list[int] = field(default_factory=list)
     # Checkpoint -> why its query file is stale or damaged.
     query_bad: dict[int, str] = field(default_factory=dict)
+    # Blocks whose score shard is there for the current query sketches, and the others.
+    scored: list[str] = field(default_factory=list)
+    unscored: list[str] = field(default_factory=list)
+    # Block -> why its shard is damaged (verify=true reads them).
+    bad_shards: dict[str, str] = field(default_factory=dict)
+    store_train: bool = True
     merged: bool = False
     # Why results.h5 no longer matches the run (empty: up to date, or not written).
     results_stale: list[str] = field(default_factory=list)
@@ -62,7 +70,12 @@ class RunStatus:
     @property
     def healthy(self) -> bool:
         return not (
-            self.failed or self.corrupt or self.stale or self.query_bad or self.results_stale
+            self.failed
+            or self.corrupt
+            or self.stale
+            or self.query_bad
+            or self.results_stale
+            or self.bad_shards
         )
 
 
@@ -95,7 +108,24 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
         else:
             status.query_done.append(k)
     timeout = float(cfg.runtime.lease_timeout_s)
+    status.store_train = bool(cfg.sketch.store_train)
+    digests = query_digests(run, len(paths))
+    for block in run_blocks(cfg, n_train):
+        path = run.shard_path(block.index)
+        if digests is not None and shard_matches(path, digests):
+            status.scored.append(block.name)
+            if audit is not None:
+                why = audit.read_shard(path)
+                if why:
+                    status.bad_shards[block.name] = why
+        else:
+            status.unscored.append(block.name)
     for unit in run_units(cfg, n_train):
+        if not status.store_train:
+            # No train sketches kept: a unit is only ever failed or being computed.
+            if run.failure_path(unit).exists():
+                status.failed[unit.name] = _failure(run.failure_path(unit))
+            continue
         current = audit.unit_depends(unit, shas[unit.ckpt]) if audit else None
         # Cheap: markers and file sizes (a truncated file shows); verify=true: headers and data.
         check = check_unit(
@@ -181,6 +211,23 @@ class _Audit:
             return UnitCheck(CORRUPT, f"{what}; delete {path} and run the same command again")
         return check
 
+    def read_shard(self, path: Any) -> str:
+        """Why the shard at ``path`` cannot be read whole (empty: every value checks out)."""
+        import h5py
+        import numpy as np
+
+        from sdi_pipeline.shards import read_shard_summary
+
+        try:
+            read_shard_summary(path)
+            with h5py.File(path, "r") as f:
+                for name in ("tracin", "sdi", "sdi_matrix", "sdi_tokens", "train_loss"):
+                    if name in f and not np.isfinite(np.asarray(f[name])).all():
+                        return f"{path} holds NaN or inf values; delete it and run again"
+        except (SDIError, OSError) as err:
+            return f"{getattr(err, 'what', err)}; delete {path} and run the same command again"
+        return ""
+
     def query_problem(self, path: Any, depends: dict[str, Any], sha: str | None) -> str:
         from sdi_pipeline.merge import current_depends
         from sdi_pipeline.store import verify_sketch_file
@@ -199,14 +246,21 @@ def format_status(run: RunDir, status: RunStatus) -> str:
     )  # fmt: skip
     n_query = len(status.query_done) + len(status.query_missing) + len(status.query_bad)
     bad_query = f", {len(status.query_bad)} stale or corrupt" if status.query_bad else ""
+    verified = " [verified: checksums and data]" if status.verified else ""
     lines = [
         f"run {run.path}",
         f"  query sketches: {len(status.query_done)} of {n_query} checkpoints{bad_query}",
         f"  units: {len(status.done)} done, {len(status.missing)} missing, "
         f"{len(status.failed)} failed, {len(status.stale)} stale, {len(status.corrupt)} corrupt, "
-        f"{len(status.running)} running (of {total})"
-        + (" [verified: checksums and data]" if status.verified else ""),
+        f"{len(status.running)} running (of {total}){verified}"
+        if status.store_train
+        else f"  units: not stored (sketch.store_train=false), {len(status.failed)} failed",
+        f"  scores: {len(status.scored)} of {len(status.scored) + len(status.unscored)} blocks "
+        "scored against the current query sketches"
+        + (f", {len(status.bad_shards)} damaged" if status.bad_shards else ""),
     ]
+    for name, why in sorted(status.bad_shards.items()):
+        lines.append(f"    DAMAGED {name}: {why}")
     for path in status.missing_checkpoints:
         lines.append(f"    checkpoint missing: {path} (only needed to compute units again)")
     for k, why in sorted(status.query_bad.items()):

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Submit query job, worker array and dependent merge for an existing run directory.
-#   RUN_DIR=runs/<name>/<id> TASKS=16 [PARALLEL=8] bash slurm/submit.sh [sbatch options...]
+# Submit query job, worker array (after the query job: the workers score as they sketch) and
+# dependent merge for an existing run directory.
+#   RUN_DIR=runs/<name>/<id> TASKS=16 [PARALLEL=8] [JOB=score] bash slurm/submit.sh [sbatch options...]
+# JOB=score submits sdi-score tasks instead of sdi-worker: they score stored train sketches
+# (e.g. adopted by a run with a new query set) and never sketch.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 : "${RUN_DIR:?set RUN_DIR to the run directory (sdi-attribute launcher=prepare prints it)}"
@@ -9,11 +12,14 @@ here="$(cd "$(dirname "$0")" && pwd)"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 export RUN_DIR
 array="0-$((TASKS - 1))${PARALLEL:+%$PARALLEL}"
+export SDI_JOB="${JOB:-worker}"
+case "$SDI_JOB" in worker|score) ;; *) echo "error: JOB must be worker or score" >&2; exit 2;; esac
 logs="$RUN_DIR/logs"
 mkdir -p "$logs"
 submit() { sbatch --parsable --export=ALL --chdir="$PWD" "$@" | cut -d';' -f1; }
 query=$(submit --output="$logs/sbatch-query-%j.out" "$@" "$here/query.sbatch")
-workers=$(submit --array="$array" --output="$logs/sbatch-worker-%A_%a.out" "$@" "$here/worker.sbatch")
+workers=$(submit --array="$array" --dependency="afterok:$query" --kill-on-invalid-dep=yes \
+    --job-name="sdi-$SDI_JOB" --output="$logs/sbatch-$SDI_JOB-%A_%a.out" "$@" "$here/worker.sbatch")
 merge=$(submit --dependency="afterok:$query:$workers" --kill-on-invalid-dep=yes \
     --output="$logs/sbatch-merge-%j.out" "$@" "$here/merge.sbatch")
 # Recorded where sdi-status looks for the run's jobs: the same file launcher=slurm writes
