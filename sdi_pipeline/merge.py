@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,14 @@ SHOWN_PROBLEMS = 8
 
 @dataclass
 class _Plan:
-    n_train: int
-    units: list[Unit]
+    """What validation found: the query files, the checkpoints' and blocks' digests."""
+
     query_meta: list[dict[str, Any]]
-    unit_meta: dict[str, dict[str, Any]]
     store_train: bool
-    queries: list[SketchFile] = field(default_factory=list)
-    checkpoint_sha: list[str] = field(default_factory=list)
-    unit_digests: dict[str, str] = field(default_factory=dict)
+    queries: list[SketchFile]
+    checkpoint_sha: list[str]
+    unit_digests: dict[str, str]
+    block_digests: dict[int, str]
 
 
 def refuse(problems: list[str]) -> MergeRefused:
@@ -230,8 +230,8 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
         problems.append(f"corrupt units, markers removed: {_by_reason(corrupt)}; {RERUN}")
 
     expected = {u.name: u for u in units}
-    coverage = np.zeros((n_ckpt, n_train), dtype=np.int32)
-    unit_meta: dict[str, dict[str, Any]] = {}
+    # (checkpoint, start, stop) of every unit file: overlaps are indices covered twice.
+    spans: list[tuple[int, int, int]] = []
     reported = {name for name, _ in stale + corrupt}
     for path in sorted(run.units_dir.glob("*.h5")) if store_train else []:
         name = path.stem
@@ -243,7 +243,7 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
             continue
         block, ckpt = meta.get("block", {}), meta.get("checkpoint", {}).get("index")
         if isinstance(ckpt, int) and 0 <= ckpt < n_ckpt and block:
-            coverage[ckpt, block["start"] : block["stop"]] += 1
+            spans.append((ckpt, int(block["start"]), int(block["stop"])))
         if meta.get("n") != block.get("stop", 0) - block.get("start", 0):
             problems.append(f"{path.name} holds {meta.get('n')} rows for block {block}")
         unit = expected.get(name)
@@ -261,23 +261,29 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
                     f"{'; '.join(diffs)}. Delete the unit and its completion marker and run "
                     "the same command again"
                 )
-        unit_meta[name] = meta
-    dup = np.argwhere(coverage > 1)
-    if len(dup):
-        shown = ", ".join(f"ckpt {k} index {i}" for k, i in dup[:5])
-        problems.append(f"{len(dup)} training indices covered by more than one unit file ({shown})")
+    twice, shown = _overlaps(spans)
+    if twice:
+        problems.append(
+            f"{twice} training indices covered by more than one unit file ({', '.join(shown)})"
+        )
     if problems:
         raise refuse(problems)
-    return _Plan(
-        n_train,
-        units,
-        query_meta,
-        unit_meta,
-        store_train,
-        queries,
-        [str(s) for s in shas],
-        unit_digests,
-    )
+    return _Plan(query_meta, store_train, queries, [str(s) for s in shas], unit_digests, blocks)
+
+
+def _overlaps(spans: list[tuple[int, int, int]]) -> tuple[int, list[str]]:
+    """How many (checkpoint, index) pairs more than one span covers, and the first few
+    overlaps -- in memory per unit file, not per training example."""
+    count, shown = 0, []
+    reach: dict[int, int] = {}  # per checkpoint: the furthest stop so far
+    for ckpt, start, stop in sorted(spans):
+        end = reach.get(ckpt, 0)
+        if start < end:
+            count += min(stop, end) - start
+            if len(shown) < 5:
+                shown.append(f"ckpt {ckpt} indices {start}..{min(stop, end) - 1}")
+        reach[ckpt] = max(end, stop)
+    return count, shown
 
 
 def _loop_dynamics(queries: list[SketchFile]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -293,7 +299,9 @@ def _loop_dynamics(queries: list[SketchFile]) -> tuple[np.ndarray, np.ndarray] |
 def _train_depends(cfg: Any, plan: _Plan, train: Any, block: Block) -> list[dict[str, Any]]:
     """Each checkpoint's train depends for ``block`` as the merge sees them (no parameters:
     the merge builds no model)."""
-    digest = block_digest(train, block.start, block.stop)
+    if block.index not in plan.block_digests:  # hashed in validation with stored sketches
+        plan.block_digests[block.index] = block_digest(train, block.start, block.stop)
+    digest = plan.block_digests[block.index]
     out = []
     for unit in block.units:
         current = current_depends(cfg, "train", plan.checkpoint_sha[unit.ckpt], digest)
