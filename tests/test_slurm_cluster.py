@@ -201,6 +201,23 @@ def test_launcher_runs_query_array_and_dependent_merge(cluster, tmp_path, local_
     assert (run.path / "plots" / "sdi_steps.png").exists()
 
 
+def test_a_new_query_set_is_scored_by_an_sdi_score_array(cluster, tmp_path) -> None:
+    """A run that differs only in its queries adopts the stored train sketches; the launcher
+    then submits sdi-score tasks (which never sketch) and the reduce after them."""
+    first = _run_dir(_attribute(tmp_path, *SLURM, "launcher.array_size=2"))
+    assert _wait(_submitted(first)["merge"], first) == "COMPLETED", _diagnostics(first)
+    other = "data.query.split=train"  # the first training examples as queries
+    run = _run_dir(_attribute(tmp_path, *SLURM, "launcher.array_size=2", other))
+    assert run.path != first.path
+    jobs = _submitted(run)
+    assert jobs["workers"]["job"] == "score", jobs
+    assert _wait(jobs["merge"], run) == "COMPLETED", _diagnostics(run)
+    assert {p.name for p in run.logs_dir.glob("*.log")} >= {"score-0000.log", "score-0001.log"}
+    assert not list(run.logs_dir.glob("worker-*.log"))
+    local = _run_dir(_attribute(tmp_path / "local", "launcher=local", "launcher.workers=1", other))
+    _assert_same_results(run.results_path, local.results_path)
+
+
 def test_a_failed_unit_stops_the_merge_and_a_rerun_submits_only_the_rest(
     cluster, tmp_path, local_results
 ) -> None:
