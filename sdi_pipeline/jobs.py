@@ -20,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,17 +340,37 @@ def _start_job(run_dir: str | Path, name: str) -> RunDir:
 
 
 def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
-    """Sketch this rank's units (``units[rank::world_size]``) that are not done yet.
+    """Sketch this rank's blocks (``blocks[rank::world_size]``, each at every checkpoint)
+    that are not done yet, and score each against the query sketches when they exist.
 
-    Returns 0 when all its units are done, EXIT_INTERRUPTED when stopped by a signal.
+    Returns 0 when all its blocks are done, EXIT_INTERRUPTED when stopped by a signal.
     """
+    return _ranked_job(run_dir, rank, world_size, "worker", _work)
+
+
+def run_score(run_dir: str | Path, rank: int, world_size: int) -> int:
+    """Score this rank's blocks (``blocks[rank::world_size]``) from stored train sketches
+    against the run's query sketches: ``sdi-score``, the re-scoring array. Never sketches.
+
+    Returns 0 when all its blocks are scored, EXIT_INTERRUPTED when stopped by a signal.
+    """
+    return _ranked_job(run_dir, rank, world_size, "score", _score)
+
+
+def _ranked_job(
+    run_dir: str | Path,
+    rank: int,
+    world_size: int,
+    job: str,
+    body: Callable[[JobContext, int, int, WandbLogger], int],
+) -> int:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-    name = f"worker-{rank:04d}"
+    name = f"{job}-{rank:04d}"
     _start_job(run_dir, name)
     ctx = JobContext.open(run_dir)
-    with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "worker", name) as wandb_log:
-        return _work(ctx, rank, world_size, wandb_log)
+    with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, job, name) as wandb_log:
+        return body(ctx, rank, world_size, wandb_log)
 
 
 def _poll_seconds(ctx: JobContext) -> float:
@@ -668,32 +688,21 @@ def _sketch_unit(
     return values, feats.loss.detach().cpu().numpy(), meta, stats
 
 
-def run_score(run_dir: str | Path, rank: int, world_size: int) -> int:
-    """Score this rank's blocks (``blocks[rank::world_size]``) from stored train sketches
-    against the run's query sketches: ``sdi-score``, the re-scoring array. Never sketches.
-
-    Returns 0 when all its blocks are scored, EXIT_INTERRUPTED when stopped by a signal.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-    name = f"score-{rank:04d}"
-    _start_job(run_dir, name)
-    ctx = JobContext.open(run_dir)
-    with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "score", name) as wandb_log:
-        train = build.build_dataset(ctx.cfg, "train")
-        ctx.run.check_train_size(len(train))
-        scoring = ctx.scoring(len(train))
-        if scoring is None:
-            raise ConfigError(
-                "sdi-score scores against the query sketches, which are not complete: run "
-                f"sdi-query run_dir={ctx.run.path} first"
-            )
-        mine = rank_blocks(run_blocks(ctx.cfg, len(train)), rank, world_size)
-        log.info(
-            "scoring rank %d/%d on %s (%s): %d blocks", rank, world_size,
-            socket.gethostname(), ctx.device, len(mine),
-        )  # fmt: skip
-        return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=False)
+def _score(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:
+    train = build.build_dataset(ctx.cfg, "train")
+    ctx.run.check_train_size(len(train))
+    scoring = ctx.scoring(len(train))
+    if scoring is None:
+        raise ConfigError(
+            "sdi-score scores against the query sketches, which are not complete: run "
+            f"sdi-query run_dir={ctx.run.path} first"
+        )
+    mine = rank_blocks(run_blocks(ctx.cfg, len(train)), rank, world_size)
+    log.info(
+        "scoring rank %d/%d on %s (%s): %d blocks", rank, world_size,
+        socket.gethostname(), ctx.device, len(mine),
+    )  # fmt: skip
+    return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=False)
 
 
 def run_query(run_dir: str | Path) -> int:

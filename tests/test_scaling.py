@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from pipeline_helpers import parity, toy_config
+from pipeline_helpers import parity, run_all, toy_config
 
 from sdi_pipeline.errors import ConfigError, MergeRefused, RunDirError
 from sdi_pipeline.jobs import run_query, run_score, run_worker
@@ -49,15 +49,6 @@ def _config(tmp_path: Path, name: str, store_train: bool = True, **extra: Any) -
 def _arrays(run: RunDir) -> dict[str, np.ndarray]:
     with h5py.File(run.results_path, "r") as f:
         return {name: np.asarray(f[name]) for name in (*ROWS, *REDUCED)}
-
-
-def _pipeline(cfg: dict[str, Any], workers: int) -> RunDir:
-    run = prepare_run(cfg)
-    assert run_query(run.path) == 0
-    for rank in range(workers):
-        assert run_worker(run.path, rank, workers) == 0
-    assert run_merge(run.path) == 0
-    return run
 
 
 def _ranked(scores: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +96,7 @@ def _direct(run: RunDir, n_ckpt: int, k: int) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     tmp = tmp_path_factory.mktemp("scaling")
-    run = _pipeline(_config(tmp, "ref"), workers=1)
+    run = run_all(_config(tmp, "ref"), workers=1)
     return tmp, _arrays(run)
 
 
@@ -130,7 +121,7 @@ def test_results_equal_the_direct_contraction_of_the_stored_sketches(reference) 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_world_size_and_stored_sketches_change_nothing(reference, tmp_path, workers, store_train):
     _, want = reference
-    run = _pipeline(_config(tmp_path, "w", store_train=store_train), workers)
+    run = run_all(_config(tmp_path, "w", store_train=store_train), workers)
     got = _arrays(run)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -154,7 +145,7 @@ def test_a_new_query_set_is_rescored_by_the_scoring_array(reference, tmp_path) -
     (never sketching), and the results equal a run that sketched from scratch."""
     tmp, _ = reference
     other = {"query": parity(7, 9)}
-    scratch = _pipeline(_config(tmp_path, "scratch", data=other), workers=2)
+    scratch = run_all(_config(tmp_path, "scratch", data=other), workers=2)
     cfg = _config(tmp, "ref", data=other)  # beside the reference: adopts its units
     run = prepare_run(cfg)
     assert sum(1 for _ in run.units_dir.glob("*.h5")) == 10  # adopted by prepare_run
@@ -230,7 +221,7 @@ def test_the_merge_scores_blocks_the_workers_could_not(reference, tmp_path) -> N
 
 
 def test_results_refuse_changed_or_missing_shards(tmp_path) -> None:
-    run = _pipeline(_config(tmp_path, "r", store_train=False), workers=1)
+    run = run_all(_config(tmp_path, "r", store_train=False), workers=1)
     with Results.open(run.path) as res:
         assert np.isfinite(res.sdi[...]).all()
     shard = run.shard_path(1)
@@ -251,7 +242,7 @@ def test_results_refuse_changed_or_missing_shards(tmp_path) -> None:
 
 def test_a_corrupt_shard_is_named_and_rescored(tmp_path) -> None:
     cfg = _config(tmp_path, "c")
-    run = _pipeline(cfg, workers=1)
+    run = run_all(cfg, workers=1)
     want = _arrays(run)
     shard = run.shard_path(2)
     data = bytearray(shard.read_bytes())
