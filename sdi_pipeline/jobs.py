@@ -398,25 +398,32 @@ def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -
         len(units), sum(map(run.is_done, units)),
     )  # fmt: skip
     _name_other_world_sizes(run, ctx.cfg, len(train), world_size)
-    return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=True)
+    return _blocks(_Share(ctx, train, rank, world_size, wandb_log, scoring, sketch=True), mine)
 
 
-def _blocks(
-    ctx: JobContext,
-    train: Any,
-    mine: list[Block],
-    rank: int,
-    world_size: int,
-    wandb_log: WandbLogger,
-    scoring: Scoring | None,
-    *,
-    sketch: bool,
-) -> int:
-    """Make sure each of ``mine`` is done (sketched if stored, scored if ``scoring``)."""
+@dataclass
+class _Share:
+    """A ranked job's share of the run: what its blocks are computed with."""
+
+    ctx: JobContext
+    train: Any
+    rank: int
+    world_size: int
+    wandb_log: WandbLogger
+    scoring: Scoring | None  # None: the query sketches are not complete, sketch only
+    sketch: bool  # False for sdi-score, which scores stored train sketches only
+
+    @property
+    def job(self) -> str:
+        return f"{'worker' if self.sketch else 'score'}-{self.rank:04d}"
+
+
+def _blocks(share: _Share, mine: list[Block]) -> int:
+    """Make sure each of ``mine`` is done (sketched if stored, scored if scoring)."""
+    ctx = share.ctx
     waiting: dict[str, Holder] = {}
     for i, block in enumerate(mine):
-        desc = f"[{i + 1}/{len(mine)}] {block.name}"
-        outcome = _attempt(ctx, train, block, desc, rank, world_size, wandb_log, scoring, sketch)
+        outcome = _attempt(share, block, f"[{i + 1}/{len(mine)}] {block.name}")
         if isinstance(outcome, Holder):
             log.info(
                 "%s is being computed by %s: coming back to it", block.name, outcome.describe()
@@ -433,15 +440,13 @@ def _blocks(
         time.sleep(_poll_seconds(ctx))
         still = []
         for block in pending:
-            outcome = _attempt(
-                ctx, train, block, block.name, rank, world_size, wandb_log, scoring, sketch
-            )
+            outcome = _attempt(share, block, block.name)
             if isinstance(outcome, Holder):
                 still.append(block)
             elif outcome == EXIT_INTERRUPTED:
                 return EXIT_INTERRUPTED
         pending = still
-    log.info("rank %d/%d: all %d blocks done", rank, world_size, len(mine))
+    log.info("rank %d/%d: all %d blocks done", share.rank, share.world_size, len(mine))
     return 0
 
 
@@ -466,43 +471,29 @@ def _name_other_world_sizes(run: RunDir, cfg: DictConfig, n_train: int, world_si
         )  # fmt: skip
 
 
-def _attempt(
-    ctx: JobContext,
-    train: Any,
-    block: Block,
-    desc: str,
-    rank: int,
-    world_size: int,
-    wandb_log: WandbLogger,
-    scoring: Scoring | None,
-    sketch: bool,
-) -> Holder | int:
+def _attempt(share: _Share, block: Block, desc: str) -> Holder | int:
     """Make sure ``block`` is done: 0 if it is (now), the Holder if another job has it,
     EXIT_INTERRUPTED on a stop request. Failures are recorded for sdi-status and re-raised."""
-    run = ctx.run
-    job = f"worker-{rank:04d}" if sketch else f"score-{rank:04d}"
+    ctx, run, job = share.ctx, share.ctx.run, share.job
     in_flight: list[Unit] = []  # the unit being sketched, if any: named when it fails
     try:
-        currents = [ctx.unit_depends(u, train) for u in block.units]
-        if _block_fresh(ctx, block, currents, scoring):
+        currents = [ctx.unit_depends(u, share.train) for u in block.units]
+        if _block_fresh(ctx, block, currents, share.scoring):
             return 0
         lease = acquire(run.lease_path(block.name), job, ctx.lease_timeout, log=log)
         if isinstance(lease, Holder):
             return lease
         with lease:
-            if _block_fresh(ctx, block, currents, scoring, quiet=True):  # done meanwhile
+            if _block_fresh(ctx, block, currents, share.scoring, quiet=True):  # done meanwhile
                 return 0
-            _block(
-                ctx, train, block, currents, desc, rank, world_size, wandb_log, scoring, sketch,
-                in_flight,
-            )  # fmt: skip
+            _block(share, block, currents, desc, in_flight)
     except Interrupted:
         log.warning("stopped during %s; it will be redone on restart", block.name)
         return EXIT_INTERRUPTED
     except Exception as err:
         failed = in_flight[-1:] or list(block.units)
         for unit in failed:
-            _record_failure(run, unit, rank, err, job)
+            _record_failure(run, unit, share.rank, err, job)
         if isinstance(err, SDIError):
             raise
         what = f"unit {failed[0].name}" if in_flight else f"scoring {block.name}"
@@ -564,20 +555,14 @@ def _block_fresh(
 
 
 def _block(
-    ctx: JobContext,
-    train: Any,
+    share: _Share,
     block: Block,
     currents: list[dict[str, Any]],
     desc: str,
-    rank: int,
-    world_size: int,
-    wandb_log: WandbLogger,
-    scoring: Scoring | None,
-    sketch: bool,
     in_flight: list[Unit],
 ) -> None:
     """Sketch (or read back) the block at every checkpoint, then write its shard."""
-    run = ctx.run
+    ctx, run, scoring = share.ctx, share.ctx.run, share.scoring
     scorer = None
     if scoring is not None and shard_problem(
         run.shard_path(block.index), scoring.depends(block, currents)
@@ -589,18 +574,16 @@ def _block(
             if scorer is not None:  # stored earlier: read it back rather than sketch again
                 add_stored(scorer, run, unit, ctx.reader)
             continue
-        if not sketch:
+        if not share.sketch:
             raise RunDirError(
                 f"{unit.name} is not stored (or no longer current): sdi-score scores stored "
                 "train sketches only; run the workers (sdi-worker, or the same sdi-attribute "
                 "command with sketch.store_train=true) to sketch it"
             )
         in_flight.append(unit)
-        values, loss, meta, stats = _sketch_unit(
-            ctx, train, unit, f"{desc} ckpt {unit.ckpt}", rank, world_size, current
-        )
+        values, loss, meta, stats = _sketch_unit(share, unit, f"{desc} ckpt {unit.ckpt}", current)
         in_flight.pop()
-        wandb_log.log_unit(stats)
+        share.wandb_log.log_unit(stats)
         if scorer is not None:
             scorer.add(unit, as_stored(values, ctx.cfg.sketch.dtype), loss, meta, stats)
     if scorer is None or scoring is None:
@@ -611,8 +594,8 @@ def _block(
             "block": depends["block"],
             "depends": depends,
             "content_digest": record_digest(depends),
-            "rank": rank,
-            "world_size": world_size,
+            "rank": share.rank,
+            "world_size": share.world_size,
         }
     )
     write_shard(run.shard_path(block.index), shard)
@@ -623,20 +606,14 @@ def _block(
 
 
 def _sketch_unit(
-    ctx: JobContext,
-    train: Any,
-    unit: Unit,
-    desc: str,
-    rank: int,
-    world_size: int,
-    current: dict[str, Any],
+    share: _Share, unit: Unit, desc: str, current: dict[str, Any]
 ) -> tuple[torch.Tensor, np.ndarray, dict[str, Any], dict[str, Any]]:
     """Sketch one unit; with sketch.store_train, write its file, then its completion marker.
     Returns its train sketches (as computed), losses, file attributes and stats."""
-    run = ctx.run
+    ctx, run = share.ctx, share.ctx.run
     started = time.perf_counter()
     info = ctx.use_checkpoint(unit.ckpt)
-    feats, data_sha = ctx.sketch(train, unit.start, unit.stop, desc)
+    feats, data_sha = ctx.sketch(share.train, unit.start, unit.stop, desc)
     if data_sha != current["data_sha256"] or info.sha256 != current["checkpoint_sha256"]:
         raise DataError(
             f"the inputs of {unit.name} changed while it was computed (training examples "
@@ -657,8 +634,8 @@ def _sketch_unit(
     stats: dict[str, Any] = {
         "unit": unit.name,
         "examples": unit.stop - unit.start,
-        "rank": rank,
-        "world_size": world_size,
+        "rank": share.rank,
+        "world_size": share.world_size,
         "host": socket.gethostname(),
         "content_digest": digest,
         "checkpoint_sha256": info.sha256,
@@ -702,7 +679,7 @@ def _score(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) 
         "scoring rank %d/%d on %s (%s): %d blocks", rank, world_size,
         socket.gethostname(), ctx.device, len(mine),
     )  # fmt: skip
-    return _blocks(ctx, train, mine, rank, world_size, wandb_log, scoring, sketch=False)
+    return _blocks(_Share(ctx, train, rank, world_size, wandb_log, scoring, sketch=False), mine)
 
 
 def run_query(run_dir: str | Path) -> int:
