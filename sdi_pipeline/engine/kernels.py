@@ -132,6 +132,8 @@ def embedding_weight(
     ``ids`` is (B, T) int64, ``delta`` (B, T, d); the sketch is added into ``out`` (B, m).
     """
     b = delta.shape[0]
+    if b == 0:
+        return
     m = h_row.m
     row_bucket = h_row.buckets[ids]  # (B, T)
     row_sign = h_row.signs[ids]
@@ -140,13 +142,12 @@ def embedding_weight(
         row_sign = row_sign * (ids != padding_idx).to(row_sign.dtype)
     buckets = (row_bucket[:, :, None] + h_col.buckets[None, None, :]) % m  # (B, T, d)
     values = delta * (row_sign[:, :, None] * h_col.signs[None, None, :])
-    if not out.is_contiguous():  # the flat scatter below needs (B, m) rows back to back
-        flat = out.new_zeros(out.shape)
-        embedding_weight(ids, delta, h_row, h_col, padding_idx, flat)
-        out += flat
-        return
-    offsets = torch.arange(b, device=delta.device)[:, None, None] * m
-    out.view(-1).index_add_(0, (buckets + offsets).reshape(-1), values.reshape(-1))
+    # One flat scatter over the storage ``out`` views, which may be a strided slot view of
+    # a (B, slots, m) buffer: element (b, k) lives at b * stride(0) + k * stride(1).
+    row_stride, col_stride = out.stride()
+    flat = out.as_strided(((b - 1) * row_stride + (m - 1) * col_stride + 1,), (1,))
+    offsets = torch.arange(b, device=delta.device)[:, None, None] * row_stride
+    flat.index_add_(0, (buckets * col_stride + offsets).reshape(-1), values.reshape(-1))
 
 
 def linear_kernel_costs(tokens: int, d_out: int, d_in: int, m: int) -> dict[str, float]:
