@@ -54,7 +54,8 @@ _DENSE_TOKENS = (4, 64)
 _FFT_PROBE = (8, 8, 64, 64, 4096)  # batch, tokens, d_out, d_in, m
 _REPEATS = 9
 
-_by_key: dict[str, KernelCosts] = {}
+# This process's constants by (device, thread count): the choice is made once per call.
+_by_key: dict[tuple[torch.device, int], KernelCosts] = {}
 
 
 def cache_dir() -> Path:
@@ -87,9 +88,10 @@ def kernel_costs(device: torch.device) -> KernelCosts:
 
     If the cache can neither be read nor written, :data:`DEFAULT_COSTS` (logged once).
     """
+    memo = (device, torch.get_num_threads())
+    if memo in _by_key:
+        return _by_key[memo]
     key = cache_key(device)
-    if key in _by_key:
-        return _by_key[key]
     path = cache_dir() / f"kernel-costs-{key}.json"
     costs = _read(path)
     if costs is None:
@@ -101,7 +103,7 @@ def kernel_costs(device: torch.device) -> KernelCosts:
             # Unsaved constants would be measured again, differently, by every process.
             log.warning("cannot cache kernel costs in %s (%s): using the defaults", path, err)
             costs = DEFAULT_COSTS
-    _by_key[key] = costs
+    _by_key[memo] = costs
     return costs
 
 
