@@ -13,6 +13,7 @@ rounds) of, on the same batch and weights:
   base      with --baseline REV: the equal-bytes sketch by that git revision of this
             package (imported under another name), to compare before and after measured
             the same way; its features are checked equal to ours up to float rounding
+  base-exact  the same revision's exact mode
 
     .venv/bin/python tools/bench/bench_sketch_ratios.py [--threads 2] [--rounds 7]
         [--baseline main] [--sizes toy tau6 d256]
@@ -157,6 +158,9 @@ def measure(name: str, args: argparse.Namespace, sdi: ModuleType | None, base: M
     exact_mb = batch * loops * n_weights * 4 / 2**20
     if exact_mb <= args.exact_mb:
         exact: dict[str, Callable[[], object]] = {"plain": plain, "exact": ours(None)}
+        if base is not None:
+            old_exact = base.StepFeaturizer(model, ["block"], None)
+            exact["base-exact"] = lambda: old_exact.featurize([tokens], loss_fn).values
         if sdi is not None:
             full_model = copy.deepcopy(model)
             full = sdi.FullGradientTracInSDI(
@@ -179,6 +183,7 @@ def measure(name: str, args: argparse.Namespace, sdi: ModuleType | None, base: M
     for key, value in ms.items():
         print(f"  {key:<9}{value:>10.1f}{value / ms['plain']:>9.2f}")
     pairs = [("ref", "eq"), ("ref", "m1024"), ("ref-full", "exact"), ("base", "eq")]
+    pairs.append(("base-exact", "exact"))
     ratios = [f"{a}/{b} {ms[a] / ms[b]:.2f}" for a, b in pairs if a in ms and b in ms]
     for line in [", ".join(ratios), *notes]:
         if line:
