@@ -15,11 +15,13 @@ rounds) of, on the same batch and weights:
             the same way; its features are checked equal to ours up to float rounding
   base-exact  the same revision's exact mode
 
-    .venv/bin/python tools/bench/bench_sketch_ratios.py [--threads 2] [--rounds 7]
+    bash tools/bench/run_sketch_bench.sh   # once: creates .bench-venv with the reference
+    .bench-venv/bin/python tools/bench/bench_sketch_ratios.py [--threads 2] [--rounds 7]
         [--baseline main] [--sizes toy tau6 d256]
 
-The reference (`pip install step-decomposed-influence==0.1.1`) is optional. The load
-average is printed before and after: the machine should be otherwise idle.
+The reference (`step-decomposed-influence`, kept out of .venv) is optional: without it,
+.venv/bin/python runs the rest. The load average is printed before and after: the machine
+should be otherwise idle.
 """
 
 from __future__ import annotations
@@ -179,9 +181,9 @@ def measure(name: str, args: argparse.Namespace, sdi: ModuleType | None, base: M
         f"\n{name}: d_model {d}, d_mlp {d_mlp}, T {seq}, B {batch}, {loops} loop steps, "
         f"{n_params} parameter tensors ({n_weights:,} weights); equal bytes m = {m_eq}"
     )
-    print(f"  {'method':<9}{'ms':>10}{'x plain':>9}")
+    print(f"  {'method':<11}{'ms':>10}{'x plain':>9}")
     for key, value in ms.items():
-        print(f"  {key:<9}{value:>10.1f}{value / ms['plain']:>9.2f}")
+        print(f"  {key:<11}{value:>10.1f}{value / ms['plain']:>9.2f}")
     pairs = [("ref", "eq"), ("ref", "m1024"), ("ref-full", "exact"), ("base", "eq")]
     pairs.append(("base-exact", "exact"))
     ratios = [f"{a}/{b} {ms[a] / ms[b]:.2f}" for a, b in pairs if a in ms and b in ms]
