@@ -50,3 +50,17 @@ def test_an_unwritable_cache_falls_back_to_the_default_costs(cache, monkeypatch)
     cache.write_text("a file where the folder should be")
     monkeypatch.setattr(calibration, "measure_costs", lambda device: KernelCosts(7.0, 3.0))
     assert calibration.kernel_costs(CPU) == calibration.DEFAULT_COSTS
+
+
+def test_the_first_process_to_measure_wins(cache, monkeypatch) -> None:
+    cache.mkdir()
+    path = cache / f"kernel-costs-{calibration.cache_key(CPU)}.json"
+    real_measure = calibration.measure_costs
+
+    def measured_while_another_process_wrote(device):
+        # Another process on this host finishes its measurement first.
+        path.write_text('{"version": 1, "scatter": 5.0, "fft": 2.0}')
+        return real_measure(device)
+
+    monkeypatch.setattr(calibration, "measure_costs", measured_while_another_process_wrote)
+    assert calibration.kernel_costs(CPU) == KernelCosts(5.0, 2.0)

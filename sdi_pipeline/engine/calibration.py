@@ -6,8 +6,9 @@ one scattered add, and of one FFT-path token per m log2 m, in units of one batch
 multiply-add) depend on the machine. :func:`kernel_costs` measures them the first time a
 process needs them on a device, by timing both kernels on fixed synthetic shapes (well
 under a second), and caches them in a small JSON file per host, torch version, thread count
-and device, so later processes read them instead. Where the file can be neither read nor
-written, the constants fitted on the project's 2-core machine are used.
+and device, so later processes read them instead (of processes measuring at the same time,
+the first to finish writes the file and all use its constants). Where the file can be
+neither read nor written, the constants fitted on the project's 2-core machine are used.
 
 Both kernels compute the same linear map, so the constants only decide speed: sketches
 differ by float rounding at most, whichever kernel ran.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sdi_pipeline.atomic import write_json_atomic
+from sdi_pipeline.atomic import create_exclusive, write_json_atomic
 from sdi_pipeline.engine.hashing import induced_buckets, make_count_sketch_hash
 from sdi_pipeline.engine.kernels import (
     FFT_COST,
@@ -96,9 +97,15 @@ def kernel_costs(device: torch.device) -> KernelCosts:
     costs = _read(path)
     if costs is None:
         measured = measure_costs(device)
+        record = {"version": CACHE_VERSION, "key": key, **asdict(measured)}
         try:
-            write_json_atomic(path, {"version": CACHE_VERSION, "key": key, **asdict(measured)})
-            costs = measured
+            # The first process to finish measuring wins, so workers started together on
+            # one host all use the same constants; an unreadable file is replaced.
+            if not create_exclusive(path, json.dumps(record)):
+                costs = _read(path)
+                if costs is None:
+                    write_json_atomic(path, record)
+            costs = costs or measured
         except (OSError, SDIError) as err:
             # Unsaved constants would be measured again, differently, by every process.
             log.warning("cannot cache kernel costs in %s (%s): using the defaults", path, err)
