@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from sdi_pipeline.engine.calibration import CACHE_ENV
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import make_parity_dataset
 
@@ -24,6 +27,13 @@ def make_model(n_loops: int = 4, seed: int = 0, d_model: int = 32) -> LoopedGPT:
 def parity_batch(n: int, seed: int = 0, n_bits: int = 6) -> dict[str, torch.Tensor]:
     data = make_parity_dataset(n, n_bits=n_bits, seed=seed)
     return {"tokens": data.tokens, "target": data.targets}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cost_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the measured kernel costs of kernel="auto" out of the user's cache folder
+    (subprocesses inherit the variable)."""
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("kernel-costs"))
 
 
 @pytest.fixture

@@ -157,7 +157,7 @@ class StepCapture:
         assert self._buffer is not None, "gradient arrived outside capture.backward"
         slot = self._slots[call.module_name][call.use]
         with torch.no_grad(), self._handler_running():
-            self.handlers[call.module_name].contribute(call, grad.detach(), self._buffer[slot])
+            self.handlers[call.module_name].contribute(call, grad.detach(), self._buffer[:, slot])
         if not self._keep:
             call.free()  # free the inputs as soon as this call is done
 
@@ -193,7 +193,8 @@ class StepCapture:
 
     def backward(self, loss: torch.Tensor, buffer: torch.Tensor, keep: bool = False) -> None:
         """Backpropagate ``loss.sum()`` to the calls' outputs; each call's contribution lands
-        in ``buffer`` (S, B, W). ``keep``: another backward of the same forward follows."""
+        in its slot's column of ``buffer`` (B, S, W). ``keep``: another backward of the same
+        forward follows."""
         self._buffer = buffer
         self._phase = "backward"
         self._keep = keep

@@ -58,6 +58,8 @@ class StepFeatures:
         """Stack features of consecutive batches (all with the same layout)."""
         if not parts:
             raise DataError("no batches to featurize: the data loader is empty")
+        if len(parts) == 1:
+            return parts[0]  # one batch: spares a copy of all its features
         tokens = positions = None
         if parts[0].tokens is not None:
             widths = {int(p.tokens.shape[2]) for p in parts if p.tokens is not None}
@@ -209,32 +211,37 @@ class StepFeaturizer:
                 "the loss does not depend on the target modules' outputs (it does not require "
                 "grad): check that loss_fn uses the model's output."
             )
-        # Slot-major, so each call scatters into one contiguous (B, width) block: index_add_
-        # into a strided view is about twice as slow.
-        shape = (layout.n_slots, loss.shape[0], self.width)
-        by_slot = torch.zeros(shape, dtype=torch.float32, device=loss.device)
+        # Example-major, as returned: each call scatters into its slot's (B, width) view
+        # (rows S * width apart, which index_add_ handles as fast as contiguous rows), so
+        # no slot-major -> example-major copy is needed.
+        shape = (loss.shape[0], layout.n_slots, self.width)
+        values = torch.zeros(shape, dtype=torch.float32, device=loss.device)
         per_token = positions = None
         if tokens is not None:
             # One backward per chosen token, of that token's loss alone; the graph is kept
             # for the next one and the whole loss's backward comes last.
             positions = token_positions(token_loss, tokens, first_index)
             rows = torch.arange(loss.shape[0], device=loss.device)
-            by_token = torch.zeros((positions.shape[1], *shape), device=loss.device)
-            for p in range(positions.shape[1]):
-                self._capture.backward(token_loss[rows, positions[:, p]], by_token[p], keep=True)
-            per_token = self._checked(by_token.permute(2, 1, 0, 3), layout, first_index)
-        self._capture.backward(loss, by_slot)
-        buffer = self._checked(by_slot.transpose(0, 1), layout, first_index)
-        return StepFeatures(buffer, loss.detach().float(), layout, per_token, positions)
+            n_pos = positions.shape[1]
+            per_token = torch.zeros(
+                (shape[0], shape[1], n_pos, shape[2]), dtype=torch.float32, device=loss.device
+            )
+            for p in range(n_pos):
+                self._capture.backward(
+                    token_loss[rows, positions[:, p]], per_token[:, :, p], keep=True
+                )
+            self._check_finite(per_token, layout, first_index)
+        self._capture.backward(loss, values)
+        self._check_finite(values, layout, first_index)
+        return StepFeatures(values, loss.detach().float(), layout, per_token, positions)
 
     @staticmethod
-    def _checked(values: torch.Tensor, layout: SlotLayout, first_index: int) -> torch.Tensor:
-        """``values`` (B, slots, ...) made contiguous, refused if not finite."""
-        values = values.contiguous()
+    def _check_finite(values: torch.Tensor, layout: SlotLayout, first_index: int) -> None:
+        """Refuse ``values`` (B, slots, ...) if any is NaN or inf, naming examples and slots."""
         # One reduction then a check of its (B, slots) sums: a NaN or inf anywhere makes its
         # row's sum non-finite (finite values that overflow the sum are checked in full).
         if bool(torch.isfinite(values.flatten(2).sum(dim=2)).all()):
-            return values
+            return
         finite = torch.isfinite(values).flatten(2).all(dim=2)
         if not bool(finite.all()):
             rows, slots = torch.nonzero(~finite, as_tuple=True)
@@ -245,7 +252,6 @@ class StepFeaturizer:
                 f"non-finite gradient sketches for examples {listed} "
                 f"(at {', '.join(where)}): the model produces NaN/inf gradients for them."
             )
-        return values
 
     def iter_batches(
         self,

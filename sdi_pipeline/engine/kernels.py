@@ -12,6 +12,7 @@ kernels agree up to float rounding and the choice between them is only a matter 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,6 +26,8 @@ LinearKernel = Literal["fft", "dense"]
 # SCATTER_COST units, and one token through the FFT path (two CountSketches, two rFFTs of
 # length m, the spectral product) about FFT_COST * m * log2(m). Matmuls are so much more
 # efficient than FFTs that the dense kernel wins unless d_out * d_in is large against m.
+# kernel="auto" uses constants measured on the machine at hand (engine/calibration.py);
+# these are its fallback.
 SCATTER_COST = 100.0
 FFT_COST = 60.0
 # Largest per-chunk intermediate (elements) the kernels allocate before splitting work.
@@ -132,6 +135,8 @@ def embedding_weight(
     ``ids`` is (B, T) int64, ``delta`` (B, T, d); the sketch is added into ``out`` (B, m).
     """
     b = delta.shape[0]
+    if b == 0:
+        return
     m = h_row.m
     row_bucket = h_row.buckets[ids]  # (B, T)
     row_sign = h_row.signs[ids]
@@ -140,24 +145,36 @@ def embedding_weight(
         row_sign = row_sign * (ids != padding_idx).to(row_sign.dtype)
     buckets = (row_bucket[:, :, None] + h_col.buckets[None, None, :]) % m  # (B, T, d)
     values = delta * (row_sign[:, :, None] * h_col.signs[None, None, :])
-    if not out.is_contiguous():  # the flat scatter below needs (B, m) rows back to back
-        flat = out.new_zeros(out.shape)
-        embedding_weight(ids, delta, h_row, h_col, padding_idx, flat)
-        out += flat
-        return
-    offsets = torch.arange(b, device=delta.device)[:, None, None] * m
-    out.view(-1).index_add_(0, (buckets + offsets).reshape(-1), values.reshape(-1))
+    # One flat scatter over the storage ``out`` views, which may be a strided slot view of
+    # a (B, slots, m) buffer: element (b, k) lives at b * stride(0) + k * stride(1).
+    row_stride, col_stride = out.stride()
+    flat = out.as_strided(((b - 1) * row_stride + (m - 1) * col_stride + 1,), (1,))
+    offsets = torch.arange(b, device=delta.device)[:, None, None] * row_stride
+    flat.index_add_(0, (buckets * col_stride + offsets).reshape(-1), values.reshape(-1))
 
 
-def linear_kernel_costs(tokens: int, d_out: int, d_in: int, m: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class KernelCosts:
+    """The cost model's machine constants, in units of one batched-matmul multiply-add:
+    one scattered add (``scatter``), one FFT-path token per m log2 m (``fft``)."""
+
+    scatter: float = SCATTER_COST
+    fft: float = FFT_COST
+
+
+def linear_kernel_costs(
+    tokens: int, d_out: int, d_in: int, m: int, costs: KernelCosts = KernelCosts()
+) -> dict[str, float]:
     """Estimated per-example cost of each Linear-weight kernel, in matmul multiply-adds."""
-    dense = tokens * d_out * d_in + SCATTER_COST * d_out * d_in
-    transform = FFT_COST * m * math.log2(max(m, 2))
-    fft = tokens * (transform + SCATTER_COST * (d_out + d_in)) + transform
+    dense = tokens * d_out * d_in + costs.scatter * d_out * d_in
+    transform = costs.fft * m * math.log2(max(m, 2))
+    fft = tokens * (transform + costs.scatter * (d_out + d_in)) + transform
     return {"dense": dense, "fft": fft}
 
 
-def choose_linear_kernel(tokens: int, d_out: int, d_in: int, m: int) -> LinearKernel:
-    """The cheaper kernel for these shapes; depends on shapes only, so it is reproducible."""
-    costs = linear_kernel_costs(tokens, d_out, d_in, m)
-    return "dense" if costs["dense"] <= costs["fft"] else "fft"
+def choose_linear_kernel(
+    tokens: int, d_out: int, d_in: int, m: int, costs: KernelCosts = KernelCosts()
+) -> LinearKernel:
+    """The cheaper kernel for these shapes under ``costs``; either gives the same sketch."""
+    estimates = linear_kernel_costs(tokens, d_out, d_in, m, costs)
+    return "dense" if estimates["dense"] <= estimates["fft"] else "fft"

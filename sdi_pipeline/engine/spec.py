@@ -15,8 +15,10 @@ class SketchSpec:
     """Sketch size ``m``, hash ``seed`` and Linear-weight kernel.
 
     ``kernel="auto"`` picks, per layer and sequence length, the cheaper of the rFFT
-    TensorSketch and the dense materialise-and-CountSketch kernel; both compute the same
-    sketch (up to float rounding), so the choice never changes what is estimated.
+    TensorSketch and the dense materialise-and-CountSketch kernel under a cost model whose
+    constants are measured once per host (see :mod:`sdi_pipeline.engine.calibration`);
+    both compute the same sketch (up to float rounding), so the choice never changes what
+    is estimated. ``"dense"`` or ``"fft"`` forces one kernel everywhere.
     """
 
     m: int = 1024

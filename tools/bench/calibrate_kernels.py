@@ -1,7 +1,9 @@
 """Time the dense and FFT Linear-weight sketch kernels over shapes; check the cost model.
 
-Prints, per shape, the measured time of each kernel, which one is faster, and which one
-`choose_linear_kernel` picks. Run alone (other processes distort timings):
+Prints the cost constants measured on this machine (what kernel="auto" caches per host,
+see sdi_pipeline/engine/calibration.py) and, per shape, the measured time of each kernel,
+which one is faster, and which one `choose_linear_kernel` picks with the measured and with
+the default constants. Run alone (other processes distort timings):
 
     python tools/bench/calibrate_kernels.py [--threads 2]
 """
@@ -13,6 +15,7 @@ import argparse
 import torch
 from torch.utils import benchmark
 
+from sdi_pipeline.engine.calibration import DEFAULT_COSTS, measure_costs
 from sdi_pipeline.engine.hashing import induced_buckets, make_count_sketch_hash
 from sdi_pipeline.engine.kernels import (
     Workspace,
@@ -32,6 +35,8 @@ SHAPES = [  # (batch, tokens, d_out, d_in, m)
     (8, 512, 1024, 1024, 4096),
     (8, 512, 2048, 512, 2048),
     (8, 1, 1024, 1024, 1024),
+    (8, 2, 1024, 1024, 4096),
+    (8, 4, 1024, 1024, 1024),
 ]
 
 
@@ -40,7 +45,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{'B':>3} {'T':>4} {'d_out':>5} {'d_in':>5} {'m':>5}  dense_ms  fft_ms  faster  picked")
+    measured = measure_costs(torch.device("cpu"))
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    print(f"constants: measured {measured}, default {DEFAULT_COSTS}")
+    head = f"{'B':>3} {'T':>4} {'d_out':>5} {'d_in':>5} {'m':>5}  dense_ms  fft_ms  faster"
+    print(f"{head}  measured  default")
     for b, t, d_out, d_in, m in SHAPES:
         h_out = make_count_sketch_hash(0, "w", "out", d_out, m)
         h_in = make_count_sketch_hash(0, "w", "in", d_in, m)
@@ -55,10 +64,11 @@ def main() -> None:
             min_run_time=0.3
         )
         faster = "dense" if dense.median < fft.median else "fft"
-        picked = choose_linear_kernel(t, d_out, d_in, m)
+        picked = choose_linear_kernel(t, d_out, d_in, m, measured)
+        default = choose_linear_kernel(t, d_out, d_in, m, DEFAULT_COSTS)
         print(
             f"{b:>3} {t:>4} {d_out:>5} {d_in:>5} {m:>5}  {dense.median * 1e3:8.2f} "
-            f"{fft.median * 1e3:7.2f}  {faster:>6}  {picked:>6}"
+            f"{fft.median * 1e3:7.2f}  {faster:>6}  {picked:>8}  {default:>7}"
         )
 
 

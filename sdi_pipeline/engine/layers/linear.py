@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from sdi_pipeline.engine.calibration import kernel_costs
 from sdi_pipeline.engine.hashing import CountSketchHash, induced_buckets, make_count_sketch_hash
 from sdi_pipeline.engine.kernels import (
     choose_linear_kernel,
@@ -79,9 +80,8 @@ class LinearHandler(LayerHandler):
             rows, cols = self._rows_cols(delta, x)
             kernel = self.spec.kernel
             if kernel == "auto":
-                kernel = choose_linear_kernel(
-                    rows.shape[1], rows.shape[2], cols.shape[2], self.spec.m
-                )
+                shape = (rows.shape[1], rows.shape[2], cols.shape[2], self.spec.m)
+                kernel = choose_linear_kernel(*shape, kernel_costs(grad.device))
             if kernel == "dense":
                 induced = self._induced_on(grad.device, hashes)
                 linear_weight_dense(
