@@ -65,8 +65,10 @@ def _env(src: Path, threads: int) -> dict[str, str]:
 
 
 def _job(src: Path, threads: int, *args: str) -> subprocess.Popen:
+    # In the source tree: ``python -c`` puts the working directory first on sys.path.
     return subprocess.Popen(
         [sys.executable, "-c", JOB, *args],
+        cwd=src,
         env=_env(src, threads),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -91,6 +93,7 @@ def measure(src: Path, tmp: Path, n: int, args: argparse.Namespace) -> dict[str,
     )  # fmt: skip
     run_dir = subprocess.run(
         [sys.executable, "-c", script],
+        cwd=src,
         env=_env(src, cores),
         capture_output=True,
         text=True,
