@@ -48,9 +48,12 @@ PROGRESS_FROM = 20_000
 def _feed(h: Any, obj: Any) -> None:
     """Feed ``obj``'s content (not its identity) into the hash ``h``."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
+        t = obj.detach()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        try:  # the same bytes through numpy: a few times faster than torch's views
+            h.update(np.ascontiguousarray(t.numpy()))
+        except (TypeError, RuntimeError):  # bfloat16, not on the CPU, conjugated, ...
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(obj, np.ndarray) and obj.dtype != object:
         a = np.ascontiguousarray(obj)
         h.update(f"A{a.dtype.str}{a.shape}".encode())

@@ -82,6 +82,7 @@ class _Plan:
     checkpoint_sha: list[str]
     unit_digests: dict[str, str]
     block_digests: dict[int, str]
+    train_template: dict[str, Any]  # the train depends all units share
 
 
 def refuse(problems: list[str]) -> MergeRefused:
@@ -183,6 +184,8 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
         query_meta.append(meta)
 
     store_train = bool(cfg.sketch.store_train)
+    # What every unit's depends share (hashing the config once, not per unit).
+    template = current_depends(cfg, "train", None, "")
     blocks: dict[int, str] = {}
     missing: list[Unit] = []
     stale: list[tuple[str, str]] = []
@@ -193,7 +196,10 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
     for unit in units if store_train else []:
         if unit.block not in blocks:
             blocks[unit.block] = block_digest(train, unit.start, unit.stop)
-        current = current_depends(cfg, "train", shas[unit.ckpt], blocks[unit.block])
+        current = template | {
+            "checkpoint_sha256": shas[unit.ckpt],
+            "data_sha256": blocks[unit.block],
+        }
         current["block"] = {"index": unit.block, "start": unit.start, "stop": unit.stop}
         check = check_unit(run, unit.name, current=current)
         if check.state == DONE:
@@ -268,7 +274,9 @@ def _validate(run: RunDir, cfg: Any, train: Any, query: Any) -> _Plan:
         )
     if problems:
         raise refuse(problems)
-    return _Plan(query_meta, store_train, queries, [str(s) for s in shas], unit_digests, blocks)
+    return _Plan(
+        query_meta, store_train, queries, [str(s) for s in shas], unit_digests, blocks, template
+    )
 
 
 def _overlaps(spans: list[tuple[int, int, int]]) -> tuple[int, list[str]]:
@@ -296,7 +304,7 @@ def _loop_dynamics(queries: list[SketchFile]) -> tuple[np.ndarray, np.ndarray] |
     return states, np.stack([q.extra["loop_margins"] for q in queries])
 
 
-def _train_depends(cfg: Any, plan: _Plan, train: Any, block: Block) -> list[dict[str, Any]]:
+def _train_depends(plan: _Plan, train: Any, block: Block) -> list[dict[str, Any]]:
     """Each checkpoint's train depends for ``block`` as the merge sees them (no parameters:
     the merge builds no model)."""
     if block.index not in plan.block_digests:  # hashed in validation with stored sketches
@@ -304,20 +312,21 @@ def _train_depends(cfg: Any, plan: _Plan, train: Any, block: Block) -> list[dict
     digest = plan.block_digests[block.index]
     out = []
     for unit in block.units:
-        current = current_depends(cfg, "train", plan.checkpoint_sha[unit.ckpt], digest)
+        current = plan.train_template | {
+            "checkpoint_sha256": plan.checkpoint_sha[unit.ckpt],
+            "data_sha256": digest,
+        }
         current["block"] = {"index": block.index, "start": block.start, "stop": block.stop}
         out.append(current)
     return out
 
 
-def _shards(
-    run: RunDir, cfg: Any, plan: _Plan, train: Any, blocks: list[Block], scoring: Scoring
-) -> None:
+def _shards(run: RunDir, plan: _Plan, train: Any, blocks: list[Block], scoring: Scoring) -> None:
     """Make sure every block has a current shard: score those without one from their stored
     train sketches, or refuse naming them when the train sketches are not stored."""
     todo: list[tuple[Block, list[dict[str, Any]], str]] = []
     for block in blocks:
-        currents = _train_depends(cfg, plan, train, block)
+        currents = _train_depends(plan, train, block)
         path = run.shard_path(block.index)
         why = shard_problem(path, scoring.depends(block, currents))
         if not why and plan.store_train:
@@ -470,7 +479,7 @@ def run_merge(run_dir: str | Path) -> int:
             4 * n_train * queries.n_query * queries.n_slots / 2**30, cfg.merge.sdi_max_gb,
         )  # fmt: skip
     blocks = run_blocks(cfg, n_train)
-    _shards(run, cfg, plan, train, blocks, scoring)
+    _shards(run, plan, train, blocks, scoring)
     n_ckpt = len(queries.files)
     q_layout = SlotLayout.from_dict(plan.query_meta[0]["layout"])
     t_layout = SlotLayout.from_dict(_train_layout(run, blocks[0]))
