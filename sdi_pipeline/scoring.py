@@ -30,7 +30,6 @@ from sdi_pipeline.store import (
     SketchFile,
     UnitReader,
     describe_mismatch,
-    read_meta,
     read_sketch_file,
 )
 
@@ -209,11 +208,8 @@ def as_stored(values: torch.Tensor, dtype: str) -> torch.Tensor:
 def add_stored(scorer: BlockScorer, run: Any, unit: Unit, reader: UnitReader) -> None:
     """Read unit ``unit``'s stored train sketches (checksums, finite values) into ``scorer``.
     A damaged file raises :class:`~sdi_pipeline.store.CorruptFile` naming it."""
-    path = run.unit_path(unit)
-    values, loss = reader.read(path)
-    scorer.add(
-        unit, torch.from_numpy(values), loss, read_meta(path), run.read_marker(unit.name) or {}
-    )
+    values, loss, attrs = reader.read(run.unit_path(unit))
+    scorer.add(unit, torch.from_numpy(values), loss, attrs, run.read_marker(unit.name) or {})
 
 
 class BlockScorer:

@@ -226,17 +226,18 @@ def verify_sketch_file(path: Path) -> dict[str, Any]:
 class UnitReader:
     """Reads the values of validated sketch files into one reused buffer.
 
-    The merge reads every unit once, whole: attributes were checked during validation, and
-    reusing one buffer avoids the page faults of a fresh multi-MiB array per file. The
-    returned array is overwritten by the next read. Checksums are verified by HDF5 and
-    values checked to be finite: a corrupt file is a RunDirError naming it.
+    Scoring reads every unit once, whole, with the attributes it checks against the query
+    files (:data:`MATCHING_KEYS`) from the same open; reusing one buffer avoids the page
+    faults of a fresh multi-MiB array per file. The returned array is overwritten by the
+    next read. Checksums are verified by HDF5 and values checked to be finite: a corrupt
+    file is a RunDirError naming it.
     """
 
     def __init__(self) -> None:
         self._buf = np.empty(0, dtype=np.float32)
 
-    def read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(sketch as float32, loss) of the file at ``path``."""
+    def read(self, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(sketch as float32, loss, the :data:`MATCHING_KEYS` attributes) of ``path``."""
         try:
             # No chunk cache: every chunk is read exactly once, straight into the buffer.
             with h5py.File(path, "r", rdcc_nbytes=0) as f:
@@ -250,10 +251,13 @@ class UnitReader:
                 else:
                     out[...] = sketch[...]
                 losses = np.asarray(loss[...])
+                attrs = {k: json.loads(str(f.attrs[k])) for k in MATCHING_KEYS if k in f.attrs}
         except OSError as err:
             raise _unreadable(path, err) from err
+        except (TypeError, ValueError) as err:
+            raise RunDirError(f"{path} has a damaged attribute: {_redo_hint(path)}") from err
         _check_finite(path, out, losses)
-        return out, losses
+        return out, losses, attrs
 
 
 def describe_mismatch(unit: dict[str, Any], query: dict[str, Any]) -> list[str]:
