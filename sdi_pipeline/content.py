@@ -47,7 +47,18 @@ PROGRESS_FROM = 20_000
 
 def _feed(h: Any, obj: Any) -> None:
     """Feed ``obj``'s content (not its identity) into the hash ``h``."""
-    if isinstance(obj, torch.Tensor):
+    kind = type(obj)
+    # Exact types first, the same bytes as the general branches below: a string key is
+    # otherwise checked against four types, one of them an ABC, per example.
+    if kind is str:
+        data = obj.encode()
+        h.update(f"S{len(data)}:".encode() + data)
+    elif kind is dict:
+        h.update(f"M{len(obj)}".encode())
+        for key in sorted(obj, key=str):
+            _feed(h, str(key))
+            _feed(h, obj[key])
+    elif isinstance(obj, torch.Tensor):
         t = obj.detach()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         try:  # the same bytes through numpy: a few times faster than torch's views
