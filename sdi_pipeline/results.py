@@ -340,6 +340,39 @@ class Results:
             raise ConfigError(f"checkpoint {checkpoint} out of range ({n} checkpoints)")
         return checkpoint % n
 
+    def export(self, path: str | Path) -> Path:
+        """Write a self-contained copy of these results to ``path`` and return it.
+
+        results.h5 reads its per-example datasets (TracIn, SDI, ...) from the run's score
+        shards; the copy holds them itself (Fletcher-32 checked, as read), so it can leave
+        the run directory. Everything else is copied as it is.
+        """
+        dest = Path(path)
+        if dest.exists() and dest.resolve() == self.path.resolve():
+            raise ConfigError(f"export to another path than {self.path} itself")
+        with atomic_path(dest) as tmp, h5py.File(tmp, "w") as out:
+            out.attrs.update(dict(self._f.attrs))
+
+            def copy(name: str, obj: Any) -> None:
+                if name.startswith("inputs/shard_"):
+                    return  # the copy reads no shards
+                if isinstance(obj, h5py.Group):
+                    out.require_group(name).attrs.update(dict(obj.attrs))
+                elif obj.is_virtual:
+                    target = out.create_dataset(name, obj.shape, obj.dtype, chunks=True, **_CHECKED)
+                    step = max(
+                        1,
+                        (64 * 2**20)
+                        // max(1, obj.dtype.itemsize * obj.size // max(1, obj.shape[0])),
+                    )
+                    for start in range(0, obj.shape[0], step):
+                        target[start : start + step] = obj[start : start + step]
+                else:
+                    self._f.copy(obj, out.require_group(str(Path(name).parent)), Path(name).name)
+
+            self._f.visititems(copy)
+        return dest
+
     def to_xarray(self, train: slice | None = None) -> Any:
         """The run as an ``xarray.Dataset`` with labelled dims (needs xarray installed).
 

@@ -258,3 +258,20 @@ def test_a_corrupt_shard_is_named_and_rescored(tmp_path) -> None:
     got = _arrays(run)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_an_exported_copy_needs_no_shards(tmp_path) -> None:
+    run = run_all(_config(tmp_path, "e"), workers=2)
+    want = _arrays(run)
+    with Results.open(run.path) as res:
+        copy = res.export(tmp_path / "elsewhere" / "results.h5")
+    for shard in run.scores_dir.glob("*.h5"):
+        shard.unlink()
+    with pytest.raises(RunDirError, match="missing"):
+        Results.open(run.path)  # the run's own results.h5 reads the shards
+    with Results.open(copy) as res:
+        assert res.topk(0, 2) and res.n_train == 40
+    with h5py.File(copy, "r") as f:
+        assert not f["sdi"].is_virtual and "shard_names" not in f["inputs"]
+        for name, values in want.items():
+            np.testing.assert_array_equal(np.asarray(f[name]), values, err_msg=name)
