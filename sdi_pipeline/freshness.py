@@ -167,10 +167,7 @@ def block_done(run: RunPaths, block: Any, store_train: bool, queries: list[str] 
     """Cheap check (markers, a header): whether ``block`` needs no more work -- its units
     stored (with ``store_train``) and its shard scored against the query files ``queries``
     (None: they are not there yet, so it is not). The jobs check everything."""
-    if store_train and not all(
-        run.marker_path_named(u.name).exists() and run.unit_path_named(u.name).exists()
-        for u in block.units
-    ):
+    if store_train and not all(run.unit_done(u.name) for u in block.units):
         return False
     return queries is not None and shard_matches(run.shard_path(block.index), queries)
 

@@ -66,7 +66,7 @@ from sdi_pipeline.scoring import (
     Scoring,
     add_stored,
     as_stored,
-    read_query_set,
+    query_set,
     scoring_plan,
     shard_problem,
 )
@@ -74,6 +74,7 @@ from sdi_pipeline.shards import write_shard
 from sdi_pipeline.store import (
     FORMAT_VERSION,
     UnitReader,
+    read_sketch_file,
     verify_sketch_file,
     write_sketch_file,
 )
@@ -211,16 +212,22 @@ class JobContext:
 
     def scoring(self, n_train: int) -> Scoring | None:
         """The run's query set, ready to score against, when every query file is complete
-        and current; None otherwise (logged)."""
+        and current; None otherwise (logged). Each file is read once, every value verified."""
         query = build.build_dataset(self.cfg, "query")
         query_sha = block_digest(query, 0, len(query), "query")
+        files = []
         for k in range(len(self.checkpoints)):
             path = self.run.query_path(k)
-            fresh, why = query_fresh(path, self.query_depends(k, query_sha))
-            if not fresh:
+            why = _query_record_problem(path, self.query_depends(k, query_sha))
+            if not why and path.exists():
+                try:
+                    files.append(read_sketch_file(path))
+                except SDIError as err:
+                    why = getattr(err, "what", str(err))
+            if why or not path.exists():
                 log.info("query sketches of checkpoint %d not ready (%s)", k, why or "missing")
                 return None
-        queries = read_query_set(self.run, len(self.checkpoints), self.device)
+        queries = query_set(files, self.device)
         return Scoring(queries, scoring_plan(self.cfg, n_train, queries))
 
     def base_meta(self, info: CheckpointInfo) -> dict[str, Any]:
@@ -478,15 +485,17 @@ def _attempt(share: _Share, block: Block, desc: str) -> Holder | int:
     in_flight: list[Unit] = []  # the unit being sketched, if any: named when it fails
     try:
         currents = [ctx.unit_depends(u, share.train) for u in block.units]
-        if _block_fresh(ctx, block, currents, share.scoring):
+        if _block_state(ctx, block, currents, share.scoring).done:
             return 0
         lease = acquire(run.lease_path(block.name), job, ctx.lease_timeout, log=log)
         if isinstance(lease, Holder):
             return lease
         with lease:
-            if _block_fresh(ctx, block, currents, share.scoring, quiet=True):  # done meanwhile
+            # Read again under the lease: another job may have finished it meanwhile.
+            state = _block_state(ctx, block, currents, share.scoring, quiet=True)
+            if state.done:
                 return 0
-            _block(share, block, currents, desc, in_flight)
+            _block(share, block, currents, state, desc, in_flight)
     except Interrupted:
         log.warning("stopped during %s; it will be redone on restart", block.name)
         return EXIT_INTERRUPTED
@@ -533,44 +542,59 @@ def _fresh(ctx: JobContext, unit: Unit, current: dict[str, Any], quiet: bool = F
     return False
 
 
-def _block_fresh(
+@dataclass
+class _BlockState:
+    """What a block still needs: which of its units are stored and current, and the
+    depends its shard must have (None: no scoring, or the shard is current)."""
+
+    stored: list[bool]
+    shard_depends: dict[str, Any] | None
+    keeps_units: bool  # sketch.store_train: the block is done only with all units stored
+
+    @property
+    def done(self) -> bool:
+        return (all(self.stored) or not self.keeps_units) and self.shard_depends is None
+
+
+def _block_state(
     ctx: JobContext,
     block: Block,
     currents: list[dict[str, Any]],
     scoring: Scoring | None,
     quiet: bool = False,
-) -> bool:
-    """Whether the block needs nothing: its units stored and current (sketch.store_train),
-    its shard current (when scoring)."""
-    if ctx.store_train:
-        fresh = [_fresh(ctx, u, c, quiet) for u, c in zip(block.units, currents, strict=True)]
-        if not all(fresh):
-            return False
+) -> _BlockState:
+    """The block's state (unit headers and its shard's header read once); stale or damaged
+    units lose their markers and are logged, unless ``quiet``."""
+    stored = [
+        ctx.store_train and _fresh(ctx, u, c, quiet)
+        for u, c in zip(block.units, currents, strict=True)
+    ]
     if scoring is None:
-        return True
-    why = shard_problem(ctx.run.shard_path(block.index), scoring.depends(block, currents))
+        return _BlockState(stored, None, ctx.store_train)
+    depends = scoring.depends(block, currents)
+    why = shard_problem(ctx.run.shard_path(block.index), depends)
     if why and why != MISSING and not quiet:
         log.warning("%s: %s; rescoring", block.name, why)
-    return not why
+    return _BlockState(stored, depends if why else None, ctx.store_train)
 
 
 def _block(
     share: _Share,
     block: Block,
     currents: list[dict[str, Any]],
+    state: _BlockState,
     desc: str,
     in_flight: list[Unit],
 ) -> None:
     """Sketch (or read back) the block at every checkpoint, then write its shard."""
     ctx, run, scoring = share.ctx, share.ctx.run, share.scoring
+    depends = state.shard_depends
     scorer = None
-    if scoring is not None and shard_problem(
-        run.shard_path(block.index), scoring.depends(block, currents)
-    ):
+    if scoring is not None and depends is not None:
         scorer = BlockScorer(block, scoring.queries, scoring.plan, ctx.device)
     started = time.perf_counter()
-    for unit, current in zip(block.units, currents, strict=True):
-        if ctx.store_train and _fresh(ctx, unit, current, quiet=True):
+    for unit, current, stored in zip(block.units, currents, state.stored, strict=True):
+        if stored:
             if scorer is not None:  # stored earlier: read it back rather than sketch again
                 add_stored(scorer, run, unit, ctx.reader)
             continue
@@ -586,9 +610,8 @@ def _block(
         share.wandb_log.log_unit(stats)
         if scorer is not None:
             scorer.add(unit, as_stored(values, ctx.cfg.sketch.dtype), loss, meta, stats)
-    if scorer is None or scoring is None:
+    if scorer is None or scoring is None or depends is None:
         return
-    depends = scoring.depends(block, currents)
     shard = scorer.finish(
         {
             "block": depends["block"],
@@ -692,22 +715,29 @@ def run_query(run_dir: str | Path) -> int:
 
 def query_fresh(path: Path, current: dict[str, Any]) -> tuple[bool, str]:
     """Whether the query file at ``path`` matches ``current`` depends, and if not, why."""
-    if not path.exists():
-        return False, ""
-    try:
-        attrs = read_attrs(path, "content_digest", "depends", "format_version")
-    except SDIError as err:
-        return False, str(err)
-    recorded = attrs.get("depends") if isinstance(attrs.get("depends"), dict) else {}
-    why = explain_stale(recorded or {}, current)
-    if not why and attrs.get("content_digest") != record_digest(current):
-        why = "its content digest does not match its record"
-    if not why:
+    why = _query_record_problem(path, current)
+    if not why and path.exists():
         try:  # query files are small: every value is verified (checksums, finite)
             verify_sketch_file(path)
         except SDIError as err:
             why = getattr(err, "what", str(err))
-    return not why, why
+    return path.exists() and not why, why
+
+
+def _query_record_problem(path: Path, current: dict[str, Any]) -> str:
+    """Why the query file's record (its header) does not match ``current`` depends: empty
+    when it does, and when the file is missing."""
+    if not path.exists():
+        return ""
+    try:
+        attrs = read_attrs(path, "content_digest", "depends", "format_version")
+    except SDIError as err:
+        return str(err)
+    recorded = attrs.get("depends") if isinstance(attrs.get("depends"), dict) else {}
+    why = explain_stale(recorded or {}, current)
+    if not why and attrs.get("content_digest") != record_digest(current):
+        why = "its content digest does not match its record"
+    return why
 
 
 def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:

@@ -130,6 +130,10 @@ class RunPaths:
     def marker_path_named(self, name: str) -> Path:
         return self.completions_dir / name
 
+    def unit_done(self, name: str) -> bool:
+        """Cheap: unit ``name``'s file and its completion marker both exist."""
+        return self.marker_path_named(name).exists() and self.unit_path_named(name).exists()
+
     def lease_path(self, name: str) -> Path:
         return self.leases_dir / name
 

@@ -56,7 +56,7 @@ from sdi_pipeline.scoring import (
     scoring_plan,
     shard_problem,
 )
-from sdi_pipeline.shards import ShardSummary, read_shard_meta, read_shard_summary, write_shard
+from sdi_pipeline.shards import ShardSummary, read_shard_summary, write_shard
 from sdi_pipeline.store import (
     FORMAT_VERSION,
     SketchFile,
@@ -327,14 +327,8 @@ def _shards(run: RunDir, plan: _Plan, train: Any, blocks: list[Block], scoring: 
     todo: list[tuple[Block, list[dict[str, Any]], str]] = []
     for block in blocks:
         currents = _train_depends(plan, train, block)
-        path = run.shard_path(block.index)
-        why = shard_problem(path, scoring.depends(block, currents))
-        if not why and plan.store_train:
-            recorded = read_shard_meta(path)["depends"]["train"]
-            if [record_digest(r) for r in recorded] != [
-                plan.unit_digests.get(u.name) for u in block.units
-            ]:
-                why = "its train sketches were recomputed since it was scored"
+        units = [plan.unit_digests.get(u.name) for u in block.units] if plan.store_train else None
+        why = shard_problem(run.shard_path(block.index), scoring.depends(block, currents), units)
         if why:
             todo.append((block, currents, why))
     if not todo:
@@ -394,6 +388,7 @@ class _Reduced:
     unit_stats: list[dict[str, Any]]
     shard_digests: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
+    train_layout: SlotLayout
 
 
 def _tops(summary: ShardSummary, scopes: tuple[str, ...], rename: str | None = None) -> Any:
@@ -406,7 +401,7 @@ def _tops(summary: ShardSummary, scopes: tuple[str, ...], rename: str | None = N
 
 
 def _reduce(
-    run: RunDir, blocks: list[Block], queries: QuerySet, k_top: int, n_ckpt: int, s_tr: int
+    run: RunDir, blocks: list[Block], queries: QuerySet, k_top: int, n_ckpt: int
 ) -> _Reduced:
     """Fold every shard's top-k and sums (reading only those); a corrupt shard is removed
     and named."""
@@ -416,7 +411,8 @@ def _reduce(
         tokens = scores.ScoreTotals(
             queries.n_query, queries.n_slots * queries.n_tokens, k_top, overall=False
         )
-    train_norm = np.zeros((n_ckpt, s_tr), dtype=np.float64)
+    norms: np.ndarray | None = None  # (K, S_tr) sums; absent with summed train sketches
+    layout: dict[str, Any] = {}
     stats: list[dict[str, Any]] = []
     digests: dict[str, str] = {}
     corrupt: list[tuple[str, str]] = []
@@ -441,7 +437,9 @@ def _reduce(
                 torch.from_numpy(summary.sums["token_signed"]),
             )
         if "train_sketch_norm" in summary.sums:
-            train_norm += summary.sums["train_sketch_norm"]
+            part = summary.sums["train_sketch_norm"]
+            norms = part.copy() if norms is None else norms + part
+        layout = layout or summary.meta["train_layout"]
         stats.extend(summary.meta.get("units") or [{} for _ in block.units])
         digests[block.name] = str(summary.meta.get("content_digest"))
         # Per example: the shapes past the rows (past the checkpoints for train_loss).
@@ -454,7 +452,10 @@ def _reduce(
             corrupt.append((block.name, f"{path} holds datasets of other shapes than the others"))
     if corrupt:
         raise refuse([f"corrupt score shards, removed: {_by_reason(corrupt)}; {RERUN}"])
-    return _Reduced(totals, tokens, train_norm, stats, digests, shapes)
+    train_layout = SlotLayout.from_dict(layout)
+    if norms is None:
+        norms = np.zeros((n_ckpt, train_layout.n_slots), dtype=np.float64)
+    return _Reduced(totals, tokens, norms, stats, digests, shapes, train_layout)
 
 
 def run_merge(run_dir: str | Path) -> int:
@@ -482,9 +483,9 @@ def run_merge(run_dir: str | Path) -> int:
     _shards(run, plan, train, blocks, scoring)
     n_ckpt = len(queries.files)
     q_layout = SlotLayout.from_dict(plan.query_meta[0]["layout"])
-    t_layout = SlotLayout.from_dict(_train_layout(run, blocks[0]))
     k_top = scoring.plan.topk
-    reduced = _reduce(run, blocks, queries, k_top, n_ckpt, t_layout.n_slots)
+    reduced = _reduce(run, blocks, queries, k_top, n_ckpt)
+    t_layout = reduced.train_layout
     check_free_space(run.results_path, 16 * 2**20 + 64 * reduced.totals.energy.numel() * k_top)
     attrs = {
         "config_hash": config_hash(cfg),
@@ -557,8 +558,3 @@ def run_merge(run_dir: str | Path) -> int:
     with WandbLogger(cfg, run, "merge", "merge") as wandb_log:
         wandb_log.log_merge(run.results_path)
     return 0
-
-
-def _train_layout(run: RunDir, block: Block) -> dict[str, Any]:
-    """The train slot layout, as the first block's shard records it."""
-    return read_shard_meta(run.shard_path(block.index))["train_layout"]

@@ -158,7 +158,7 @@ class RunDir(RunPaths):
         return self.marker_path_named(unit.name)
 
     def is_done(self, unit: Unit) -> bool:
-        return self.marker_path(unit).exists() and self.unit_path(unit).exists()
+        return self.unit_done(unit.name)
 
     def mark_done(self, unit: Unit, stats: dict[str, Any]) -> None:
         """Write the unit's completion marker (after its file is in place)."""

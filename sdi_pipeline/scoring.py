@@ -23,14 +23,12 @@ from sdi_pipeline import scores
 from sdi_pipeline.digests import record_digest
 from sdi_pipeline.errors import ConfigError, DataError, RunDirError
 from sdi_pipeline.freshness import MISSING, explain_stale
-from sdi_pipeline.layout import RunPaths
 from sdi_pipeline.rundir import Block, Unit
 from sdi_pipeline.shards import SHARD_FORMAT_VERSION, BlockScores, read_shard_meta
 from sdi_pipeline.store import (
     SketchFile,
     UnitReader,
     describe_mismatch,
-    read_sketch_file,
 )
 
 
@@ -85,12 +83,6 @@ class QuerySet:
     @property
     def n_tokens(self) -> int:
         return 0 if self.positions is None else int(self.positions.shape[1])
-
-
-def read_query_set(run: RunPaths, n_checkpoints: int, device: torch.device) -> QuerySet:
-    """Read every checkpoint's query file (all values verified; a damaged file raises
-    :class:`~sdi_pipeline.store.CorruptFile` naming it)."""
-    return query_set([read_sketch_file(run.query_path(k)) for k in range(n_checkpoints)], device)
 
 
 def query_set(files: list[SketchFile], device: torch.device) -> QuerySet:
@@ -180,9 +172,12 @@ def explain_shard(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> st
     return "; ".join(reasons)
 
 
-def shard_problem(path: Path, depends: Mapping[str, Any]) -> str:
+def shard_problem(
+    path: Path, depends: Mapping[str, Any], units: list[str | None] | None = None
+) -> str:
     """Why the shard at ``path`` cannot be used for ``depends``: ``"missing"``, stale or
-    damaged (its header is read); empty when it is current."""
+    damaged (its header is read); empty when it is current. With ``units`` (the stored
+    units' content digests, by checkpoint) it must also have been scored from them."""
     if not path.exists():
         return MISSING
     try:
@@ -195,6 +190,8 @@ def shard_problem(path: Path, depends: Mapping[str, Any]) -> str:
     why = explain_shard(recorded, depends)
     if not why and meta.get("content_digest") != record_digest(recorded):
         why = f"{path} is not the file its record describes (its content digest differs)"
+    if not why and units is not None and [record_digest(r) for r in recorded["train"]] != units:
+        why = "its train sketches were recomputed since it was scored"
     return why
 
 
