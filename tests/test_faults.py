@@ -550,6 +550,23 @@ def test_changed_training_data_of_the_same_size_recomputes_its_block(tmp_path) -
     assert_same(run.results_path, arrays(fresh.results_path))
 
 
+def test_changed_query_data_rescores_every_block_without_sketching(tmp_path) -> None:
+    """The query examples change under the same config: the query job recomputes its files,
+    every shard is rescored against them, no train sketch is computed again."""
+    train, query = token_rows()
+    run = run_all(tokens_config(tmp_path, train, query))
+    before = marker_times(run)
+    query[2, 1] = 2 - query[2, 1]
+    np.save(tmp_path / "query.npy", query)
+    recover(run)
+    assert "the query sketches changed since it was scored" in log_text(run, "worker-0000")
+    assert marker_times(run) == before
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    fresh = run_all(tokens_config(fresh_dir, train, query))
+    assert_same(run.results_path, arrays(fresh.results_path))
+
+
 def test_garbage_inside_a_unit_is_named_and_recomputed(
     tmp_path, toy_ref, capsys, monkeypatch
 ) -> None:

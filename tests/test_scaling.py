@@ -275,3 +275,17 @@ def test_an_exported_copy_needs_no_shards(tmp_path) -> None:
         assert not f["sdi"].is_virtual and "shard_names" not in f["inputs"]
         for name, values in want.items():
             np.testing.assert_array_equal(np.asarray(f[name]), values, err_msg=name)
+
+
+def test_scored_from_memory_or_from_stored_float16_units_is_the_same(tmp_path) -> None:
+    """A worker scores the sketches it has just made as the unit files store them: with
+    sketch.dtype=float16, the same numbers as the merge scoring those files."""
+    half = {"dtype": "float16"}
+    in_worker = run_all(_config(tmp_path, "mem", sketch={"m": 128, **half}), workers=1)
+    run = prepare_run(_config(tmp_path, "file", sketch={"m": 128, **half}))
+    assert run_worker(run.path, 0, 1) == 0  # before the query sketches: no shards
+    assert run_query(run.path) == 0
+    assert run_merge(run.path) == 0  # scores every block from its float16 unit files
+    got, want = _arrays(run), _arrays(in_worker)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
