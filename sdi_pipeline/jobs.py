@@ -605,11 +605,14 @@ def _block(
                 "command with sketch.store_train=true) to sketch it"
             )
         in_flight.append(unit)
-        values, loss, meta, stats = _sketch_unit(share, unit, f"{desc} ckpt {unit.ckpt}", current)
+        sketched = _sketch_unit(share, unit, f"{desc} ckpt {unit.ckpt}", current)
+        values, norms, loss, meta, stats = sketched
         in_flight.pop()
         share.wandb_log.log_unit(stats)
         if scorer is not None:
-            scorer.add(unit, as_stored(values, ctx.cfg.sketch.dtype), loss, meta, stats)
+            stored = as_stored(values, ctx.cfg.sketch.dtype)
+            # The featurizer's norms are those of the values scored unless rounding changed them.
+            scorer.add(unit, stored, loss, meta, stats, norms if stored is values else None)
     if scorer is None or scoring is None or depends is None:
         return
     shard = scorer.finish(
@@ -630,9 +633,10 @@ def _block(
 
 def _sketch_unit(
     share: _Share, unit: Unit, desc: str, current: dict[str, Any]
-) -> tuple[torch.Tensor, np.ndarray, dict[str, Any], dict[str, Any]]:
+) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, dict[str, Any], dict[str, Any]]:
     """Sketch one unit; with sketch.store_train, write its file, then its completion marker.
-    Returns its train sketches (as computed), losses, file attributes and stats."""
+    Returns its train sketches (as computed), their per-step norms (None when summed),
+    losses, file attributes and stats."""
     ctx, run = share.ctx, share.ctx.run
     started = time.perf_counter()
     info = ctx.use_checkpoint(unit.ckpt)
@@ -653,7 +657,8 @@ def _sketch_unit(
         "depends": current,
         "content_digest": digest,
     }
-    values = feats.summed() if ctx.cfg.sketch.train_steps == "summed" else feats.values
+    summed = ctx.cfg.sketch.train_steps == "summed"
+    values, norms = (feats.summed(), None) if summed else (feats.values, feats.norms)
     stats: dict[str, Any] = {
         "unit": unit.name,
         "examples": unit.stop - unit.start,
@@ -685,7 +690,7 @@ def _sketch_unit(
         unit.name, stats["examples"], seconds, stats["examples_per_s"], stats["peak_rss_mb"],
         ctx.featurizer.assignment,
     )  # fmt: skip
-    return values, feats.loss.detach().cpu().numpy(), meta, stats
+    return values, norms, feats.loss.detach().cpu().numpy(), meta, stats
 
 
 def _score(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:

@@ -239,9 +239,13 @@ class BlockScorer:
         loss: np.ndarray,
         unit_meta: dict[str, Any],
         stats: dict[str, Any],
+        norms: torch.Tensor | None = None,
     ) -> None:
         """Contract unit ``unit``'s train sketches (n, S_tr, m) or (n, m), as stored (float32),
-        with its checkpoint's queries. Checkpoints must come in order 0, 1, ..., K-1."""
+        with its checkpoint's queries. Checkpoints must come in order 0, 1, ..., K-1.
+
+        ``norms`` (n, S_tr): ``torch.linalg.vector_norm(values, dim=2)`` if already at hand
+        (the featurizer's finite check computes it), sparing a pass over the sketches."""
         k = unit.ckpt
         if k != len(self.added):
             raise RuntimeError(f"checkpoint {k} of block {self.block.index} came out of order")
@@ -266,7 +270,12 @@ class BlockScorer:
         if v.dim() == 3:
             if self.norms is None:
                 self.norms = torch.zeros(len(self.queries.files), v.shape[1], dtype=torch.float64)
-            self.norms[k] = torch.linalg.vector_norm(v, dim=2).sum(dim=0).double().cpu()
+            per_example = torch.linalg.vector_norm(v, dim=2) if norms is None else norms
+            if per_example.shape != v.shape[:2]:
+                raise RuntimeError(
+                    f"norms {tuple(per_example.shape)} for sketches {tuple(v.shape)}"
+                )
+            self.norms[k] = per_example.sum(dim=0).double().cpu()
         self.loss[k] = np.asarray(loss, dtype=np.float32)
         self.train_layout = unit_meta.get("layout")
         self.added.append(k)

@@ -85,6 +85,22 @@ def test_model_sketch_is_the_same_with_either_linear_kernel(model, batch) -> Non
     torch.testing.assert_close(out["fft"], out["dense"], rtol=1e-4, atol=1e-5 * float(scale))
 
 
+def test_features_carry_the_norms_of_their_slots(model) -> None:
+    """The finite check's norms are the per-slot L2 norms scoring would compute itself;
+    features whose squares overflow float32 but are finite are still accepted."""
+    featurizer = StepFeaturizer(model, EDGES, SketchSpec(m=256, seed=5))
+    feats = featurizer.featurize([parity_batch(5, seed=1), parity_batch(3, seed=2)], parity_loss)
+    assert feats.norms is not None and feats.norms.shape == feats.values.shape[:2]
+    assert torch.equal(feats.norms, torch.linalg.vector_norm(feats.values, dim=2))
+
+    def huge(m, b):  # gradients of ~1e22: finite, their squares are not
+        return parity_loss(m, b) * 1e22
+
+    big = featurizer.featurize([parity_batch(4)], huge)
+    assert bool(torch.isfinite(big.values).all()) and big.values.abs().max() > 1e20
+    assert big.norms is not None and not bool(torch.isfinite(big.norms).all())
+
+
 def test_cost_model_prefers_fft_only_for_large_layers() -> None:
     assert choose_linear_kernel(tokens=16, d_out=64, d_in=64, m=1024) == "dense"
     assert choose_linear_kernel(tokens=1, d_out=4096, d_in=4096, m=1024) == "fft"

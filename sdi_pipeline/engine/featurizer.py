@@ -38,6 +38,10 @@ class StepFeatures:
 
     With a token choice, also ``tokens`` (N, slots, P, width): slot s's gradient of the loss
     *at token position* ``positions[i, p]`` alone (N, P), for P chosen tokens per example.
+    ``norms`` (N, slots): the L2 norm of each example's features in each slot, as
+    ``torch.linalg.vector_norm(values, dim=2)`` gives it (the featurizer's finite check
+    computes it on the way, so scoring need not read the features again for its norm
+    diagnostic); None where not computed.
     """
 
     values: torch.Tensor
@@ -45,6 +49,7 @@ class StepFeatures:
     layout: SlotLayout
     tokens: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -71,12 +76,16 @@ class StepFeatures:
                 )
             tokens = torch.cat([p.tokens for p in parts if p.tokens is not None])
             positions = torch.cat([p.positions for p in parts if p.positions is not None])
+        norms = None
+        if all(p.norms is not None for p in parts):
+            norms = torch.cat([p.norms for p in parts if p.norms is not None])
         return StepFeatures(
             torch.cat([p.values for p in parts]),
             torch.cat([p.loss for p in parts]),
             parts[0].layout,
             tokens,
             positions,
+            norms,
         )
 
 
@@ -232,16 +241,18 @@ class StepFeaturizer:
                 )
             self._check_finite(per_token, layout, first_index)
         self._capture.backward(loss, values)
-        self._check_finite(values, layout, first_index)
-        return StepFeatures(values, loss.detach().float(), layout, per_token, positions)
+        norms = self._check_finite(values, layout, first_index)
+        return StepFeatures(values, loss.detach().float(), layout, per_token, positions, norms)
 
     @staticmethod
-    def _check_finite(values: torch.Tensor, layout: SlotLayout, first_index: int) -> None:
-        """Refuse ``values`` (B, slots, ...) if any is NaN or inf, naming examples and slots."""
-        # One reduction then a check of its (B, slots) sums: a NaN or inf anywhere makes its
-        # row's sum non-finite (finite values that overflow the sum are checked in full).
-        if bool(torch.isfinite(values.flatten(2).sum(dim=2)).all()):
-            return
+    def _check_finite(values: torch.Tensor, layout: SlotLayout, first_index: int) -> torch.Tensor:
+        """Refuse ``values`` (B, slots, ...) if any is NaN or inf, naming examples and slots;
+        returns the (B, slots) L2 norms the check computed."""
+        # One reduction then a check of its (B, slots) results: a NaN or inf anywhere makes
+        # its row's norm non-finite (finite values whose squares overflow are checked in full).
+        norms = torch.linalg.vector_norm(values.flatten(2), dim=2)
+        if bool(torch.isfinite(norms).all()):
+            return norms
         finite = torch.isfinite(values).flatten(2).all(dim=2)
         if not bool(finite.all()):
             rows, slots = torch.nonzero(~finite, as_tuple=True)
@@ -252,6 +263,7 @@ class StepFeaturizer:
                 f"non-finite gradient sketches for examples {listed} "
                 f"(at {', '.join(where)}): the model produces NaN/inf gradients for them."
             )
+        return norms
 
     def iter_batches(
         self,

@@ -2,10 +2,12 @@
 
 1. Scoring one unit against the queries, against a bare torch addmm of the same shapes on
    tensors already in memory: (a) as a worker does it, from the sketches it has just made
-   (`BlockScorer.add`: checks, sum over steps, one matmul, the sketch-norm diagnostic);
-   target bare / scoring >= 0.7; (b) as `sdi-score` (and the merge, for a block nobody
-   scored) do it, from the stored unit file (HDF5 read with checksums, finite check, then
-   the same), reported with its read rate.
+   (`BlockScorer.add`: checks, sum over steps, one matmul, the sketch-norm diagnostic from
+   the norms the featurizer's finite check computed), target bare / scoring >= 0.7, and the
+   same with the norms recomputed from the sketches, as the scorer did before the featurizer
+   handed them over; (b) as `sdi-score` (and the merge, for a block nobody scored) do it,
+   from the stored unit file (HDF5 read with checksums, finite check, then the same),
+   reported with its read rate. All four are timed in interleaved rounds.
 2. Worker peak memory (max RSS of a `sdi-worker` process) at N_train = 1k and 16k.
    Target: growth under 10%.
 3. Bytes on disk per training example per checkpoint, `train_steps=full` and `summed`.
@@ -87,14 +89,17 @@ def worker_peak_rss_mb(run: RunDir, threads: int) -> tuple[float, float]:
     return int(out.stdout.strip().splitlines()[-1]) / 1024, time.perf_counter() - started
 
 
-def median_time(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_medians(fns: tuple[Any, ...], repeats: int) -> tuple[float, ...]:
+    """Median seconds of each function over ``repeats`` rounds, each called once a round."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return tuple(sorted(t)[len(t) // 2] for t in times)
 
 
 def main() -> None:
@@ -137,6 +142,8 @@ def main() -> None:
         reader = UnitReader()
         attrs = {key: real_query.meta[key] for key in MATCHING_KEYS}
         losses = torch.zeros(n_unit).numpy()
+        # A worker has the per-step norms from the featurizer's finite check.
+        norms = torch.linalg.vector_norm(train, dim=2)
         merge_times = {}
         for n_query in args.queries:
             sketch = torch.randn(n_query, slots, m).numpy()
@@ -148,7 +155,11 @@ def main() -> None:
 
             def in_worker(queries: QuerySet = queries, plan: ScoringPlan = plan) -> None:
                 scorer = BlockScorer(block, queries, plan, torch.device("cpu"))
-                scorer.add(unit, train, losses, attrs, {})
+                scorer.add(unit, train, losses, attrs, {}, norms)
+
+            def recomputing(queries: QuerySet = queries, plan: ScoringPlan = plan) -> None:
+                scorer = BlockScorer(block, queries, plan, torch.device("cpu"))
+                scorer.add(unit, train, losses, attrs, {})  # the norms read the sketches again
 
             def stored(queries: QuerySet = queries, plan: ScoringPlan = plan) -> None:
                 scorer = BlockScorer(block, queries, plan, torch.device("cpu"))
@@ -157,17 +168,15 @@ def main() -> None:
             def bare(q_flat: torch.Tensor = q_flat, out: torch.Tensor = out) -> None:
                 out.addmm_(train.sum(dim=1), q_flat)
 
-            merge_times[n_query] = (
-                median_time(in_worker, args.repeats),
-                median_time(stored, args.repeats),
-                median_time(bare, args.repeats),
+            merge_times[n_query] = interleaved_medians(
+                (in_worker, stored, bare, recomputing), args.repeats
             )
 
     rss_small, rss_big = memory[args.small][0], memory[args.big][0]
     n_unit, slots, m = train.shape
     print("1. scoring one unit: (a) in the worker, (b) from its file; vs bare addmm")
     unit_bytes = n_unit * slots * m * 4
-    for n_query, (t_worker, t_stored, t_bare) in merge_times.items():
+    for n_query, (t_worker, t_stored, t_bare, t_before) in merge_times.items():
         flops = 2 * n_unit * m * n_query * slots
         print(
             f"   unit ({n_unit}, {slots}, {m}) x {n_query:>4} queries: "
@@ -175,7 +184,9 @@ def main() -> None:
             f"(a) {t_worker * 1e3:6.2f} ms ({flops / t_worker / 1e9:5.1f} GFLOP/s) "
             f"bare/(a) {t_bare / t_worker:.2f}   "
             f"(b) {t_stored * 1e3:6.2f} ms bare/(b) {t_bare / t_stored:.2f} "
-            f"({unit_bytes / t_stored / 2**30:.1f} GiB/s of sketches)"
+            f"({unit_bytes / t_stored / 2**30:.1f} GiB/s of sketches)\n"
+            f"{'':<47}(a, norms recomputed as before) {t_before * 1e3:6.2f} ms "
+            f"bare/(a) {t_bare / t_before:.2f}"
         )
     print("2. worker peak RSS (one process, all units)")
     for n in (args.small, args.big):
@@ -187,7 +198,7 @@ def main() -> None:
         alone = 4 * m * (slots if kind == "full" else 1)
         print(f"   {kind:>6}: {disk[kind]:10.1f} B   (sketch values alone: {alone} B)")
     print("\ntargets")
-    for n_query, (t_worker, _t_stored, t_bare) in merge_times.items():
+    for n_query, (t_worker, _t_stored, t_bare, _t_before) in merge_times.items():
         verdict = "PASS" if t_bare / t_worker >= 0.7 else "FAIL"
         print(
             f"  {verdict}  worker scoring bare/scoring >= 0.7 at {n_query} queries: "
