@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from sdi_pipeline.engine.calibration import CACHE_ENV
+from sdi_pipeline.engine.host_cache import CACHE_ENV, cache_dir
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import make_parity_dataset
 
@@ -32,8 +32,14 @@ def parity_batch(n: int, seed: int = 0, n_bits: int = 6) -> dict[str, torch.Tens
 @pytest.fixture(scope="session", autouse=True)
 def _kernel_cost_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the measured kernel costs of kernel="auto" out of the user's cache folder
-    (subprocesses inherit the variable)."""
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("kernel-costs"))
+    (subprocesses inherit the variable). The native kernel's library is kept in the user's
+    cache all the same, so that not every session compiles it (tests/test_native.py builds
+    it in empty folders)."""
+    libraries = cache_dir() / "native"
+    libraries.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("kernel-costs")
+    (cache / "native").symlink_to(libraries, target_is_directory=True)
+    os.environ[CACHE_ENV] = str(cache)
 
 
 @pytest.fixture

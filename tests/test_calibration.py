@@ -59,7 +59,8 @@ def test_the_first_process_to_measure_wins(cache, monkeypatch) -> None:
 
     def measured_while_another_process_wrote(device):
         # Another process on this host finishes its measurement first.
-        path.write_text('{"version": 1, "scatter": 5.0, "fft": 2.0}')
+        record = {"version": calibration.CACHE_VERSION, "scatter": 5.0, "fft": 2.0}
+        path.write_text(json.dumps(record))
         return real_measure(device)
 
     monkeypatch.setattr(calibration, "measure_costs", measured_while_another_process_wrote)

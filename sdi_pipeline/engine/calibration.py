@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import socket
 import time
@@ -31,6 +30,8 @@ import torch
 
 from sdi_pipeline.atomic import create_exclusive, write_json_atomic
 from sdi_pipeline.engine.hashing import induced_buckets, make_count_sketch_hash
+from sdi_pipeline.engine.host_cache import CACHE_ENV as CACHE_ENV  # re-exported
+from sdi_pipeline.engine.host_cache import cache_dir
 from sdi_pipeline.engine.kernels import (
     FFT_COST,
     SCATTER_COST,
@@ -39,14 +40,12 @@ from sdi_pipeline.engine.kernels import (
     linear_weight_dense,
     linear_weight_fft,
 )
+from sdi_pipeline.engine.native import dense_sketch_op
 from sdi_pipeline.errors import SDIError
 
 log = logging.getLogger(__name__)
 
-#: Overrides the cache folder (default ``$XDG_CACHE_HOME/sdi-pipeline``, else
-#: ``~/.cache/sdi-pipeline``).
-CACHE_ENV = "SDI_PIPELINE_CACHE_DIR"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the dense kernel that runs (native or stock)
 DEFAULT_COSTS = KernelCosts(scatter=SCATTER_COST, fft=FFT_COST)
 # Probe shapes (batch, d_out, d_in, m): the dense kernel at two token counts separates its
 # matmul from its scatter; the FFT kernel's transform cost is what remains of its time.
@@ -59,14 +58,6 @@ _REPEATS = 9
 _by_key: dict[tuple[torch.device, int], KernelCosts] = {}
 
 
-def cache_dir() -> Path:
-    """Where the measured constants are kept."""
-    if folder := os.environ.get(CACHE_ENV):
-        return Path(folder)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sdi-pipeline"
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -74,13 +65,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def cache_key(device: torch.device) -> str:
-    """Host, torch version, thread count and device: what the constants depend on."""
-    parts = (
+    """Host, torch version, thread count, device and (on the CPU) whether the native dense
+    kernel runs: what the constants depend on."""
+    parts = [
         socket.gethostname(),
         f"torch{torch.__version__}",
         f"{torch.get_num_threads()}threads",
         _device_name(device),
-    )
+    ]
+    if device.type == "cpu":
+        parts.append("native" if dense_sketch_op() is not None else "stock")
     return re.sub(r"[^A-Za-z0-9.+\-]", "_", "-".join(parts))
 
 

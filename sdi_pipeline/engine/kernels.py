@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from sdi_pipeline.engine.hashing import CountSketchHash
+from sdi_pipeline.engine.native import dense_sketch_op
 
 LinearKernel = Literal["fft", "dense"]
 
@@ -76,14 +77,29 @@ def linear_weight_dense(
 ) -> None:
     """Add the sketch of per-example ``delta^T x`` (B, d_out, d_in) into ``out`` (B, m).
 
-    ``delta`` is (B, T, d_out), ``x`` is (B, T, d_in). The induced signs factor as
-    ``s_row(i) s_col(j)``, so they are applied to ``delta`` and ``x`` before the matmul and
-    the materialised gradient only needs a scatter into ``buckets`` (the induced ones, see
-    :func:`~sdi_pipeline.engine.hashing.induced_buckets`). Examples are processed in chunks so the
-    gradients never exceed ``MAX_CHUNK_ELEMENTS``.
+    ``delta`` is (B, T, d_out), ``x`` is (B, T, d_in). On the CPU the native kernel
+    (:mod:`~sdi_pipeline.engine.native`) does it in one pass where it could be built.
+    Otherwise: the induced signs factor as ``s_row(i) s_col(j)``, so they are applied to
+    ``delta`` and ``x`` before the matmul and the materialised gradient only needs a scatter
+    into ``buckets`` (the induced ones, see
+    :func:`~sdi_pipeline.engine.hashing.induced_buckets`). Examples are processed in chunks
+    so the gradients never exceed ``MAX_CHUNK_ELEMENTS``.
     """
     b, _, d_out = delta.shape
     d_in = x.shape[2]
+    if delta.device.type == "cpu" and out.stride(1) == 1:
+        op = dense_sketch_op()
+        if op is not None:
+            op(
+                out,
+                delta.contiguous(),
+                x.contiguous(),
+                row.buckets,
+                row.signs,
+                col.buckets,
+                col.signs,
+            )
+            return
     signed_delta = (delta * row.signs).transpose(1, 2)
     signed_x = x * col.signs
     step = max(1, min(b, MAX_CHUNK_ELEMENTS // (d_out * d_in)))

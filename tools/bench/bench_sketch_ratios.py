@@ -6,6 +6,7 @@ rounds) of, on the same batch and weights:
   plain     forward + loss.sum().backward(), no hooks (the floor every ratio divides by)
   eq        our sketch at equal bytes: m = 1024 x n_params, what the reference stores per
             example and step at its m = 1024 (one m-vector per parameter tensor)
+  eq-stock  the same with the native CPU dense kernel off (bmm + index_add_, as before it)
   m1024     our sketch at m = 1024
   ref       the reference's ProjectedTracInSDI at m = 1024 (if `sdi` is installed)
   exact     our exact mode (spec=None), where (B, slots, #params) fits --exact-mb
@@ -42,6 +43,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from sdi_pipeline.engine import kernels
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
@@ -88,10 +90,12 @@ def main() -> None:
         sdi = None
     with tempfile.TemporaryDirectory() as tmp:
         base = import_baseline(args.baseline, Path(tmp)) if args.baseline else None
+        native = "yes" if kernels.dense_sketch_op() is not None else "no (see the log)"
         print(
             f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved "
             f"rounds; reference: {'yes' if sdi else 'not installed'}; baseline: "
-            f"{args.baseline or 'none'}; load average {os.getloadavg()[0]:.2f}"
+            f"{args.baseline or 'none'}; native CPU kernel: {native}; "
+            f"load average {os.getloadavg()[0]:.2f}"
         )
         for name in args.sizes:
             measure(name, args, sdi, base)
@@ -137,7 +141,20 @@ def measure(name: str, args: argparse.Namespace, sdi: ModuleType | None, base: M
         featurizer = StepFeaturizer(model, ["block"], spec)
         return lambda: featurizer.featurize([tokens], loss_fn).values
 
+    def stock(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def without_native() -> torch.Tensor:
+            native_op = kernels.dense_sketch_op
+            kernels.dense_sketch_op = lambda: None
+            try:
+                return fn()
+            finally:
+                kernels.dense_sketch_op = native_op
+
+        return without_native
+
     sketches: dict[str, Callable[[], object]] = {"plain": plain, "eq": ours(SketchSpec(m=m_eq))}
+    if kernels.dense_sketch_op() is not None:
+        sketches["eq-stock"] = stock(ours(SketchSpec(m=m_eq)))
     sketches["m1024"] = ours(SketchSpec(m=REF_M))
     notes = []
     if base is not None:
@@ -185,6 +202,7 @@ def measure(name: str, args: argparse.Namespace, sdi: ModuleType | None, base: M
     for key, value in ms.items():
         print(f"  {key:<11}{value:>10.1f}{value / ms['plain']:>9.2f}")
     pairs = [("ref", "eq"), ("ref", "m1024"), ("ref-full", "exact"), ("base", "eq")]
+    pairs.append(("eq-stock", "eq"))
     pairs.append(("base-exact", "exact"))
     ratios = [f"{a}/{b} {ms[a] / ms[b]:.2f}" for a, b in pairs if a in ms and b in ms]
     for line in [", ".join(ratios), *notes]:
