@@ -50,7 +50,10 @@ DEFAULT_COSTS = KernelCosts(scatter=SCATTER_COST, fft=FFT_COST)
 # Probe shapes (batch, d_out, d_in, m): the dense kernel at two token counts separates its
 # matmul from its scatter; the FFT kernel's transform cost is what remains of its time.
 _DENSE_PROBE = (8, 128, 128, 4096)
-_DENSE_TOKENS = (4, 64)
+# The native CPU kernel's cost per gradient entry has a part that only longer sequences tell
+# apart from its multiply-adds (measured: with 4 and 64 tokens it chose FFT for layers where
+# dense was 1.3-3x faster; calibrate_kernels.py shows the picks).
+_DENSE_TOKENS = {"stock": (4, 64), "native": (16, 256)}
 _FFT_PROBE = (8, 8, 64, 64, 4096)  # batch, tokens, d_out, d_in, m
 _REPEATS = 9
 
@@ -147,8 +150,10 @@ def measure_costs(device: torch.device) -> KernelCosts:
     buckets = induced_buckets(row, col)
     out = torch.zeros(b, m, device=device)
     workspace = Workspace()
+    native = device.type == "cpu" and dense_sketch_op() is not None
+    tokens = _DENSE_TOKENS["native" if native else "stock"]
     dense = []
-    for t in _DENSE_TOKENS:
+    for t in tokens:
         delta = torch.randn(b, t, d_out, generator=gen).to(device)
         x = torch.randn(b, t, d_in, generator=gen).to(device)
         dense.append(
@@ -160,7 +165,7 @@ def measure_costs(device: torch.device) -> KernelCosts:
             )
         )
     # dense time = b * d_out * d_in * (tokens * per_mac + per_scatter)
-    (t_lo, t_hi), (s_lo, s_hi) = _DENSE_TOKENS, dense
+    (t_lo, t_hi), (s_lo, s_hi) = tokens, dense
     per_mac = max(s_hi - s_lo, 1e-12) / (b * d_out * d_in * (t_hi - t_lo))
     per_scatter = max(s_lo / (b * d_out * d_in) - t_lo * per_mac, per_mac)
     b, t, d_out, d_in, m = _FFT_PROBE
