@@ -67,6 +67,11 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+def _dense_kernel(device: torch.device) -> str:
+    """Which dense kernel runs on ``device``: ``native`` (CPU, where built) or ``stock``."""
+    return "native" if device.type == "cpu" and dense_sketch_op() is not None else "stock"
+
+
 def cache_key(device: torch.device) -> str:
     """Host, torch version, thread count, device and (on the CPU) whether the native dense
     kernel runs: what the constants depend on."""
@@ -77,7 +82,7 @@ def cache_key(device: torch.device) -> str:
         _device_name(device),
     ]
     if device.type == "cpu":
-        parts.append("native" if dense_sketch_op() is not None else "stock")
+        parts.append(_dense_kernel(device))
     return re.sub(r"[^A-Za-z0-9.+\-]", "_", "-".join(parts))
 
 
@@ -150,8 +155,7 @@ def measure_costs(device: torch.device) -> KernelCosts:
     buckets = induced_buckets(row, col)
     out = torch.zeros(b, m, device=device)
     workspace = Workspace()
-    native = device.type == "cpu" and dense_sketch_op() is not None
-    tokens = _DENSE_TOKENS["native" if native else "stock"]
+    tokens = _DENSE_TOKENS[_dense_kernel(device)]
     dense = []
     for t in tokens:
         delta = torch.randn(b, t, d_out, generator=gen).to(device)
