@@ -1,1 +1,0 @@
-"""Compatibility path: the sketch engine lives in :mod:`sdi_pipeline.engine`."""
