@@ -6,6 +6,9 @@ with :class:`Results`) does not load torch or Hydra:
 - :func:`attribute`: SDI / TracIn in one process; :class:`CheckpointSpec` a checkpoint and eta;
 - :class:`StepFeaturizer` per-example per-step gradient features; :class:`SketchSpec` the sketch;
 - :class:`Results`: a merged run's results.h5.
+
+The package's folders are the stages of the data flow (README, "Architecture"); module
+paths of earlier releases still import, through :mod:`sdi_pipeline.moved`.
 """
 
 from __future__ import annotations
@@ -13,22 +16,26 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from sdi_pipeline import moved
+
 if TYPE_CHECKING:
     from sdi_pipeline.attribute import Attribution, attribute
-    from sdi_pipeline.checkpoints import CheckpointSpec
     from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
     from sdi_pipeline.engine.spec import SketchSpec
     from sdi_pipeline.errors import SDIError
-    from sdi_pipeline.results import Results
+    from sdi_pipeline.formats.results import Results
+    from sdi_pipeline.inputs.checkpoints import CheckpointSpec
+
+moved.install()
 
 _EXPORTS = {
     "attribute": "sdi_pipeline.attribute",
     "Attribution": "sdi_pipeline.attribute",
-    "CheckpointSpec": "sdi_pipeline.checkpoints",
+    "CheckpointSpec": "sdi_pipeline.inputs.checkpoints",
     "StepFeaturizer": "sdi_pipeline.engine.featurizer",
     "StepFeatures": "sdi_pipeline.engine.featurizer",
     "SketchSpec": "sdi_pipeline.engine.spec",
-    "Results": "sdi_pipeline.results",
+    "Results": "sdi_pipeline.formats.results",
     "SDIError": "sdi_pipeline.errors",
 }
 __all__ = [

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdi_pipeline import scores
-from sdi_pipeline.checkpoints import CheckpointSpec, load_checkpoint, load_into, resolve_eta
 from sdi_pipeline.engine.featurizer import LossFn, StepFeaturizer, TokenChoice
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import CheckpointError, ConfigError, DataError
+from sdi_pipeline.inputs.checkpoints import CheckpointSpec, load_checkpoint, load_into, resolve_eta
+from sdi_pipeline.jobs import scores
 
 
 @dataclass

@@ -26,7 +26,7 @@ def _pause() -> None:
 def install() -> None:
     target = os.environ.get("SDI_TEST_PAUSE_WRITE")
     if target:
-        import sdi_pipeline.atomic as atomic
+        import sdi_pipeline.files.atomic as atomic
 
         real = atomic._fsync
 
@@ -37,7 +37,7 @@ def install() -> None:
 
         atomic._fsync = fsync_then_pause  # type: ignore[assignment]
     if os.environ.get("SDI_TEST_PAUSE_ROWS"):
-        from sdi_pipeline.results import ResultsWriter
+        from sdi_pipeline.formats.results import ResultsWriter
 
         real_rows = ResultsWriter.stitch
 
@@ -51,6 +51,6 @@ def install() -> None:
 
 def main(job: str) -> None:
     install()
-    from sdi_pipeline import cli
+    from sdi_pipeline.launch import cli
 
     {"worker": cli.worker_main, "query": cli.query_main, "merge": cli.merge_main}[job]()

@@ -12,9 +12,10 @@ import torch
 from conftest import make_model
 from torch.utils.data import Dataset
 
-from sdi_pipeline.jobs import run_query, run_worker
-from sdi_pipeline.merge import run_merge
-from sdi_pipeline.rundir import RunDir, prepare_run
+from sdi_pipeline.jobs.merge import run_merge
+from sdi_pipeline.jobs.query import run_query
+from sdi_pipeline.jobs.worker import run_worker
+from sdi_pipeline.run.rundir import RunDir, prepare_run
 from sdi_pipeline.toy.checkpoints import parity_from_checkpoints
 from sdi_pipeline.toy.parity import parity_loss
 

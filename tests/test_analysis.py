@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from pipeline_helpers import parity, run_all, toy_config
 
-from sdi_pipeline.build import build_dataset
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.results import Results
-from sdi_pipeline.summary import DistinctExample, distinct_top, example_key, print_summary
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.inputs.build import build_dataset
+from sdi_pipeline.report.summary import DistinctExample, distinct_top, example_key, print_summary
 
 PER_TOKEN = {
     "loss": {"_target_": "sdi_pipeline.toy.parity.parity_loss", "_partial_": True,

@@ -2,53 +2,79 @@
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "sdi_pipeline"
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """lint-imports on the package under ``root`` with this repository's contracts."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run(
+        [str(lint), "--config", str(PACKAGE.parent / "pyproject.toml"), "--no-cache"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+    )  # fmt: skip
 
 
-def _top_level_imports(path: Path, known: set[str]) -> set[str]:
-    """sdi_pipeline modules imported when ``path`` is imported (not in functions or
-    TYPE_CHECKING blocks)."""
-    found: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}
-    return {m for m in found if m in known}
+def _copy_with(tmp_path: Path, module: str, line: str) -> Path:
+    shutil.copytree(
+        PACKAGE, tmp_path / "sdi_pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    target = tmp_path / "sdi_pipeline" / module
+    target.write_text(target.read_text() + f"\n{line}\n")
+    return tmp_path
 
 
-def test_no_import_cycles() -> None:
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {name: _top_level_imports(path, set(files)) - {name} for name, path in files.items()}
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
+def test_the_layers_hold() -> None:
+    proc = _lint_imports(PACKAGE.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    def visit(node: str) -> None:
-        state[node] = 1
-        path.append(node)
-        for dep in sorted(graph[node]):
-            if state.get(dep) == 1:
-                cycle = [*path[path.index(dep) :], dep]
-                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
-            if dep not in state:
-                visit(dep)
-        path.pop()
-        state[node] = 2
 
-    for node in sorted(graph):
-        if node not in state:
-            visit(node)
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        # A file format importing a job: a lower layer importing a higher one.
+        ("formats/shards.py", "from sdi_pipeline.jobs import scores", "Stage folders are layers"),
+        ("engine/spec.py", "import sdi_pipeline.inputs.losses", "engine imports nothing above"),
+        ("run/layout.py", "import sdi_pipeline.attribute", "the in-process API"),
+        # Two modules of one folder importing each other (rundir imports layout).
+        ("run/layout.py", "import sdi_pipeline.run.rundir", "no import circle"),
+    ],
+)
+def test_a_wrong_import_fails_lint_imports(tmp_path, module: str, line: str, contract: str) -> None:
+    proc = _lint_imports(_copy_with(tmp_path, module, line))
+    assert proc.returncode != 0
+    assert contract in proc.stdout and "BROKEN" in proc.stdout, proc.stdout
+
+
+def test_old_module_paths_give_the_modules_at_their_new_homes() -> None:
+    code = (
+        "import importlib, sdi_pipeline.moved as m\n"
+        "for old, new in m.MOVED_MODULES.items():\n"
+        "    a, b = importlib.import_module(old), importlib.import_module(new)\n"
+        "    assert a is b and a.__spec__.name == new, (old, new)\n"
+        "from sdi_pipeline.jobs import run_worker, run_query, run_score, EXIT_INTERRUPTED\n"
+        "from sdi_pipeline.launchers import LAUNCHERS, allocated_cpus\n"
+        "from sdi_pipeline.sketch.spec import SketchSpec\n"
+        "from sdi_pipeline.engine.spec import SketchSpec as New\n"
+        "assert SketchSpec is New\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_launcher_has_a_schema_and_every_schema_a_launcher() -> None:
+    from sdi_pipeline.launch.launchers import LAUNCHERS
+    from sdi_pipeline.run.launcher_configs import LAUNCHER_SCHEMAS
+
+    assert list(LAUNCHERS) == list(LAUNCHER_SCHEMAS)
 
 
 def test_results_import_without_torch_hydra_or_the_engine() -> None:
@@ -64,10 +90,10 @@ def test_results_import_without_torch_hydra_or_the_engine() -> None:
 def test_public_api_is_importable_from_the_top_level_and_the_old_paths() -> None:
     import sdi_pipeline
     from sdi_pipeline.attribute import attribute
-    from sdi_pipeline.checkpoints import CheckpointSpec
-    from sdi_pipeline.featurize import StepFeaturizer
-    from sdi_pipeline.results import Results
-    from sdi_pipeline.sketch.spec import SketchSpec
+    from sdi_pipeline.engine.featurizer import StepFeaturizer
+    from sdi_pipeline.engine.spec import SketchSpec
+    from sdi_pipeline.formats.results import Results
+    from sdi_pipeline.inputs.checkpoints import CheckpointSpec
 
     # The function and its module share a name: whichever the package attribute holds, it
     # is the function or calls it.
@@ -85,12 +111,14 @@ def test_public_api_is_importable_from_the_top_level_and_the_old_paths() -> None
     }
 
 
-def test_only_the_slurm_launcher_knows_slurm_commands() -> None:
+def test_only_the_slurm_modules_know_slurm() -> None:
+    # The launcher, its config schema and the job's view of its allocation.
+    slurm = {"launch/slurm.py", "run/launcher_configs.py", "jobs/allocation.py"}
     words = ("sbatch", "sacct", "squeue", "scontrol", "SLURM_")
     found = [
         f"{path.relative_to(PACKAGE)}: {word}"
         for path in PACKAGE.rglob("*.py")
-        if path.name != "slurm.py"
+        if str(path.relative_to(PACKAGE)) not in slurm
         for word in words
         if word in path.read_text()
     ]

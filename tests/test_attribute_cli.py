@@ -13,20 +13,20 @@ import pytest
 from pipeline_helpers import cli_overrides, write_toy_checkpoints
 from torch.utils.data import DataLoader
 
-from sdi_pipeline import build
 from sdi_pipeline.attribute import attribute
-from sdi_pipeline.attribute_cli import run as attribute_main
-from sdi_pipeline.compose import compose_config, conf_dir
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
 from sdi_pipeline.examples.models import ARCHITECTURES
 from sdi_pipeline.examples.train import train_example
-from sdi_pipeline.jobs import run_worker
-from sdi_pipeline.launchers.slurm import jobs_path
-from sdi_pipeline.merge import run_merge
-from sdi_pipeline.results import Results
-from sdi_pipeline.rundir import RunDir
-from sdi_pipeline.status import format_status, run_status
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.inputs import build
+from sdi_pipeline.jobs.merge import run_merge
+from sdi_pipeline.jobs.worker import run_worker
+from sdi_pipeline.launch.attribute_cli import run as attribute_main
+from sdi_pipeline.launch.compose import compose_config, conf_dir
+from sdi_pipeline.launch.slurm import jobs_path
+from sdi_pipeline.launch.status import format_status, run_status
+from sdi_pipeline.run.rundir import RunDir
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -169,7 +169,7 @@ BAD = [
 
 @pytest.mark.parametrize(("override", "message"), BAD)
 def test_bad_config_fails_before_submission_with_one_line(tmp_path, override, message) -> None:
-    cmd = [sys.executable, "-c", "from sdi_pipeline.attribute_cli import main; main()"]
+    cmd = [sys.executable, "-c", "from sdi_pipeline.launch.attribute_cli import main; main()"]
     proc = subprocess.run(
         [*cmd, *cli_overrides(tmp_path), override], capture_output=True, text=True, timeout=300
     )

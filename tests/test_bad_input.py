@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from conftest import make_model
 from torch import nn
 
-from sdi_pipeline.checkpoints import load_checkpoint, load_into
 from sdi_pipeline.engine import registry
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.layers.generic import GenericHandler
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import CheckpointError, SDIError
+from sdi_pipeline.inputs.checkpoints import load_checkpoint, load_into
 
 
 class Scale(nn.Module):
@@ -70,7 +70,8 @@ def run(model: nn.Module, targets, loss_fn=loss_last, spec: SketchSpec | None = 
 
 def test_unsupported_parameter_type_names_module_and_parameter(monkeypatch) -> None:
     # Without the generic torch.func fallback, a type with no handler is refused by name.
-    registry.handler_for(nn.Linear(1, 1), ["weight"])  # loads the built-in layers
+    import sdi_pipeline.engine.layers  # noqa: F401  (registers the built-in handlers)
+
     kept = [f for f in registry._FALLBACKS if f.handler is not GenericHandler]
     monkeypatch.setattr(registry, "_FALLBACKS", kept)
     with pytest.raises(SDIError, match=r"'scale\.gain'.*module 'scale' of type Scale"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdi_pipeline.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.inputs.checkpoints import resolve_checkpoint_paths
 from sdi_pipeline.toy.checkpoints import model_from_checkpoints
 
 

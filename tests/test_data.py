@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from sdi_pipeline.data import PadCollate, TokenDataset, token_dataset
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.losses import answer_token_loss, next_token_loss
+from sdi_pipeline.inputs.data import PadCollate, TokenDataset, token_dataset
+from sdi_pipeline.inputs.losses import answer_token_loss, next_token_loss
 
 ROWS = np.arange(24, dtype=np.int32).reshape(6, 4)
 RAGGED = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
@@ -167,12 +167,12 @@ def test_hydra_instantiate(tmp_path: Path) -> None:
     cfg = OmegaConf.create(
         {
             "train": {
-                "_target_": "sdi_pipeline.data.token_dataset",
+                "_target_": "sdi_pipeline.inputs.data.token_dataset",
                 "path": str(tmp_path / "a.npy"),
                 "limit": 2,
             },
-            "collate": {"_target_": "sdi_pipeline.data.PadCollate", "pad_id": 7},
-            "loss": {"_target_": "sdi_pipeline.losses.next_token_loss", "_partial_": True},
+            "collate": {"_target_": "sdi_pipeline.inputs.data.PadCollate", "pad_id": 7},
+            "loss": {"_target_": "sdi_pipeline.inputs.losses.next_token_loss", "_partial_": True},
         }
     )
     ds = instantiate(cfg.train)

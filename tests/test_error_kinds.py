@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from sdi_pipeline import build, config
-from sdi_pipeline.checkpoints import resolve_checkpoint_paths
-from sdi_pipeline.cli import parse_kv
-from sdi_pipeline.compose import compose_config
 from sdi_pipeline.errors import CheckpointError, ConfigError, DataError, RunDirError
-from sdi_pipeline.launchers.slurm import launch_slurm
-from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.inputs import build
+from sdi_pipeline.inputs.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.launch.cli import parse_kv
+from sdi_pipeline.launch.compose import compose_config
+from sdi_pipeline.launch.slurm import launch_slurm
+from sdi_pipeline.run import config
+from sdi_pipeline.run.rundir import RunDir
 
 
 def test_a_bad_command_line_argument_is_a_config_error() -> None:

@@ -28,14 +28,16 @@ import torch
 from conftest import make_model
 from pipeline_helpers import cli_overrides, run_all, toy_config, write_toy_checkpoints
 
-from sdi_pipeline import attribute_cli, cli, config
 from sdi_pipeline.errors import ConfigError, MergeRefused, RunDirError, SDIError
-from sdi_pipeline.jobs import run_query, run_worker
-from sdi_pipeline.leases import Lease, acquire
-from sdi_pipeline.merge import run_merge
-from sdi_pipeline.results import Results
-from sdi_pipeline.rundir import RunDir, prepare_run
-from sdi_pipeline.status import format_status, run_status
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.jobs.merge import run_merge
+from sdi_pipeline.jobs.query import run_query
+from sdi_pipeline.jobs.worker import run_worker
+from sdi_pipeline.launch import attribute_cli, cli
+from sdi_pipeline.launch.status import format_status, run_status
+from sdi_pipeline.run import config
+from sdi_pipeline.run.leases import Lease, acquire
+from sdi_pipeline.run.rundir import RunDir, prepare_run
 
 pytestmark = pytest.mark.faults
 
@@ -178,7 +180,7 @@ def cli_ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     return arrays(run.results_path)
 
 
-TOKENS_MODEL = {"analysis": {"loss": {"_target_": "sdi_pipeline.losses.next_token_loss",
+TOKENS_MODEL = {"analysis": {"loss": {"_target_": "sdi_pipeline.inputs.losses.next_token_loss",
                                       "_partial_": True}}}  # fmt: skip
 
 
@@ -192,9 +194,15 @@ def tokens_config(tmp: Path, train: np.ndarray, query: np.ndarray, **sections: A
     np.save(tmp / "train.npy", train)
     np.save(tmp / "query.npy", query)
     data = {
-        "train": {"_target_": "sdi_pipeline.data.token_dataset", "path": str(tmp / "train.npy")},
-        "query": {"_target_": "sdi_pipeline.data.token_dataset", "path": str(tmp / "query.npy")},
-        "collate": {"_target_": "sdi_pipeline.data.PadCollate", "pad_id": 0},
+        "train": {
+            "_target_": "sdi_pipeline.inputs.data.token_dataset",
+            "path": str(tmp / "train.npy"),
+        },
+        "query": {
+            "_target_": "sdi_pipeline.inputs.data.token_dataset",
+            "path": str(tmp / "query.npy"),
+        },
+        "collate": {"_target_": "sdi_pipeline.inputs.data.PadCollate", "pad_id": 0},
     }
     return toy_config(tmp, data=data, **TOKENS_MODEL, **sections)
 
@@ -268,7 +276,7 @@ def test_query_job_killed_mid_write(tmp_path, toy_ref) -> None:
 
 def _launcher(tmp_path: Path, *extra: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", "from sdi_pipeline.attribute_cli import main; main()",
+        [sys.executable, "-c", "from sdi_pipeline.launch.attribute_cli import main; main()",
          *cli_overrides(tmp_path, *extra)],
         env=os.environ | {"PYTHONPATH": str(TESTS)} | env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -745,11 +753,12 @@ import io, json, shutil, subprocess, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from pipeline_helpers import toy_config
-from sdi_pipeline import cli
-from sdi_pipeline.jobs import run_query, run_worker
-from sdi_pipeline.merge import run_merge
-from sdi_pipeline.rundir import prepare_run
-from sdi_pipeline.store import read_meta
+from sdi_pipeline.launch import cli
+from sdi_pipeline.jobs.query import run_query
+from sdi_pipeline.jobs.worker import run_worker
+from sdi_pipeline.jobs.merge import run_merge
+from sdi_pipeline.run.rundir import prepare_run
+from sdi_pipeline.formats.sketches import read_meta
 
 disk, out = Path({disk!r}), Path({out!r})
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size={size}", "tmpfs", str(disk)], check=True)
@@ -758,7 +767,7 @@ cfg["run"]["root"] = str(disk / "runs")
 run = prepare_run(cfg)
 assert run_query(run.path) == 0
 if {read_only!r}:
-    from sdi_pipeline.logs import log
+    from sdi_pipeline.jobs.logs import log
     for handler in log.handlers:  # the query job's log file is still open
         handler.close()
     log.handlers.clear()
@@ -845,7 +854,7 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, toy_ref) -> Non
     # As root, unshare -U drops the rights over root's files that bypass permissions.
     prefix = ["unshare", "-U"] if os.geteuid() == 0 else []
     proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "sdi_pipeline.cli", "worker", f"run_dir={run.path}",
+        [*prefix, sys.executable, "-m", "sdi_pipeline.launch.cli", "worker", f"run_dir={run.path}",
          "rank=0", "world_size=1"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -863,7 +872,7 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, toy_ref) -> Non
 def test_a_failing_disk_without_a_namespace(tmp_path, toy_ref, capsys, monkeypatch, number) -> None:
     """The same errors injected in this process (where unshare is not available the tests
     above skip; these always run): the unit write fails as the disk would fail it."""
-    import sdi_pipeline.atomic as atomic
+    import sdi_pipeline.files.atomic as atomic
 
     run = prepare_run(toy_config(tmp_path))
     assert run_query(run.path) == 0

@@ -19,7 +19,9 @@ from conftest import make_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sdi_pipeline.checkpoints import (
+from sdi_pipeline.errors import CheckpointError
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.inputs.checkpoints import (
     CheckpointSpec,
     checkpoint_size,
     file_digest,
@@ -29,8 +31,6 @@ from sdi_pipeline.checkpoints import (
     resolve_eta,
     resolve_eta_and_source,
 )
-from sdi_pipeline.errors import CheckpointError
-from sdi_pipeline.results import Results
 
 
 def tiny_gpt2(seed: int, tied: bool = True) -> GPT2LMHeadModel:
@@ -271,7 +271,7 @@ def test_trainer_checkpoints_through_sdi_attribute_with_the_users_factories(tmp_
     assert "eta 0.0004 from trainer_state.json: learning_rate logged at step 5" in worker_log
     # A job started elsewhere (as on a cluster node) still imports the factories.
     shutil.rmtree(run_path / "query")
-    job = [sys.executable, "-m", "sdi_pipeline.cli", "query", f"run_dir={run_path}"]
+    job = [sys.executable, "-m", "sdi_pipeline.launch.cli", "query", f"run_dir={run_path}"]
     proc = subprocess.run(job, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run_path / "query" / "ckpt-001.h5").is_file()

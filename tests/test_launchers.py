@@ -5,18 +5,14 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from sdi_pipeline.attribute_cli import run as attribute_main
-from sdi_pipeline.cli import JOBS
-from sdi_pipeline.compose import compose_config, conf_dir
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.launchers import (
-    LAUNCHERS,
-    allocated_cpus,
-    array_task_count,
-    array_task_id,
-    slurm,
-)
-from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.jobs.allocation import allocated_cpus, array_task_count, array_task_id
+from sdi_pipeline.launch import slurm
+from sdi_pipeline.launch.attribute_cli import run as attribute_main
+from sdi_pipeline.launch.cli import JOBS
+from sdi_pipeline.launch.compose import compose_config, conf_dir
+from sdi_pipeline.launch.launchers import LAUNCHERS
+from sdi_pipeline.run.rundir import RunDir
 
 
 def test_every_conf_launcher_is_in_the_table() -> None:
@@ -53,7 +49,9 @@ def test_slurm_defaults_read_the_environment(monkeypatch) -> None:
 
 
 def test_sdi_worker_takes_rank_and_world_size_from_the_job_array(monkeypatch) -> None:
-    monkeypatch.setattr("sdi_pipeline.jobs.run_worker", lambda _run_dir, rank, world: (rank, world))
+    monkeypatch.setattr(
+        "sdi_pipeline.jobs.worker.run_worker", lambda _run_dir, rank, world: (rank, world)
+    )
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
     assert JOBS["worker"](["run_dir=x"]) == (3, 8)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from sdi_pipeline import scores
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import UnsupportedModel
+from sdi_pipeline.jobs import scores
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_loss
 
 pytest.importorskip("transformers")
@@ -198,9 +198,9 @@ def test_an_example_config_runs_end_to_end(tmp_path, capsys) -> None:
     itself after the model, says what it inferred, and its results have the loop steps."""
     from pipeline_helpers import cli_overrides
 
-    from sdi_pipeline.attribute_cli import run
     from sdi_pipeline.examples.train import train_example
-    from sdi_pipeline.results import Results
+    from sdi_pipeline.formats.results import Results
+    from sdi_pipeline.launch.attribute_cli import run
 
     train_example("looped_llama", tmp_path / "ex", steps=3, n_checkpoints=2, progress=False,
                   n_loops=2, d_model=16)  # fmt: skip

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model, parity_batch
 
-from sdi_pipeline.dynamics import LoopTrace, trace_batches
 from sdi_pipeline.errors import DataError
 from sdi_pipeline.examples.parity_dynamics import (
     alternating_probe,
@@ -20,6 +19,7 @@ from sdi_pipeline.examples.parity_dynamics import (
     prefix_parity_loss,
     train_parity_dynamics,
 )
+from sdi_pipeline.inputs.dynamics import LoopTrace, trace_batches
 from sdi_pipeline.toy.parity import make_parity_dataset
 
 TINY = {"n_bits": 6, "n_train": 64, "n_loops": 3, "d_model": 16, "d_mlp": 32}
@@ -57,7 +57,7 @@ def test_a_trace_of_the_wrong_shape_is_refused_in_one_line() -> None:
 
     with pytest.raises(DataError, match=r"the targets show 3 loop steps: return one state"):
         trace_batches(short, model, [parity_batch(2)], loop_steps=3)
-    with pytest.raises(DataError, match=r"must return sdi_pipeline.dynamics.LoopTrace"):
+    with pytest.raises(DataError, match=r"must return sdi_pipeline.inputs.dynamics.LoopTrace"):
         trace_batches(lambda m, b: (1, 2), model, [parity_batch(2)], loop_steps=3)
     with pytest.raises(DataError, match=r"of torch tensors, got ndarray and ndarray"):
         trace = LoopTrace(np.zeros((2, 3, 4)), np.zeros((2, 3)))  # type: ignore[arg-type]
@@ -67,7 +67,7 @@ def test_a_trace_of_the_wrong_shape_is_refused_in_one_line() -> None:
 def test_a_wrong_trace_is_refused_before_any_job(tmp_path) -> None:
     from pipeline_helpers import cli_overrides
 
-    from sdi_pipeline.attribute_cli import run
+    from sdi_pipeline.launch.attribute_cli import run
 
     trace = "{_target_:pipeline_helpers.short_trace,_partial_:true}"
     with pytest.raises(DataError, match=r"returned \(5, 3\) .* targets show 4 loop steps"):
@@ -78,7 +78,7 @@ def test_a_wrong_trace_is_refused_before_any_job(tmp_path) -> None:
 def test_the_trace_is_query_side_only(tmp_path) -> None:
     from pipeline_helpers import toy_config
 
-    from sdi_pipeline.config import config_hash, structured, train_hash
+    from sdi_pipeline.run.config import config_hash, structured, train_hash
 
     plain = structured(toy_config(tmp_path))
     node = {"_target_": "sdi_pipeline.examples.parity_dynamics.parity_loop_trace",
@@ -129,7 +129,7 @@ def example_run(tmp_path_factory):
     """`sdi-attribute model=parity_dynamics` on briefly trained tiny checkpoints."""
     from pipeline_helpers import cli_overrides
 
-    from sdi_pipeline.attribute_cli import run
+    from sdi_pipeline.launch.attribute_cli import run
 
     tmp = tmp_path_factory.mktemp("parity_dynamics")
     paths = train_parity_dynamics(tmp / "ex", steps=6, n_checkpoints=2, progress=False, **TINY)
@@ -144,7 +144,7 @@ def example_run(tmp_path_factory):
 
 
 def test_the_example_records_the_loop_and_draws_the_figure(example_run) -> None:
-    from sdi_pipeline.results import Results
+    from sdi_pipeline.formats.results import Results
     from sdi_pipeline.toy.train import load_toy_model
 
     tmp, paths = example_run
@@ -178,9 +178,9 @@ def test_the_example_records_the_loop_and_draws_the_figure(example_run) -> None:
 def test_the_figure_and_margins_are_logged_to_wandb(example_run, monkeypatch) -> None:
     from test_wandb_log import _read_finished
 
-    from sdi_pipeline.results import find_results
-    from sdi_pipeline.rundir import RunDir
-    from sdi_pipeline.wandb_log import WandbLogger
+    from sdi_pipeline.formats.results import find_results
+    from sdi_pipeline.report.wandb_log import WandbLogger
+    from sdi_pipeline.run.rundir import RunDir
 
     tmp, _ = example_run
     run = RunDir(find_results(tmp / "runs" / "parity_dynamics").parent)
@@ -198,7 +198,7 @@ def test_the_figure_and_margins_are_logged_to_wandb(example_run, monkeypatch) ->
     assert logged.logged("loop/dynamics")["_type"] == "image-file"
     columns, rows = logged.table("loop/margin")
     assert columns == ["checkpoint", "query", "step", "value"] and len(rows) == 2 * 5 * 3
-    from sdi_pipeline.results import Results
+    from sdi_pipeline.formats.results import Results
 
     with Results.open(run.path) as res:
         first = [r[3] for r in rows if r[0] == 1 and r[1] == 2]

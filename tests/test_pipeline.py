@@ -19,14 +19,16 @@ from pipeline_helpers import run_all, toy_config
 from torch.utils.data import DataLoader
 
 from sdi_pipeline.attribute import attribute
-from sdi_pipeline.build import build_dataset
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.jobs import EXIT_INTERRUPTED, run_query, run_worker
-from sdi_pipeline.merge import run_merge
-from sdi_pipeline.results import Results
-from sdi_pipeline.rundir import RunDir, prepare_run
-from sdi_pipeline.store import read_sketch_file, write_sketch_file
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.formats.sketches import read_sketch_file, write_sketch_file
+from sdi_pipeline.inputs.build import build_dataset
+from sdi_pipeline.jobs.context import EXIT_INTERRUPTED
+from sdi_pipeline.jobs.merge import run_merge
+from sdi_pipeline.jobs.query import run_query
+from sdi_pipeline.jobs.worker import run_worker
+from sdi_pipeline.run.rundir import RunDir, prepare_run
 from sdi_pipeline.toy.parity import parity_loss
 
 TESTS = Path(__file__).parent
@@ -38,7 +40,7 @@ def digest(path: Path) -> str:
 
 def in_memory(run: RunDir):
     cfg = run.load_config()
-    from sdi_pipeline.build import build_model
+    from sdi_pipeline.inputs.build import build_model
 
     return attribute(
         build_model(cfg),
@@ -84,7 +86,7 @@ def test_results_open_finds_the_newest_run_of_a_name(tmp_path) -> None:
 def _worker_process(run: RunDir, env_seconds: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(TESTS), SDI_TEST_BATCH_SECONDS=env_seconds)
     return subprocess.Popen(
-        [sys.executable, "-c", "from sdi_pipeline.cli import worker_main; worker_main()",
+        [sys.executable, "-c", "from sdi_pipeline.launch.cli import worker_main; worker_main()",
          f"run_dir={run.path}", "rank=0", "world_size=1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -286,7 +288,8 @@ def test_summed_train_steps_store_one_vector_and_give_the_same_tracin(tmp_path) 
 
 def test_worker_cli_reports_bad_arguments_in_one_line(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "from sdi_pipeline.cli import worker_main; worker_main()", "rank=1"],
+        [sys.executable, "-c", "from sdi_pipeline.launch.cli import worker_main; worker_main()",
+         "rank=1"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2

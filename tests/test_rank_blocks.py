@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
-from sdi_pipeline.rundir import enumerate_units, rank_blocks, run_blocks
+from sdi_pipeline.run.rundir import enumerate_units, rank_blocks, run_blocks
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])

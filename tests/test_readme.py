@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from pipeline_helpers import run_all, toy_config, write_toy_checkpoints
 from torch.utils.data import DataLoader
 
-from sdi_pipeline.cli import JOBS
-from sdi_pipeline.compose import compose_config
+from sdi_pipeline.launch.cli import JOBS
+from sdi_pipeline.launch.compose import compose_config
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,6 @@ def test_python_blocks_run(tmp_path, monkeypatch) -> None:
 
 
 def run_model(run) -> torch.nn.Module:
-    from sdi_pipeline.build import build_model
+    from sdi_pipeline.inputs.build import build_model
 
     return build_model(run.load_config())

@@ -18,11 +18,13 @@ import pytest
 from pipeline_helpers import parity, run_all, toy_config
 
 from sdi_pipeline.errors import ConfigError, MergeRefused, RunDirError
-from sdi_pipeline.jobs import run_query, run_score, run_worker
-from sdi_pipeline.merge import run_merge
-from sdi_pipeline.results import Results, ResultsWriter
-from sdi_pipeline.rundir import RunDir, prepare_run
-from sdi_pipeline.store import read_sketch_file
+from sdi_pipeline.formats.results import Results, ResultsWriter
+from sdi_pipeline.formats.sketches import read_sketch_file
+from sdi_pipeline.jobs.merge import run_merge
+from sdi_pipeline.jobs.query import run_query
+from sdi_pipeline.jobs.score import run_score
+from sdi_pipeline.jobs.worker import run_worker
+from sdi_pipeline.run.rundir import RunDir, prepare_run
 
 # Per-example datasets (virtual in results.h5) and the reduced ones.
 ROWS = ("tracin", "sdi", "sdi_matrix", "diagnostics/train_loss")
@@ -183,7 +185,7 @@ def test_killed_between_sketching_and_scoring_resumes_without_sketching(
     def killed(*_args: Any, **_kwargs: Any) -> None:
         raise SystemExit("killed")
 
-    monkeypatch.setattr("sdi_pipeline.jobs.write_shard", killed)
+    monkeypatch.setattr("sdi_pipeline.jobs.worker.write_shard", killed)
     with pytest.raises(SystemExit):
         run_worker(run.path, 0, 1)
     monkeypatch.undo()

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import make_model, parity_batch
 
-from sdi_pipeline import scores
 from sdi_pipeline.attribute import attribute
-from sdi_pipeline.checkpoints import CheckpointSpec
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.inputs.checkpoints import CheckpointSpec
+from sdi_pipeline.jobs import scores
 from sdi_pipeline.toy.parity import parity_loss
 
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from pipeline_helpers import cli_overrides
 
-from sdi_pipeline.launchers.slurm import jobs_path, slurm_jobs
-from sdi_pipeline.rundir import RunDir, Unit, rank_blocks, run_blocks, run_units
-from sdi_pipeline.status import run_status
+from sdi_pipeline.launch.slurm import jobs_path, slurm_jobs
+from sdi_pipeline.launch.status import run_status
+from sdi_pipeline.run.rundir import RunDir, Unit, rank_blocks, run_blocks, run_units
 
 pytestmark = pytest.mark.slurm
 

@@ -12,7 +12,7 @@ from sdi_pipeline.attribute import attribute
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import DataError
-from sdi_pipeline.losses import next_token_loss
+from sdi_pipeline.inputs.losses import next_token_loss
 
 EDGES = ["tok_emb", "pos_emb", "block", "ln_f", "head"]
 
@@ -119,18 +119,18 @@ def _token_run_config(tmp_path, query_tokens) -> dict:
     np.save(tmp_path / "query.npy", gen.integers(0, 3, (3, 7)))
 
     def tokens(name: str) -> dict:
-        return {"_target_": "sdi_pipeline.data.token_dataset", "path": str(tmp_path / name)}
+        return {"_target_": "sdi_pipeline.inputs.data.token_dataset", "path": str(tmp_path / name)}
 
     return toy_config(
         tmp_path,
         data={
             "train": tokens("train.npy"),
             "query": tokens("query.npy"),
-            "collate": {"_target_": "sdi_pipeline.data.PadCollate", "pad_id": 0},
+            "collate": {"_target_": "sdi_pipeline.inputs.data.PadCollate", "pad_id": 0},
         },
         analysis={
             "loss": {
-                "_target_": "sdi_pipeline.losses.next_token_loss",
+                "_target_": "sdi_pipeline.inputs.losses.next_token_loss",
                 "_partial_": True,
                 "per_token": True,
             },
@@ -144,8 +144,8 @@ def test_pipeline_writes_per_token_sdi_equal_to_the_engines(tmp_path, choice) ->
     from pipeline_helpers import run_all
     from torch.utils.data import DataLoader
 
-    from sdi_pipeline import build
-    from sdi_pipeline.results import Results
+    from sdi_pipeline.formats.results import Results
+    from sdi_pipeline.inputs import build
 
     run = run_all(_token_run_config(tmp_path, choice), workers=2)
     cfg = run.load_config()
@@ -182,7 +182,7 @@ def test_pipeline_writes_per_token_sdi_equal_to_the_engines(tmp_path, choice) ->
 def test_per_token_queries_need_a_per_token_loss_before_any_job(tmp_path) -> None:
     from pipeline_helpers import cli_overrides
 
-    from sdi_pipeline.attribute_cli import run
+    from sdi_pipeline.launch.attribute_cli import run
 
     with pytest.raises(DataError, match=r"need a loss_fn that returns per-token losses"):
         run(cli_overrides(tmp_path, "analysis.query_tokens=last"))  # parity_loss is (B,)
@@ -190,8 +190,8 @@ def test_per_token_queries_need_a_per_token_loss_before_any_job(tmp_path) -> Non
 
 
 def test_per_token_query_sketches_over_the_size_limit_are_refused(tmp_path) -> None:
-    from sdi_pipeline.attribute_cli import run
     from sdi_pipeline.errors import ConfigError
+    from sdi_pipeline.launch.attribute_cli import run
 
     cfg = _token_run_config(tmp_path, "all")
     overrides = [

@@ -11,12 +11,12 @@ import pytest
 from omegaconf import OmegaConf
 from pipeline_helpers import cli_overrides
 
-from sdi_pipeline.attribute_cli import run as attribute_main
-from sdi_pipeline.build import instantiate_node
-from sdi_pipeline.compose import compose_config, loss_origin
-from sdi_pipeline.config import config_hash
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.inputs.build import instantiate_node
+from sdi_pipeline.launch.attribute_cli import run as attribute_main
+from sdi_pipeline.launch.compose import compose_config, loss_origin
+from sdi_pipeline.run.config import config_hash
+from sdi_pipeline.run.rundir import RunDir
 
 # Modules the tests write; each test imports its own, and they are forgotten afterwards.
 USER_MODULES = ("mylosses", "cwdfactory", "brokenfactory", "badimport", "raising")
@@ -72,7 +72,7 @@ def user_setup(tmp_path: Path) -> tuple[list[str], str]:
     return overrides, str(conf)
 
 
-NEXT_TOKEN = "sdi_pipeline.losses.next_token_loss"
+NEXT_TOKEN = "sdi_pipeline.inputs.losses.next_token_loss"
 CASES = {
     "model group beats data group": (["model=mylm"], "mylosses.square_loss", "model=mylm"),
     "command line beats both": (

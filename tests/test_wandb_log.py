@@ -34,10 +34,10 @@ import pytest
 from omegaconf import OmegaConf
 from pipeline_helpers import run_all, toy_config
 
-from sdi_pipeline.plots import plot_step_profiles
-from sdi_pipeline.results import Results
-from sdi_pipeline.rundir import RunDir, prepare_run
-from sdi_pipeline.wandb_log import WandbLogger
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.report.plots import plot_step_profiles
+from sdi_pipeline.report.wandb_log import WandbLogger
+from sdi_pipeline.run.rundir import RunDir, prepare_run
 
 # -- reading wandb's offline files ----------------------------------------------------------
 
@@ -352,8 +352,8 @@ def test_disabled_imports_nothing_and_writes_nothing(logged: Logged, tmp_path: P
     script = textwrap.dedent(
         """
         import sys
-        from sdi_pipeline.rundir import RunDir
-        from sdi_pipeline.wandb_log import WandbLogger
+        from sdi_pipeline.run.rundir import RunDir
+        from sdi_pipeline.report.wandb_log import WandbLogger
 
         run = RunDir(sys.argv[1])
         cfg = run.load_config()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv with the dev tools, then run every check: lint, format, types, tests.
+# Set up .venv with the dev tools, then run every check: lint, format, types, layers, tests.
 # As root with apt-get (as in CI) it also brings up the one-node SLURM cluster of
 # slurm/local-cluster.sh for the `slurm` tests and stops it again on exit; a cluster that is
 # already up is used and left alone. SDI_LOCAL_CLUSTER=0 turns this off.
@@ -16,4 +16,5 @@ fi
 echo "[test] ruff check";          .venv/bin/ruff check .
 echo "[test] ruff format --check"; .venv/bin/ruff format --check .
 echo "[test] pyright sdi_pipeline"; .venv/bin/pyright sdi_pipeline
+echo "[test] lint-imports";        .venv/bin/lint-imports
 echo "[test] pytest";              .venv/bin/python -m pytest "$@"

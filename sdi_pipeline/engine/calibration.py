@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from sdi_pipeline.atomic import create_exclusive, write_json_atomic
 from sdi_pipeline.engine.hashing import induced_buckets, make_count_sketch_hash
 from sdi_pipeline.engine.host_cache import CACHE_ENV as CACHE_ENV  # re-exported
 from sdi_pipeline.engine.host_cache import cache_dir
@@ -42,6 +41,7 @@ from sdi_pipeline.engine.kernels import (
 )
 from sdi_pipeline.engine.native import dense_sketch_op
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.files.atomic import create_exclusive, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.engine.host_cache import cache_dir
 from sdi_pipeline.errors import SDIError
+from sdi_pipeline.files.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

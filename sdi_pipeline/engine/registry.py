@@ -10,7 +10,8 @@ per-example gradient (:meth:`LayerHandler.per_example`) and, where a faster path
 sketch (:meth:`LayerHandler.sketch`) side by side, registered for its module type with
 :func:`register_layer`. Modules are classified by :func:`handler_for`: the nearest registered
 base class in the module type's MRO, else the first fallback (:func:`register_fallback`)
-that accepts the module.
+that accepts the module. The registry imports no handler: importing
+:mod:`sdi_pipeline.engine.layers` registers the built-in ones (:mod:`.targets` does).
 
 Sketches of all parameters are summed into one m-vector. Each parameter has its own
 independent hash, and every hash has zero-mean random signs, so the expected inner product
@@ -223,7 +224,6 @@ def _qualified(cls: type) -> str:
 
 def _registration(module: nn.Module) -> tuple[type, _Registration] | None:
     """The nearest registered base of the module's type, and its registration."""
-    _load_builtin_layers()
     for base in type(module).__mro__:
         reg = _LAYERS.get(base) or _LAYERS.get(_qualified(base))
         if reg is not None:
@@ -254,11 +254,6 @@ def register_fallback(
     return decorate
 
 
-def _load_builtin_layers() -> None:
-    # The built-in layer files register themselves on import.
-    import sdi_pipeline.engine.layers  # noqa: F401
-
-
 def handler_for(module: nn.Module, attrs: Sequence[str]) -> HandlerClass | None:
     """The handler class for ``module``'s parameters ``attrs``, or None if none fits."""
 
@@ -279,7 +274,6 @@ def handler_for(module: nn.Module, attrs: Sequence[str]) -> HandlerClass | None:
 
 def supported_description() -> str:
     """Which module types can be sketched, for error messages."""
-    _load_builtin_layers()
 
     def name(t: type | str) -> str:
         if isinstance(t, str):

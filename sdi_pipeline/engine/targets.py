@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+# Imported for its side effect: the built-in layer files register their handlers.
+from sdi_pipeline.engine import layers as _builtin_layers  # noqa: F401
 from sdi_pipeline.engine.registry import (
     HandlerClass,
     TargetParam,

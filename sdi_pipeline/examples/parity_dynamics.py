@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sdi_pipeline.atomic import atomic_path
-from sdi_pipeline.dynamics import LoopTrace
 from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.files.atomic import atomic_path
+from sdi_pipeline.inputs.dynamics import LoopTrace
 from sdi_pipeline.toy.checkpoints import first_checkpoint
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import MARKER, ParityData, make_parity_dataset

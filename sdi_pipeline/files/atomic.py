@@ -167,7 +167,7 @@ def create_exclusive(path: str | Path, text: str) -> bool:
     The content is complete before the name appears (a hard link of a finished temporary
     file, which fails when the name exists), so a reader never sees a partial file. On
     filesystems without hard links it falls back to ``O_CREAT | O_EXCL`` (a reader may then
-    see the file empty for an instant; :mod:`sdi_pipeline.leases` allows for that).
+    see the file empty for an instant; :mod:`sdi_pipeline.run.leases` allows for that).
     """
     final = Path(path)
     ensure_dir(final.parent)

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import CheckpointError, SDIError
+from sdi_pipeline.files.atomic import write_json_atomic
 from sdi_pipeline.messages import shortened
 
 # A checkpoint directory's weights: the first of these present (an index stands for its

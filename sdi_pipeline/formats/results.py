@@ -23,9 +23,9 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from sdi_pipeline.atomic import atomic_path
 from sdi_pipeline.errors import ConfigError, RunDirError
-from sdi_pipeline.freshness import results_inputs, results_staleness, stale_message
+from sdi_pipeline.files.atomic import atomic_path
+from sdi_pipeline.run.freshness import results_inputs, results_staleness, stale_message
 
 RESULTS_FORMAT = "sdi-pipeline/results"
 RESULTS_VERSION = 4

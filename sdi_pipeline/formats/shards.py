@@ -34,8 +34,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from sdi_pipeline.atomic import write_bytes_atomic
 from sdi_pipeline.errors import RunDirError
+from sdi_pipeline.files.atomic import write_bytes_atomic
+from sdi_pipeline.run.layout import RunPaths
 
 SHARD_FORMAT = "sdi-pipeline/scores"
 SHARD_FORMAT_VERSION = 1
@@ -193,3 +194,12 @@ def shard_matches(path: Path, query_digests: list[str]) -> bool:
         return False
     depends = meta.get("depends")
     return isinstance(depends, Mapping) and depends.get("query") == query_digests
+
+
+def block_done(run: RunPaths, block: Any, store_train: bool, queries: list[str] | None) -> bool:
+    """Cheap check (markers, a header): whether ``block`` needs no more work -- its units
+    stored (with ``store_train``) and its shard scored against the query files ``queries``
+    (None: they are not there yet, so it is not). The jobs check everything."""
+    if store_train and not all(run.unit_done(u.name) for u in block.units):
+        return False
+    return queries is not None and shard_matches(run.shard_path(block.index), queries)

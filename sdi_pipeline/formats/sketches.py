@@ -10,7 +10,7 @@ sha256, digest of the examples, spec, targets, parameters, format) -- with its d
 current ones is stale and is recomputed, never reused.
 
 Every dataset is chunked and carries an HDF5 Fletcher-32 checksum, verified on every read.
-The file is built in memory and written through :mod:`sdi_pipeline.atomic` (temporary name,
+The file is built in memory and written through :mod:`sdi_pipeline.files.atomic` (temporary name,
 then rename), with no timestamps inside, so the same work written twice gives identical
 bytes, and a full disk or read-only folder is one clear error, never a half-written file.
 """
@@ -27,9 +27,9 @@ import h5py
 import numpy as np
 import torch
 
-from sdi_pipeline.atomic import write_bytes_atomic
 from sdi_pipeline.errors import DataError, RunDirError
-from sdi_pipeline.layout import SKETCH_FORMAT, SKETCH_FORMAT_VERSION
+from sdi_pipeline.files.atomic import write_bytes_atomic
+from sdi_pipeline.run.layout import SKETCH_FORMAT, SKETCH_FORMAT_VERSION
 
 FORMAT = SKETCH_FORMAT
 FORMAT_VERSION = SKETCH_FORMAT_VERSION

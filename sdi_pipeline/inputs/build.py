@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sdi_pipeline.checkpoints import resolve_checkpoint_paths
-from sdi_pipeline.dynamics import TraceFn
 from sdi_pipeline.engine.featurizer import LossFn
 from sdi_pipeline.errors import ConfigError, DataError, SDIError
+from sdi_pipeline.inputs.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.inputs.dynamics import TraceFn
 
 
 def use_python_path(cfg: DictConfig) -> None:
@@ -164,7 +164,7 @@ def build_collate(cfg: DictConfig) -> Any:
     return collate
 
 
-# Checkpoint paths and globs are expanded in one place (sdi_pipeline.checkpoints); the run
+# Checkpoint paths and globs are expanded in one place (sdi_pipeline.inputs.checkpoints); the run
 # directory code resolves them through this name.
 resolve_checkpoints = resolve_checkpoint_paths
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdi_pipeline.digests import checkpoint_files, read_json, sha256_files
 from sdi_pipeline.errors import CheckpointError
+from sdi_pipeline.files.digests import checkpoint_files, read_json, sha256_files
 from sdi_pipeline.messages import shortened
 
 # The weight files of a save_pretrained / Trainer directory, in the order Hugging Face

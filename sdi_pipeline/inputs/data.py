@@ -3,8 +3,8 @@
 ``token_dataset`` is the Hydra target for ``data.train`` / ``data.query``::
 
     data:
-      train: {_target_: sdi_pipeline.data.token_dataset, path: train.h5, limit: 10000}
-      collate: {_target_: sdi_pipeline.data.PadCollate, pad_id: 0}
+      train: {_target_: sdi_pipeline.inputs.data.token_dataset, path: train.h5, limit: 10000}
+      collate: {_target_: sdi_pipeline.inputs.data.PadCollate, pad_id: 0}
 
 Each item is ``{"input_ids": LongTensor (T_i,)}``. Large files are read lazily (``.npy`` is
 memory-mapped, ``.h5`` is read row by row, ``.jsonl`` is indexed by line offsets), and every
@@ -502,7 +502,8 @@ def token_dataset(
     *,
     allow_pickle: bool = False,
 ) -> TokenDataset:
-    """The Hydra target for token data: ``{_target_: sdi_pipeline.data.token_dataset, path: ...}``.
+    """The Hydra target for token data:
+    ``{_target_: sdi_pipeline.inputs.data.token_dataset, path: ...}``.
 
     Builds a :class:`TokenDataset`; see it for the formats and arguments. For example, the
     first 10k rows of an HDF5 file: ``token_dataset("train.h5", key="tokens", limit=10_000)``.
@@ -524,7 +525,7 @@ class PadCollate:
     Returns ``{"input_ids": (B, T_max) int64 padded with pad_id, "attention_mask": (B, T_max)
     int64}`` with 1 marking real tokens. An example's own ``attention_mask`` is padded with 0
     and kept; any other keys (e.g. ``target``) are collated with torch's default collate.
-    Hydra: ``{_target_: sdi_pipeline.data.PadCollate, pad_id: 0}``.
+    Hydra: ``{_target_: sdi_pipeline.inputs.data.PadCollate, pad_id: 0}``.
     """
 
     def __init__(self, pad_id: int = 0) -> None:

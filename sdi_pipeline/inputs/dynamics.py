@@ -75,7 +75,8 @@ def trace_batches(
                 trace = fn(model, batch)
                 if not isinstance(trace, LoopTrace):
                     raise DataError(
-                        "analysis.loop_trace must return sdi_pipeline.dynamics.LoopTrace(states, "
+                        "analysis.loop_trace must return "
+                        "sdi_pipeline.inputs.dynamics.LoopTrace(states, "
                         f"margins), got {type(trace).__name__}"
                     )
                 trace.check(loop_steps)

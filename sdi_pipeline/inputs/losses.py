@@ -4,7 +4,7 @@ Influence is per training example, so these never reduce over the batch. With
 ``per_token=True`` they return per-token losses (B, L) that sum over tokens to the
 per-example loss, for per-token x per-step query features (``analysis.query_tokens``).
 With Hydra, a loss is configured as a partial function, e.g.
-``analysis.loss: {_target_: sdi_pipeline.losses.next_token_loss, _partial_: true}``.
+``analysis.loss: {_target_: sdi_pipeline.inputs.losses.next_token_loss, _partial_: true}``.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def next_token_loss(
     positions where ``batch["attention_mask"][:, 1:] == 0`` (padding, when the mask is present)
     or whose target equals ``ignore_index`` are left out, and each example's loss is the mean
     over its own remaining positions, so padding neither adds loss nor dilutes it. With right
-    padding (as :class:`sdi_pipeline.data.PadCollate` makes) a causal model's logits at real
+    padding (as :class:`sdi_pipeline.inputs.data.PadCollate` makes) a causal model's logits at real
     positions do not depend on the padding, so the model is not given the mask.
 
-    With Hydra: ``{_target_: sdi_pipeline.losses.next_token_loss, _partial_: true}``.
+    With Hydra: ``{_target_: sdi_pipeline.inputs.losses.next_token_loss, _partial_: true}``.
 
     Raises:
         DataError: if the batch or logits have the wrong shape, or some example has no target
@@ -110,7 +110,7 @@ def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
     For classification-style tasks whose answer is predicted at the final token. When the batch
     has an ``attention_mask`` the last *real* position of each example is used, so right-padded
-    batches work. With Hydra: ``{_target_: sdi_pipeline.losses.answer_token_loss,
+    batches work. With Hydra: ``{_target_: sdi_pipeline.inputs.losses.answer_token_loss,
     _partial_: true}``.
     """
     name = "answer_token_loss"

@@ -7,9 +7,9 @@ import logging
 import resource
 import sys
 
-from sdi_pipeline.atomic import ensure_dir, write_error
 from sdi_pipeline.errors import DataError, SDIError
-from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.files.atomic import ensure_dir, write_error
+from sdi_pipeline.run.rundir import RunDir
 
 log = logging.getLogger("sdi_pipeline")
 

@@ -8,7 +8,7 @@ sketch spec / parameters / checkpoint / step layout differ from the query file's
 covered twice or not at all. Nothing is computed until the run is complete and consistent;
 the merge waits for nothing.
 
-The workers score each block as they sketch it (:mod:`sdi_pipeline.scoring`): a block's
+The workers score each block as they sketch it (:mod:`sdi_pipeline.jobs.scoring`): a block's
 shard holds its rows of TracIn / SDI, its own top-k per query and its float64 sums. The merge
 is a reduce: it checks every shard is current (a block without one, or with a stale one, is
 scored here from its stored train sketches; without stored sketches the merge refuses),
@@ -33,21 +33,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdi_pipeline import build, scores
-from sdi_pipeline.atomic import clean_temp_files
-from sdi_pipeline.config import config_hash, train_hash
-from sdi_pipeline.content import block_digest
-from sdi_pipeline.digests import DigestCache, record_digest
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.errors import MergeRefused, SDIError
-from sdi_pipeline.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
-from sdi_pipeline.layout import block_name
-from sdi_pipeline.leases import read_holder
-from sdi_pipeline.logs import log, setup_logging
-from sdi_pipeline.messages import shortened
-from sdi_pipeline.results import check_free_space, write_results
-from sdi_pipeline.rundir import Block, RunDir, Unit, run_blocks, run_units
-from sdi_pipeline.scoring import (
+from sdi_pipeline.files.atomic import clean_temp_files
+from sdi_pipeline.files.digests import DigestCache, record_digest
+from sdi_pipeline.formats.results import check_free_space, write_results
+from sdi_pipeline.formats.shards import ShardSummary, read_shard_summary, write_shard
+from sdi_pipeline.formats.sketches import (
+    FORMAT_VERSION,
+    SketchFile,
+    UnitReader,
+    describe_mismatch,
+    read_meta,
+    read_sketch_file,
+)
+from sdi_pipeline.inputs import build
+from sdi_pipeline.inputs.content import block_digest
+from sdi_pipeline.jobs import scores
+from sdi_pipeline.jobs.logs import log, setup_logging
+from sdi_pipeline.jobs.scoring import (
     BlockScorer,
     QuerySet,
     Scoring,
@@ -56,16 +60,13 @@ from sdi_pipeline.scoring import (
     scoring_plan,
     shard_problem,
 )
-from sdi_pipeline.shards import ShardSummary, read_shard_summary, write_shard
-from sdi_pipeline.store import (
-    FORMAT_VERSION,
-    SketchFile,
-    UnitReader,
-    describe_mismatch,
-    read_meta,
-    read_sketch_file,
-)
-from sdi_pipeline.wandb_log import WandbLogger
+from sdi_pipeline.messages import shortened
+from sdi_pipeline.report.wandb_log import WandbLogger
+from sdi_pipeline.run.config import config_hash, train_hash
+from sdi_pipeline.run.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
+from sdi_pipeline.run.layout import block_name
+from sdi_pipeline.run.leases import read_holder
+from sdi_pipeline.run.rundir import Block, RunDir, Unit, run_blocks, run_units
 
 RERUN = "run the same sdi-attribute command again (or the jobs by hand) to recompute them"
 # Problems shown in the one-line refusal; all of them go to logs/merge.log.

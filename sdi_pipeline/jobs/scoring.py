@@ -6,7 +6,7 @@ takes the block's train sketches checkpoint by checkpoint, contracts each with t
 checkpoint's query sketches on the job's device (``sum_k eta_k T_k Q_k``, in checkpoint
 order, the values as stored in ``sketch.dtype``, so a block scored from memory and one
 scored from its unit files are the same numbers), and :meth:`BlockScorer.finish` gives the
-shard's contents (:mod:`sdi_pipeline.shards`).
+shard's contents (:mod:`sdi_pipeline.formats.shards`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdi_pipeline import scores
-from sdi_pipeline.digests import record_digest
 from sdi_pipeline.errors import ConfigError, DataError, RunDirError
-from sdi_pipeline.freshness import MISSING, explain_stale
-from sdi_pipeline.rundir import Block, Unit
-from sdi_pipeline.shards import SHARD_FORMAT_VERSION, BlockScores, read_shard_meta
-from sdi_pipeline.store import (
+from sdi_pipeline.files.digests import record_digest
+from sdi_pipeline.formats.shards import SHARD_FORMAT_VERSION, BlockScores, read_shard_meta
+from sdi_pipeline.formats.sketches import (
     SketchFile,
     UnitReader,
     describe_mismatch,
 )
+from sdi_pipeline.jobs import scores
+from sdi_pipeline.run.freshness import MISSING, explain_stale
+from sdi_pipeline.run.rundir import Block, Unit
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def as_stored(values: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def add_stored(scorer: BlockScorer, run: Any, unit: Unit, reader: UnitReader) -> None:
     """Read unit ``unit``'s stored train sketches (checksums, finite values) into ``scorer``.
-    A damaged file raises :class:`~sdi_pipeline.store.CorruptFile` naming it."""
+    A damaged file raises :class:`~sdi_pipeline.formats.sketches.CorruptFile` naming it."""
     values, loss, attrs = reader.read(run.unit_path(unit))
     scorer.add(unit, torch.from_numpy(values), loss, attrs, run.read_marker(unit.name) or {})
 

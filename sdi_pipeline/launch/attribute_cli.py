@@ -24,10 +24,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdi_pipeline import build
-from sdi_pipeline.checkpoints import resolve_checkpoint_paths
-from sdi_pipeline.cli import guarded
 from sdi_pipeline.errors import ConfigError, RunDirError, SDIError
+from sdi_pipeline.inputs import build
+from sdi_pipeline.inputs.checkpoints import resolve_checkpoint_paths
+from sdi_pipeline.launch.cli import guarded
 
 
 @dataclass
@@ -42,8 +42,8 @@ class Preflight:
 
 def preflight(cfg: DictConfig) -> Preflight:
     """Build everything a job builds, read every example, sketch one query batch."""
-    from sdi_pipeline.content import scan_dataset, token_limits
-    from sdi_pipeline.jobs import JobContext
+    from sdi_pipeline.inputs.content import scan_dataset, token_limits
+    from sdi_pipeline.jobs.context import JobContext
 
     ctx = JobContext(cfg)
     train = build.build_dataset(cfg, "train")
@@ -101,9 +101,9 @@ def _check_token_size(cfg: DictConfig, n_query: int, shape: tuple[int, ...]) -> 
 def reconcile(run: Any, pre: Preflight) -> list[str]:
     """Remove the markers of stale or damaged units and stale query files, so that every
     launcher recomputes exactly them; returns what was found."""
-    from sdi_pipeline.freshness import CORRUPT, STALE, check_unit
-    from sdi_pipeline.jobs import query_fresh
-    from sdi_pipeline.rundir import run_units
+    from sdi_pipeline.jobs.context import query_fresh
+    from sdi_pipeline.run.freshness import CORRUPT, STALE, check_unit
+    from sdi_pipeline.run.rundir import run_units
 
     ctx = pre.ctx
     ctx.run = run
@@ -139,10 +139,10 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     args = parser.parse_args(argv)
 
-    from sdi_pipeline.compose import compose_config, describe_loss, loss_origin
-    from sdi_pipeline.launchers import LAUNCHERS
-    from sdi_pipeline.leases import Holder, acquire
-    from sdi_pipeline.rundir import RunDir, prepare_run, run_path
+    from sdi_pipeline.launch.compose import compose_config, describe_loss, loss_origin
+    from sdi_pipeline.launch.launchers import LAUNCHERS
+    from sdi_pipeline.run.leases import Holder, acquire
+    from sdi_pipeline.run.rundir import RunDir, prepare_run, run_path
 
     cfg = compose_config(args.overrides, args.config_dir)
     if args.cfg:
@@ -186,8 +186,8 @@ def run(argv: list[str]) -> int:
     # A launcher that submits returns before the merge: the same command run after the
     # merge prints the summary.
     if code == 0 and launcher.runs_jobs and run_dir.results_path.exists():
-        from sdi_pipeline.results import stale_reasons
-        from sdi_pipeline.summary import print_summary
+        from sdi_pipeline.formats.results import stale_reasons
+        from sdi_pipeline.report.summary import print_summary
 
         if not stale_reasons(run_dir.results_path):
             print_summary(run_dir, loss)

@@ -4,7 +4,7 @@
 Arguments are ``key=value`` pairs, as in the launcher: ``sdi-worker run_dir=runs/x/abc
 rank=3 world_size=8``, ``sdi-score run_dir=... rank=R world_size=W``, ``sdi-status
 run_dir=... [verify=true]``. In a SLURM job array, rank and world size default to the array
-task id and count. ``python -m sdi_pipeline.cli <worker|query|score|merge|status> ...`` runs
+task id and count. ``python -m sdi_pipeline.launch.cli <worker|query|score|merge|status> ...`` runs
 the same entry points. A user mistake
 prints one ``error:`` line and exits with status 2.
 """
@@ -61,7 +61,7 @@ def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
 
 
 def _rank_args(argv: list[str]) -> tuple[str, int, int]:
-    from sdi_pipeline.launchers import array_task_count, array_task_id
+    from sdi_pipeline.jobs.allocation import array_task_count, array_task_id
 
     args = parse_kv(argv, ["run_dir"], ["rank", "world_size"])
     rank = _int(args, "rank") if "rank" in args else array_task_id()
@@ -70,32 +70,32 @@ def _rank_args(argv: list[str]) -> tuple[str, int, int]:
 
 
 def _worker(argv: list[str]) -> int:
-    from sdi_pipeline.jobs import run_worker
+    from sdi_pipeline.jobs.worker import run_worker
 
     return run_worker(*_rank_args(argv))
 
 
 def _score(argv: list[str]) -> int:
-    from sdi_pipeline.jobs import run_score
+    from sdi_pipeline.jobs.score import run_score
 
     return run_score(*_rank_args(argv))
 
 
 def _query(argv: list[str]) -> int:
-    from sdi_pipeline.jobs import run_query
+    from sdi_pipeline.jobs.query import run_query
 
     return run_query(parse_kv(argv, ["run_dir"])["run_dir"])
 
 
 def _merge(argv: list[str]) -> int:
-    from sdi_pipeline.merge import run_merge
+    from sdi_pipeline.jobs.merge import run_merge
 
     return run_merge(parse_kv(argv, ["run_dir"])["run_dir"])
 
 
 def _status(argv: list[str]) -> int:
-    from sdi_pipeline.rundir import RunDir
-    from sdi_pipeline.status import format_status, run_status
+    from sdi_pipeline.launch.status import format_status, run_status
+    from sdi_pipeline.run.rundir import RunDir
 
     args = parse_kv(argv, ["run_dir"], ["verify"])
     verify = args.get("verify", "false").lower()
@@ -124,7 +124,9 @@ status_main = guarded(_status)
 
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] not in JOBS:
-        raise ConfigError(f"usage: python -m sdi_pipeline.cli {{{','.join(JOBS)}}} key=value ...")
+        raise ConfigError(
+            f"usage: python -m sdi_pipeline.launch.cli {{{','.join(JOBS)}}} key=value ..."
+        )
     return JOBS[argv[0]](argv[1:])
 
 

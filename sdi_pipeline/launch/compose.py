@@ -1,6 +1,6 @@
 """Compose the attribution config from conf/ with Hydra, with errors a user can act on.
 
-The schemas (:mod:`sdi_pipeline.config`) are registered in Hydra's ConfigStore, so an
+The schemas (:mod:`sdi_pipeline.run.config`) are registered in Hydra's ConfigStore, so an
 unknown key or a wrong type fails at composition, before anything is submitted. Where the
 loss came from (:func:`loss_origin`) is found by composing again without config groups.
 """
@@ -19,10 +19,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdi_pipeline.config import AttributionConfig, explain, structured
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.launchers import LAUNCHERS
+from sdi_pipeline.launch.launchers import LAUNCHERS
 from sdi_pipeline.messages import did_you_mean
+from sdi_pipeline.run.config import AttributionConfig, explain, structured
 
 GROUPS = ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
 
@@ -30,7 +30,7 @@ GROUPS = ("model", "data", "checkpoints", "sketch", "launcher", "wandb")
 def conf_dir() -> Path:
     """The package's conf/ (next to the package in a checkout or editable install)."""
     env = os.environ.get("SDI_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
     if not (path / "config.yaml").is_file():
         raise ConfigError(
             f"cannot find sdi-pipeline's conf/ at {path}: install the package from a checkout "

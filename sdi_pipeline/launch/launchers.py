@@ -1,12 +1,10 @@
 """Launchers: how the query job, the workers and the merge get run (same code everywhere).
 
-Each launcher module owns its config schema (the ``launcher`` section of a run's config)
-and its launch function. :data:`LAUNCHERS` is the one table of them: config validation,
-Hydra's schema registration, ``sdi-attribute`` and ``sdi-status`` all read it, so a new
-launcher is one module, one entry here and one ``conf/launcher/<name>.yaml``.
-
-The defaults a job takes from its cluster environment (worker rank and world size, torch
-threads) are exported here too, so the jobs need not know which scheduler set them.
+Each launcher module owns its launch function; its config schema (the ``launcher`` section
+of a run's config) lives with the config schema in :mod:`sdi_pipeline.run.launcher_configs`.
+:data:`LAUNCHERS` is the one table of launchers: ``sdi-attribute``, Hydra's schema
+registration and ``sdi-status`` read it, so a new launcher is one module, one entry here,
+its schema and one ``conf/launcher/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -16,17 +14,9 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from sdi_pipeline.launchers import local, prepare, slurm
-from sdi_pipeline.launchers.slurm import allocated_cpus, array_task_count, array_task_id
-from sdi_pipeline.rundir import RunDir
-
-__all__ = [
-    "LAUNCHERS",
-    "Launcher",
-    "allocated_cpus",
-    "array_task_count",
-    "array_task_id",
-]
+from sdi_pipeline.launch import local, prepare, slurm
+from sdi_pipeline.run.launcher_configs import LAUNCHER_SCHEMAS
+from sdi_pipeline.run.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -37,37 +27,24 @@ class Launcher:
     of ``sdi-attribute``. ``runs_jobs`` is False for a launcher that only prints how to run
     them (no results summary follows it). ``status_lines(run, merged)``, if set, gives the
     lines ``sdi-status`` adds about the jobs this launcher started for the run.
-    ``validate(cfg)``, if set, checks the launcher's values when the config is validated
-    (before any run directory exists), raising one ConfigError.
     """
 
     name: str
-    schema: type
     launch: Callable[[RunDir, DictConfig, int], int]
     runs_jobs: bool = True
     status_lines: Callable[[RunDir, bool], list[str]] | None = None
-    validate: Callable[[DictConfig], None] | None = None
+
+    @property
+    def schema(self) -> type:
+        """The dataclass of this launcher's config section."""
+        return LAUNCHER_SCHEMAS[self.name].schema
 
 
 LAUNCHERS: dict[str, Launcher] = {
     launcher.name: launcher
     for launcher in (
-        Launcher(
-            "local", local.LocalLauncherConfig, local.launch_local, validate=local.validate_config
-        ),
-        Launcher(
-            "slurm",
-            slurm.SlurmLauncherConfig,
-            slurm.launch_slurm,
-            status_lines=slurm.status_lines,
-            validate=slurm.validate_config,
-        ),
-        Launcher(
-            "prepare",
-            prepare.PrepareLauncherConfig,
-            prepare.launch_prepare,
-            runs_jobs=False,
-            validate=prepare.validate_config,
-        ),
+        Launcher("local", local.launch_local),
+        Launcher("slurm", slurm.launch_slurm, status_lines=slurm.status_lines),
+        Launcher("prepare", prepare.launch_prepare, runs_jobs=False),
     )
 }

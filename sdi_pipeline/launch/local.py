@@ -24,16 +24,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from sdi_pipeline.atomic import ensure_dir, write_error, write_text_atomic
-from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.freshness import block_done, query_digests
-from sdi_pipeline.rundir import Block, RunDir, run_blocks
+from sdi_pipeline.files.atomic import ensure_dir, write_error, write_text_atomic
+from sdi_pipeline.formats.shards import block_done
+from sdi_pipeline.run.freshness import query_digests
+from sdi_pipeline.run.rundir import Block, RunDir, run_blocks
 
 EXIT_CTRL_C = 130
 # PR_SET_PDEATHSIG from <sys/prctl.h>.
@@ -42,33 +41,9 @@ _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
 
 
-@dataclass
-class LocalLauncherConfig:
-    """Run the query job, ``workers`` worker processes and the merge on this machine."""
-
-    name: str = "local"
-    workers: int = 2
-    # Torch threads per worker; null splits this machine's cores evenly between workers.
-    threads_per_worker: int | None = None
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """launcher.workers and threads_per_worker must be positive."""
-    lc = cfg.launcher
-    if lc.workers < 1:
-        raise ConfigError(
-            f"launcher.workers must be at least 1 (the number of worker processes), got "
-            f"{lc.workers}"
-        )
-    if lc.threads_per_worker is not None and lc.threads_per_worker < 1:
-        raise ConfigError(
-            f"launcher.threads_per_worker must be at least 1 or null, got {lc.threads_per_worker}"
-        )
-
-
 def job_command(job: str, run: RunDir, *extra: str) -> list[str]:
     """The command line of one job (the same entry points a user runs by hand)."""
-    return [sys.executable, "-m", "sdi_pipeline.cli", job, f"run_dir={run.path}", *extra]
+    return [sys.executable, "-m", "sdi_pipeline.launch.cli", job, f"run_dir={run.path}", *extra]
 
 
 def _record(run: RunDir, name: str, cmd: list[str], env: dict[str, str]) -> None:

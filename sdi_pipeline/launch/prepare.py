@@ -5,30 +5,9 @@ For running the jobs by hand, on any machines that see the run directory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from omegaconf import DictConfig
 
-from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.rundir import RunDir
-
-
-@dataclass
-class PrepareLauncherConfig:
-    """Only create the run directory and print the commands to run the jobs by hand."""
-
-    name: str = "prepare"
-    # The world size used in the printed worker commands.
-    workers: int = 4
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """launcher.workers must be a positive world size."""
-    if cfg.launcher.workers < 1:
-        raise ConfigError(
-            f"launcher.workers must be at least 1 (the world size of the printed worker "
-            f"commands), got {cfg.launcher.workers}"
-        )
+from sdi_pipeline.run.rundir import RunDir
 
 
 def launch_prepare(run: RunDir, cfg: DictConfig, n_train: int) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -26,130 +25,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdi_pipeline.atomic import write_json_atomic
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.freshness import block_done, query_digests
-from sdi_pipeline.results import stale_reasons
-from sdi_pipeline.rundir import RunDir, rank_blocks, run_blocks
-
-
-@dataclass
-class SlurmLauncherConfig:
-    """Submit a query job, a worker job array and a dependent merge job with submitit."""
-
-    name: str = "slurm"
-    array_size: int = 8
-    # At most this many array tasks run at once (sbatch --array=0-N%P); null: no limit.
-    array_parallelism: int | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_min: int = 120
-    mem_gb: float = 16.0
-    cpus_per_task: int = 4
-    gpus_per_task: int = 0
-    constraint: str | None = None
-    # Extra sbatch parameters, e.g. {mail-type: FAIL}.
-    additional: dict[str, Any] = field(default_factory=dict)
-    query_time_min: int = 60
-    merge_time_min: int = 60
-    merge_mem_gb: float = 32.0
-    merge_cpus: int = 4
-    # Requeues after preemption or timeout before a task gives up.
-    max_requeues: int = 3
-
-
-# What SLURM values may hold: they land in #SBATCH lines of generated scripts and on sbatch's
-# command line, so no whitespace, quotes, newlines or other shell characters.
-_SAFE = re.compile(r"[A-Za-z0-9_.,:=+@%/-]+")
-# --constraint also has SLURM's own operators: & | [ ] ( ) * (e.g. "a100|h100", "[rack1|rack2]").
-_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:=+@%/&|\[\]()*-]+")
-_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-_ALLOWED = "letters, digits and _ . , : = + @ % / - only"
-
-
-def _check_value(key: str, value: Any, pattern: re.Pattern[str], allowed: str = _ALLOWED) -> None:
-    text = str(value)
-    if pattern.fullmatch(text):
-        return
-    if re.search(r"[\x00-\x1f\x7f]", text):
-        what = "a newline or control character"
-    elif not text:
-        what = "nothing"
-    else:
-        bad = sorted({c for c in text if not pattern.fullmatch(c)})
-        what = "the character(s) " + " ".join(repr(c) for c in bad)
-    raise ConfigError(
-        f"{key}={text!r} holds {what}: SLURM values may hold {allowed} (they go into #SBATCH "
-        "lines and sbatch's command line)"
-    )
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Check the SLURM launcher's values: counts and times in range, names free of newlines
-    and shell characters (partition, account, qos, constraint, additional keys and values,
-    and run.name / run.id, which name the jobs)."""
-    lc = cfg.launcher
-    at_least = {
-        "array_size": 1, "time_min": 1, "cpus_per_task": 1, "query_time_min": 1,
-        "merge_time_min": 1, "merge_cpus": 1, "gpus_per_task": 0, "max_requeues": 0,
-    }  # fmt: skip
-    for key, low in at_least.items():
-        if lc[key] < low:
-            raise ConfigError(f"launcher.{key} must be at least {low}, got {lc[key]}")
-    for key in ("mem_gb", "merge_mem_gb"):
-        if not lc[key] > 0:
-            raise ConfigError(f"launcher.{key} must be positive, got {lc[key]}")
-    if lc.array_parallelism is not None and lc.array_parallelism < 1:
-        raise ConfigError(
-            f"launcher.array_parallelism must be at least 1 or null, got {lc.array_parallelism}"
-        )
-    for key in ("partition", "account", "qos"):
-        if lc[key] is not None:
-            _check_value(f"launcher.{key}", lc[key], _SAFE)
-    if lc.constraint is not None:
-        _check_value(
-            "launcher.constraint", lc.constraint, _CONSTRAINT, _ALLOWED + " and & | [ ] ( ) *"
-        )
-    additional = OmegaConf.to_container(lc.additional, resolve=True) or {}
-    assert isinstance(additional, dict)
-    for key, value in additional.items():
-        if not _KEY.fullmatch(str(key)):
-            _check_value("launcher.additional key", key, _KEY, "letters, digits, _ and - only")
-        if isinstance(value, (bool, int, float)):
-            continue
-        if not isinstance(value, str):
-            raise ConfigError(
-                f"launcher.additional.{key} is a {type(value).__name__}: give a string, number "
-                "or boolean"
-            )
-        _check_value(f"launcher.additional.{key}", value, _SAFE)
-    for key in ("name", "id"):
-        if cfg.run[key] is not None:
-            _check_value(f"run.{key}", cfg.run[key], _SAFE)
+from sdi_pipeline.files.atomic import write_json_atomic
+from sdi_pipeline.formats.results import stale_reasons
+from sdi_pipeline.formats.shards import block_done
+from sdi_pipeline.run.freshness import query_digests
+from sdi_pipeline.run.rundir import RunDir, rank_blocks, run_blocks
 
 
 def jobs_path(run: RunDir) -> Path:
     """The ids of the run's last SLURM submission (launcher=slurm or slurm/submit.sh)."""
     return run.path / "commands" / "slurm.json"
-
-
-def array_task_id() -> int:
-    """This job array task's index (``SLURM_ARRAY_TASK_ID``): a worker's default rank; else 0."""
-    return int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
-
-
-def array_task_count() -> int:
-    """The job array's size (``SLURM_ARRAY_TASK_COUNT``): a worker's default world size; else 1."""
-    return int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-
-
-def allocated_cpus() -> str | None:
-    """The CPUs per task of this SLURM job (``SLURM_CPUS_PER_TASK``); None outside one.
-
-    A job uses its allocation for its torch threads, not every core of the node.
-    """
-    return os.environ.get("SLURM_CPUS_PER_TASK")
 
 
 @dataclass
@@ -226,8 +112,11 @@ class _Task:
         self.job, self.run_dir, self.rank, self.world_size = job, run_dir, rank, world_size
 
     def __call__(self) -> int:
-        from sdi_pipeline.jobs import EXIT_INTERRUPTED, run_query, run_score, run_worker
-        from sdi_pipeline.merge import run_merge
+        from sdi_pipeline.jobs.context import EXIT_INTERRUPTED
+        from sdi_pipeline.jobs.merge import run_merge
+        from sdi_pipeline.jobs.query import run_query
+        from sdi_pipeline.jobs.score import run_score
+        from sdi_pipeline.jobs.worker import run_worker
 
         if self.job == "worker":
             code = run_worker(self.run_dir, self.rank, self.world_size)

@@ -15,9 +15,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdi_pipeline import build
 from sdi_pipeline.errors import SDIError
-from sdi_pipeline.freshness import (
+from sdi_pipeline.formats.results import stale_reasons
+from sdi_pipeline.formats.shards import shard_matches
+from sdi_pipeline.inputs import build
+from sdi_pipeline.launch.launchers import LAUNCHERS
+from sdi_pipeline.messages import shortened
+from sdi_pipeline.run.freshness import (
     CORRUPT,
     DONE,
     STALE,
@@ -27,13 +31,9 @@ from sdi_pipeline.freshness import (
     query_digests,
     read_attrs,
 )
-from sdi_pipeline.launchers import LAUNCHERS
-from sdi_pipeline.layout import block_name
-from sdi_pipeline.leases import read_holder
-from sdi_pipeline.messages import shortened
-from sdi_pipeline.results import stale_reasons
-from sdi_pipeline.rundir import RunDir, run_blocks, run_units
-from sdi_pipeline.shards import shard_matches
+from sdi_pipeline.run.layout import block_name
+from sdi_pipeline.run.leases import read_holder
+from sdi_pipeline.run.rundir import RunDir, run_blocks, run_units
 
 FIX = "run the same sdi-attribute command again (or its sdi-worker / sdi-query): it is recomputed"
 
@@ -179,7 +179,7 @@ class _Audit:
     """verify=true: the data's digests as they are now, and full reads of every file."""
 
     def __init__(self, run: RunDir, cfg: Any, n_train: int) -> None:
-        from sdi_pipeline.content import block_digest
+        from sdi_pipeline.inputs.content import block_digest
 
         self.run, self.cfg = run, cfg
         self.train = build.build_dataset(cfg, "train")
@@ -189,7 +189,7 @@ class _Audit:
         self._block_digest = block_digest
 
     def unit_depends(self, unit: Any, sha: str | None) -> dict[str, Any]:
-        from sdi_pipeline.merge import current_depends
+        from sdi_pipeline.jobs.merge import current_depends
 
         if unit.block not in self._blocks:
             self._blocks[unit.block] = self._block_digest(self.train, unit.start, unit.stop)
@@ -198,8 +198,8 @@ class _Audit:
         return out
 
     def read(self, name: str, check: Any) -> Any:
-        from sdi_pipeline.freshness import UnitCheck
-        from sdi_pipeline.store import verify_sketch_file
+        from sdi_pipeline.formats.sketches import verify_sketch_file
+        from sdi_pipeline.run.freshness import UnitCheck
 
         path = self.run.unit_path_named(name)
         try:
@@ -216,7 +216,7 @@ class _Audit:
         import h5py
         import numpy as np
 
-        from sdi_pipeline.shards import read_shard_summary
+        from sdi_pipeline.formats.shards import read_shard_summary
 
         try:
             read_shard_summary(path)
@@ -229,8 +229,8 @@ class _Audit:
         return ""
 
     def query_problem(self, path: Any, depends: dict[str, Any], sha: str | None) -> str:
-        from sdi_pipeline.merge import current_depends
-        from sdi_pipeline.store import verify_sketch_file
+        from sdi_pipeline.formats.sketches import verify_sketch_file
+        from sdi_pipeline.jobs.merge import current_depends
 
         try:
             verify_sketch_file(path)

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdi_pipeline.atomic import atomic_path
+from sdi_pipeline.files.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from sdi_pipeline.results import Results
+    from sdi_pipeline.formats.results import Results
 
 
 def _pyplot() -> Any:
@@ -44,7 +44,7 @@ def plot_step_profiles(
     """Plot per-slot SDI energy and signed share (median and IQR over queries); save PNG.
 
     ``energy`` and ``share`` are (M, S), as results.h5's diagnostics (or
-    :class:`~sdi_pipeline.scores.ScoreTotals`) give them.
+    :class:`~sdi_pipeline.jobs.scores.ScoreTotals`) give them.
     """
     plt = _pyplot()
 

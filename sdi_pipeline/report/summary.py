@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdi_pipeline import build
-from sdi_pipeline.plots import (
+from sdi_pipeline.formats.results import Results
+from sdi_pipeline.inputs import build
+from sdi_pipeline.report.plots import (
     loop_dynamics_figure,
     plot_step_profiles,
     plot_token_map,
     plot_trajectories,
 )
-from sdi_pipeline.results import Results
-from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.run.rundir import RunDir
 
 
 def describe_example(item: Any, max_tokens: int = 24) -> str:
@@ -100,7 +100,7 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
     Identical training inputs share one line with their count, read from the stored top-k
     (merge.topk) of results.h5, which is left as it is. ``loss`` says which loss the
     scores are of (and where it was set), e.g.
-    ``sdi_pipeline.losses.next_token_loss (from data=tokens)``.
+    ``sdi_pipeline.inputs.losses.next_token_loss (from data=tokens)``.
     """
     cfg = run.load_config()
     train = build.build_dataset(cfg, "train")
@@ -143,7 +143,7 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
     python = os.path.relpath(sys.executable) if local else "python"
     bin_dir = os.path.dirname(python) + "/" if local else ""
     print(
-        f'look further:  {python} -c "from sdi_pipeline.results import Results; '
+        f'look further:  {python} -c "from sdi_pipeline.formats.results import Results; '
         f"r = Results.open('{run.path}'); print(r.topk(0, 5, step=0))\""
     )
     print(f"               {bin_dir}sdi-status run_dir={run.path}")

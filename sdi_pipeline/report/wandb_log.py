@@ -28,8 +28,8 @@ import h5py
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sdi_pipeline.results import UNIT_STATS, Results
-from sdi_pipeline.rundir import RunDir
+from sdi_pipeline.formats.results import UNIT_STATS, Results
+from sdi_pipeline.run.rundir import RunDir
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
@@ -388,7 +388,7 @@ def _plots(
 ) -> dict[str, Any]:
     """Step-profile plot, trajectory heatmaps (with the full SDI stored) and the loop-dynamics
     figure (with a loop trace), as wandb.Images."""
-    from sdi_pipeline import plots
+    from sdi_pipeline.report import plots
 
     slots = list(res.slot_names)
     out: dict[str, Any] = {}

@@ -19,9 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdi_pipeline.atomic import write_text_atomic
 from sdi_pipeline.errors import ConfigError, RunDirError
+from sdi_pipeline.files.atomic import write_text_atomic
 from sdi_pipeline.messages import did_you_mean
+from sdi_pipeline.run.launcher_configs import LAUNCHER_SCHEMAS
 
 SCHEMA_VERSION = 1
 
@@ -101,7 +102,7 @@ class AnalysisConfig:
     query_tokens: Any = None
     # Refuse query_tokens whose query sketches would take more than this (GiB).
     query_tokens_max_gb: float = 4.0
-    # A callable trace(model, batch) -> sdi_pipeline.dynamics.LoopTrace: each query's answer-
+    # A callable trace(model, batch) -> sdi_pipeline.inputs.dynamics.LoopTrace: each query's answer-
     # token state and logit margin after every loop step (the loop-dynamics figure); null: off.
     loop_trace: Any = None
 
@@ -157,7 +158,7 @@ class AttributionConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # The schema of one launcher of sdi_pipeline.launchers.LAUNCHERS, chosen by launcher.name
+    # The schema of one launcher of run.launcher_configs.LAUNCHER_SCHEMAS, chosen by launcher.name
     # (see structured()).
     launcher: Any = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -195,8 +196,6 @@ def check_folder_name(key: str, value: Any) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the schema's types cannot: one clear ConfigError for the first problem."""
-    from sdi_pipeline.launchers import LAUNCHERS
-
     for (section, key), allowed in _CHOICES.items():
         value = cfg[section][key]
         if value not in allowed:
@@ -245,9 +244,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.runtime.threads is not None and cfg.runtime.threads <= 0:
         raise ConfigError(f"runtime.threads must be positive or null, got {cfg.runtime.threads}")
-    launcher = LAUNCHERS[cfg.launcher.name]
-    if launcher.validate is not None:
-        launcher.validate(cfg)
+    LAUNCHER_SCHEMAS[cfg.launcher.name].validate(cfg)
 
 
 def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
@@ -265,14 +262,11 @@ def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
 
 def structured(data: Any) -> DictConfig:
     """Merge ``data`` onto the schema: unknown keys and wrong types fail with their name."""
-    # Imported here: the launchers import the run directory code, which imports this module.
-    from sdi_pipeline.launchers import LAUNCHERS
-
     base = OmegaConf.structured(AttributionConfig)
     name = OmegaConf.select(OmegaConf.create(data), "launcher.name", default="local")
-    if name not in LAUNCHERS:
-        raise ConfigError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")
-    base.launcher = OmegaConf.structured(LAUNCHERS[name].schema)
+    if name not in LAUNCHER_SCHEMAS:
+        raise ConfigError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHER_SCHEMAS)}")
+    base.launcher = OmegaConf.structured(LAUNCHER_SCHEMAS[name].schema)
     try:
         merged = OmegaConf.merge(base, data)
     except OmegaConfBaseException as err:

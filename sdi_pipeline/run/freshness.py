@@ -1,7 +1,8 @@
 """Is a unit, a query file or results.h5 still what the run's current inputs give?
 
 Units and query files record what they depend on (``depends``: checkpoint sha256, digest of
-their examples, sketch spec, targets, parameters, format; see :mod:`sdi_pipeline.store`) and
+their examples, sketch spec, targets, parameters, format; see
+:mod:`sdi_pipeline.formats.sketches`) and
 its digest (``content_digest``); a unit's completion marker repeats the digest, the file's
 size and the checkpoint's sha256. results.h5 records the digests of every unit and query
 file it was made from and the checkpoints' sha256.
@@ -23,10 +24,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from sdi_pipeline.digests import DigestCache, describe_change
 from sdi_pipeline.errors import RunDirError
-from sdi_pipeline.layout import SKETCH_FORMAT_VERSION, RunPaths
-from sdi_pipeline.shards import shard_matches
+from sdi_pipeline.files.digests import DigestCache, describe_change
+from sdi_pipeline.run.layout import SKETCH_FORMAT_VERSION, RunPaths
 
 DONE, STALE, CORRUPT, MISSING = "done", "stale", "corrupt", "missing"
 
@@ -161,15 +161,6 @@ def query_digests(run: RunPaths, n_checkpoints: int) -> list[str] | None:
             return None
         out.append(digest)
     return out
-
-
-def block_done(run: RunPaths, block: Any, store_train: bool, queries: list[str] | None) -> bool:
-    """Cheap check (markers, a header): whether ``block`` needs no more work -- its units
-    stored (with ``store_train``) and its shard scored against the query files ``queries``
-    (None: they are not there yet, so it is not). The jobs check everything."""
-    if store_train and not all(run.unit_done(u.name) for u in block.units):
-        return False
-    return queries is not None and shard_matches(run.shard_path(block.index), queries)
 
 
 def checkpoint_digests(run: RunPaths, paths: list[str]) -> list[str | None]:

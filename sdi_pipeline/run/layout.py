@@ -12,8 +12,9 @@
         failures/  logs/  commands/                  failed units, job logs, command lines
         results.h5                                   the merge's output
 
-:class:`sdi_pipeline.rundir.RunDir` adds what needs the config; :mod:`sdi_pipeline.results`
-and :mod:`sdi_pipeline.freshness` use these paths without importing it.
+:class:`sdi_pipeline.run.rundir.RunDir` adds what needs the config;
+:mod:`sdi_pipeline.formats.results`
+and :mod:`sdi_pipeline.run.freshness` use these paths without importing it.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class RunPaths:
         return self.leases_dir / name
 
     def shard_path(self, block: int) -> Path:
-        """The score shard of training block ``block`` (see :mod:`sdi_pipeline.shards`)."""
+        """The score shard of training block ``block`` (see :mod:`sdi_pipeline.formats.shards`)."""
         return self.scores_dir / f"{block_name(block)}.h5"
 
     def query_path(self, ckpt: int) -> Path:

@@ -1,7 +1,7 @@
 """Leases: one owner per unit of work, and one launcher per run.
 
 Before computing a unit a worker creates ``leases/<unit>`` exclusively (see
-:func:`sdi_pipeline.atomic.create_exclusive`) with its host, boot id, pid, the pid's start
+:func:`sdi_pipeline.files.atomic.create_exclusive`) with its host, boot id, pid, the pid's start
 time and the job's name, and a heartbeat thread touches the file every few seconds while it
 works. Another worker that finds the lease leaves the unit alone while its owner lives, and
 takes it over when the owner is gone:
@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sdi_pipeline.atomic import create_exclusive, pid_alive, temp_path
+from sdi_pipeline.files.atomic import create_exclusive, pid_alive, temp_path
 
 # Default seconds a lease may go without a heartbeat before it is taken over.
 DEFAULT_TIMEOUT_S = 300.0

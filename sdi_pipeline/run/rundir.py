@@ -29,10 +29,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sdi_pipeline import config as config_mod
-from sdi_pipeline.atomic import ensure_dir, write_json_atomic, write_text_atomic
 from sdi_pipeline.errors import ConfigError, RunDirError
-from sdi_pipeline.layout import RunPaths, block_name, unit_name
+from sdi_pipeline.files.atomic import ensure_dir, write_json_atomic, write_text_atomic
+from sdi_pipeline.run import config as config_mod
+from sdi_pipeline.run.layout import RunPaths, block_name, unit_name
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def rank_blocks(blocks: list[Block], rank: int, world_size: int) -> list[Block]:
 
 
 class RunDir(RunPaths):
-    """A run directory on disk (its paths are :class:`sdi_pipeline.layout.RunPaths`)."""
+    """A run directory on disk (its paths are :class:`sdi_pipeline.run.layout.RunPaths`)."""
 
     @classmethod
     def existing(cls, path: str | Path) -> RunDir:
@@ -315,7 +315,7 @@ def prepare_run(data: Any) -> RunDir:
     The run id is ``run.id`` if given, else the attribution hash, so the same config finds
     the same run and resumes it.
     """
-    from sdi_pipeline.build import resolve_checkpoints
+    from sdi_pipeline.inputs.build import resolve_checkpoints
 
     cfg = config_mod.structured(data)
     cfg.checkpoints.paths = resolve_checkpoints(list(cfg.checkpoints.paths))

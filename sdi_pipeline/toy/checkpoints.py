@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdi_pipeline.checkpoints import load_checkpoint, resolve_checkpoint_paths
 from sdi_pipeline.errors import CheckpointError, ConfigError
+from sdi_pipeline.inputs.checkpoints import load_checkpoint, resolve_checkpoint_paths
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import ParityData, make_parity_dataset
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sdi_pipeline.atomic import atomic_path
+from sdi_pipeline.files.atomic import atomic_path
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_accuracy
 

@@ -36,21 +36,21 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline_helpers import parity, toy_config  # noqa: E402
 
+from sdi_pipeline.formats.sketches import (  # noqa: E402
+    MATCHING_KEYS,
+    SketchFile,
+    UnitReader,
+    read_sketch_file,
+)
 from sdi_pipeline.jobs import run_query, run_worker  # noqa: E402
-from sdi_pipeline.rundir import RunDir, prepare_run, run_blocks  # noqa: E402
-from sdi_pipeline.scoring import (  # noqa: E402
+from sdi_pipeline.jobs.scoring import (  # noqa: E402
     BlockScorer,
     QuerySet,
     ScoringPlan,
     add_stored,
     query_set,
 )
-from sdi_pipeline.store import (  # noqa: E402
-    MATCHING_KEYS,
-    SketchFile,
-    UnitReader,
-    read_sketch_file,
-)
+from sdi_pipeline.run.rundir import RunDir, prepare_run, run_blocks  # noqa: E402
 
 
 def make_run(tmp: Path, name: str, n_train: int, m: int, steps: str, threads: int) -> RunDir:

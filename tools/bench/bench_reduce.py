@@ -32,7 +32,7 @@ PREPARE = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from pipeline_helpers import parity, toy_config
-from sdi_pipeline.rundir import prepare_run
+from sdi_pipeline.run.rundir import prepare_run
 from pathlib import Path
 cfg = toy_config(
     Path({tmp!r}),
@@ -47,7 +47,7 @@ print(prepare_run(cfg).path)
 # A job with its own peak RSS and read bytes appended as one JSON line.
 JOB = """
 import json, resource, sys
-from sdi_pipeline import cli
+from sdi_pipeline.launch import cli
 code = cli.JOBS[sys.argv[1]](sys.argv[2:])
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print(json.dumps({"code": code, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

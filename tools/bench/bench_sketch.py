@@ -54,9 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdi_pipeline import scores
 from sdi_pipeline.engine.featurizer import StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
+from sdi_pipeline.jobs import scores
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_accuracy, parity_loss
 

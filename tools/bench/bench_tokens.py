@@ -23,8 +23,8 @@ import torch
 
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer, TokenChoice
 from sdi_pipeline.engine.spec import SketchSpec
-from sdi_pipeline.losses import next_token_loss
-from sdi_pipeline.store import write_sketch_file
+from sdi_pipeline.formats.sketches import write_sketch_file
+from sdi_pipeline.inputs.losses import next_token_loss
 from sdi_pipeline.toy.model import LoopedGPT, LoopedGPTConfig
 
 CHOICES: dict[str, TokenChoice | None] = {"per step": None, "last": "last", "all": "all"}

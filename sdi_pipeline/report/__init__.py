@@ -1,0 +1,1 @@
+"""What people look at: the printed summary, plots and Weights & Biases logging."""
