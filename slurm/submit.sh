@@ -23,7 +23,7 @@ workers=$(submit --array="$array" --dependency="afterok:$query" --kill-on-invali
 merge=$(submit --dependency="afterok:$query:$workers" --kill-on-invalid-dep=yes \
     --output="$logs/sbatch-merge-%j.out" "$@" "$here/merge.sbatch")
 # Recorded where sdi-status looks for the run's jobs: the same file launcher=slurm writes
-# (jobs_path in sdi_pipeline/launchers/slurm.py).
+# (jobs_path in sdi_pipeline/launch/slurm.py).
 python3 - "$RUN_DIR" "$query" "$workers" "$array" "$merge" <<'EOF'
 import json, os, sys
 run_dir, query, workers, array, merge = sys.argv[1:]

@@ -25,8 +25,8 @@ from typing import Any
 
 from sdi_pipeline.errors import RunDirError
 
-# The sketch file format (units/*.h5, query/*.h5; see docs/format.md and store.py). Here so
-# that the light freshness checks know it without importing torch.
+# The sketch file format (units/*.h5, query/*.h5; see docs/format.md and formats/sketches.py).
+# Here so that the light freshness checks know it without importing torch.
 SKETCH_FORMAT = "sdi-pipeline/sketches"
 SKETCH_FORMAT_VERSION = 2
 
