@@ -105,7 +105,7 @@ def attribute(
     layouts: tuple[SlotLayout, SlotLayout] | None = None
     for k, ck in enumerate(specs):
         data = load_checkpoint(ck.path, trust=trust_checkpoints)
-        load_into(model, data, ck.path)
+        load_into(model, data, ck.path, trust=trust_checkpoints)
         eta = resolve_eta(ck, data)
         etas.append(eta)
         tag = f"ckpt {k + 1}/{len(specs)}"

@@ -275,3 +275,43 @@ def test_trainer_checkpoints_through_sdi_attribute_with_the_users_factories(tmp_
     proc = subprocess.run(job, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run_path / "query" / "ckpt-001.h5").is_file()
+
+
+def tiny_mixtral(seed: int) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def test_a_folder_in_the_original_layout_loads_through_the_class_loader(tmp_path) -> None:
+    # transformers 5 saves Mixtral's fused experts unfused (w1/w2/w3 per expert): the raw
+    # keys do not fit the model, the class's own loader converts them.
+    saved = tiny_mixtral(seed=1)
+    saved.save_pretrained(tmp_path / "hf")
+    raw = load_checkpoint(tmp_path / "hf")
+    assert set(raw["state_dict"]) != set(saved.state_dict())
+    model = tiny_mixtral(seed=2)
+    load_into(model, raw, tmp_path / "hf")
+    assert_same_weights(model, saved)
+
+
+def test_the_class_loader_never_unpickles_an_untrusted_folder(tmp_path) -> None:
+    saved = tiny_mixtral(seed=1)
+    saved.save_pretrained(tmp_path / "hf")
+    # The same folder as an older save_pretrained wrote it: pickled weights only.
+    weights = tmp_path / "hf" / "model.safetensors"
+    torch.save(load_file(weights), tmp_path / "hf" / "pytorch_model.bin")
+    weights.unlink()
+    data = load_checkpoint(tmp_path / "hf")  # weights_only: tensors only
+    with pytest.raises(CheckpointError, match=r"checkpoints\.trust=true") as err:
+        load_into(tiny_mixtral(seed=2), data, tmp_path / "hf")
+    assert "\n" not in str(err.value)
+    model = tiny_mixtral(seed=2)
+    load_into(model, data, tmp_path / "hf", trust=True)
+    assert_same_weights(model, saved)

@@ -12,6 +12,7 @@ import glob
 import math
 import pickle
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,13 +307,30 @@ def _with_tied(model: nn.Module, state: Mapping[str, Any], source: str | Path) -
     return filled
 
 
-def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path) -> None:
+def load_into(
+    model: nn.Module, checkpoint: Mapping[str, Any], source: str | Path, *, trust: bool = False
+) -> None:
     """Load the checkpoint's state dict into ``model``; a mismatch is one clear error.
 
     Keys of tied parameters the checkpoint leaves out are filled from the parameter they
-    are tied to; any other missing key is refused by name.
+    are tied to. A ``save_pretrained`` / Trainer folder whose keys do not fit a
+    ``transformers`` model as they are (transformers 5 saves some models in their original
+    layout: renamed prefixes, unfused experts) is read by the model class's own loader,
+    ``from_pretrained``, which applies its conversion mappings. Any other mismatch is
+    refused by name.
     """
     state = _with_tied(model, state_dict_of(checkpoint), source)
+    problem = _fit_problem(model, state)
+    if problem and _is_hf_folder(model, source):
+        state = _hf_state(model, Path(source), trust)
+        problem = _fit_problem(model, state)
+    if problem:
+        raise CheckpointError(f"checkpoint {source} does not fit the model: {problem}")
+    model.load_state_dict(state)
+
+
+def _fit_problem(model: nn.Module, state: Mapping[str, Any]) -> str:
+    """Why ``state`` does not fit ``model`` key for key and shape for shape ("" if it does)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -321,16 +339,46 @@ def load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str | Pat
         for k in own
         if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {shortened(missing, 5)}")
-        if unexpected:
-            parts.append(f"unexpected keys {shortened(unexpected, 5)}")
-        if shapes:
-            parts.append(f"shape mismatches {shortened(shapes, 3)}")
-        raise CheckpointError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    parts = []
+    if missing:
+        parts.append(f"missing keys {shortened(missing, 5)}")
+    if unexpected:
+        parts.append(f"unexpected keys {shortened(unexpected, 5)}")
+    if shapes:
+        parts.append(f"shape mismatches {shortened(shapes, 3)}")
+    return "; ".join(parts)
+
+
+def _is_hf_folder(model: nn.Module, source: str | Path) -> bool:
+    """A transformers model and a folder with its config.json (save_pretrained, Trainer)."""
+    transformers = sys.modules.get("transformers")  # a transformers model means it is loaded
+    return (
+        transformers is not None
+        and isinstance(model, transformers.PreTrainedModel)
+        and (Path(source) / "config.json").is_file()
+    )
+
+
+def _hf_state(model: nn.Module, folder: Path, trust: bool) -> dict[str, Any]:
+    """The folder's weights in the model's own layout, through its class's ``from_pretrained``
+    (with the model's config, so the architecture is the user's, on the CPU)."""
+    pickled = not any(folder.glob("*.safetensors"))
+    if pickled and not trust:
+        raise CheckpointError(
+            f"checkpoint {folder} does not fit the model key for key, and reading it in the "
+            "model's layout goes through transformers' loader, which would unpickle its .bin "
+            "files: save it with safetensors (save_pretrained's default), or set "
+            "checkpoints.trust=true if you trust it"
+        )
+    cls: Any = type(model)
+    try:
+        loaded = cls.from_pretrained(folder, config=model.config, use_safetensors=not pickled)
+    except Exception as err:  # transformers raises many kinds; one line names the folder
+        raise CheckpointError(
+            f"checkpoint {folder} cannot be read by {cls.__name__}.from_pretrained: "
+            f"{_first_line(err)}"
+        ) from err
+    return _with_tied(model, loaded.state_dict(), folder)
 
 
 def checkpoint_size(path: str | Path) -> int:

@@ -174,7 +174,7 @@ class JobContext:
                         "completely, then run the same command again"
                     )
                 self._cache_checkpoint(k, sha, size, data)
-            load_into(self.model, data, path)
+            load_into(self.model, data, path, trust=bool(self.cfg.checkpoints.trust))
             etas = self.cfg.checkpoints.etas
             spec = CheckpointSpec(path, None if etas is None else float(etas[k]))
             eta, source = resolve_eta_and_source(spec, data, given_by="checkpoints.etas")
