@@ -536,13 +536,29 @@ def test_checkpoints_deleted_after_the_run_leave_the_results_usable(
     assert_same(run.results_path, toy_ref)
 
 
-def test_changed_training_data_of_the_same_size_recomputes_its_block(tmp_path) -> None:
+def test_changed_training_data_of_the_same_size_recomputes_its_block(
+    tmp_path, capsys, monkeypatch
+) -> None:
     train, query = token_rows()
     run = run_all(tokens_config(tmp_path, train, query))
     before = marker_times(run)
+    old_tracin = np.asarray(Results.open(run.path).tracin)
+    os.utime(tmp_path / "query.npy")  # touched, same bytes: nothing changed
+    assert "results.h5: written, up to date" in format_status(run, run_status(run))
     train[20, 3] = 2 - train[20, 3]  # one token of example 20 (block 1), same shape
     np.save(tmp_path / "train.npy", train)
-    assert run_status(run).stale == {}  # the cheap status does not read the data
+    # The cheap paths see the file changed (a stat, then its digest), without the dataset.
+    with pytest.raises(RunDirError) as stale:
+        Results.open(run.path)
+    message = str(stale.value)
+    assert "\n" not in message
+    assert f"data.train file {tmp_path / 'train.npy'} changed since the merge (sha256 " in message
+    assert "Run the same sdi-attribute command again" in message and "allow_stale=True" in message
+    with Results.open(run.path, allow_stale=True) as res:  # the old numbers, on request
+        np.testing.assert_array_equal(np.asarray(res.tracin), old_tracin)
+    code, out, _ = cli_run(cli.status_main, [f"run_dir={run.path}"], capsys, monkeypatch)
+    assert code == 1 and "results.h5: STALE (data.train file " in out
+    assert run_status(run).stale == {}  # which blocks changed needs the data: verify=true
     status = run_status(run, verify=True)
     assert sorted(status.stale) == ["ckpt-000_block-00001", "ckpt-001_block-00001"]
     assert "training examples 16..31 changed" in status.stale["ckpt-000_block-00001"]
@@ -1104,3 +1120,30 @@ def test_a_corrupt_unit_never_reaches_a_results_file(tmp_path) -> None:
     with pytest.raises(SDIError):
         run_merge(run.path)
     assert not run.results_path.exists() and not temps(run.path)
+
+
+def test_a_large_data_file_is_compared_by_samples_and_its_stat(tmp_path, monkeypatch) -> None:
+    """Files above FULL_DIGEST_MAX are not hashed whole: a changed sample is a content
+    change; a rewrite the samples miss still counts as changed (never a silent match)."""
+    from sdi_pipeline.files import digests
+
+    monkeypatch.setattr(digests, "FULL_DIGEST_MAX", 1000)
+    path = tmp_path / "big.bin"
+    data = bytearray(os.urandom(4 * 2**20))
+    path.write_bytes(data)
+    record = digests.file_identity(path)
+    assert "sha256" not in record
+    assert digests.identity_change(record) is None
+    os.utime(path, ns=(1, record["mtime_ns"]))  # atime only: the stat identity is the same
+    assert digests.identity_change(record) is None
+    data[0] ^= 1  # inside the first sample
+    path.write_bytes(data)
+    assert digests.identity_change(record) == "its content changed"
+    data[0] ^= 1
+    data[100_000] ^= 1  # between two samples
+    path.write_bytes(data)
+    assert digests.identity_change(record) == (
+        "it was rewritten (new modification time or inode); too large to hash here"
+    )
+    path.unlink()  # deleted data changes no result made from it
+    assert digests.identity_change(record) is None

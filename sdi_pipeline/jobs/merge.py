@@ -63,7 +63,14 @@ from sdi_pipeline.jobs.scoring import (
 from sdi_pipeline.messages import shortened
 from sdi_pipeline.report.wandb_log import WandbLogger
 from sdi_pipeline.run.config import config_hash, train_hash
-from sdi_pipeline.run.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
+from sdi_pipeline.run.freshness import (
+    CORRUPT,
+    DONE,
+    MISSING,
+    check_unit,
+    explain_stale,
+    record_data_files,
+)
 from sdi_pipeline.run.layout import block_name
 from sdi_pipeline.run.leases import read_holder
 from sdi_pipeline.run.rundir import Block, RunDir, Unit, run_blocks, run_units
@@ -467,6 +474,8 @@ def run_merge(run_dir: str | Path) -> int:
     if removed:
         log.info("removed %d temporary file(s) of killed writers", len(removed))
     cfg = run.load_config()
+    # Before the data is read and hashed: a file changed during the merge shows as changed.
+    data_files = record_data_files(cfg.data)
     train = build.build_dataset(cfg, "train")
     n_train = len(train)
     run.check_train_size(n_train)
@@ -550,6 +559,7 @@ def run_merge(run_dir: str | Path) -> int:
             query=queries.digests,
             checkpoints=list(cfg.checkpoints.paths),
             checkpoint_sha256=plan.checkpoint_sha,
+            data_files=data_files,
         )
     log.info(
         "wrote %s: %d train x %d queries x %d slots from %d shards in %.1fs",
