@@ -1026,6 +1026,39 @@ def test_a_bad_id_in_a_jsonl_query_names_its_line(tmp_path, capsys, monkeypatch)
     )
 
 
+@pytest.mark.parametrize("row", [[], [2]], ids=["empty", "one-token"])
+def test_an_example_the_loss_cannot_use_is_named_before_anything_runs(
+    tmp_path, capsys, monkeypatch, row
+) -> None:
+    """next_token_loss needs two real tokens per example: the preflight collates every batch
+    the jobs will form and checks it as the loss will, naming the file and line."""
+    train, query = token_rows()
+    np.save(tmp_path / "query.npy", query)
+    rows = [list(map(int, r)) for r in train]
+    rows[21] = row
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows) + "\n")
+    argv = cli_overrides(
+        tmp_path, "data=tokens", f"data.train.path={path}", f"data.query.path={tmp_path}/query.npy",
+        "data.train.limit=null", "data.query.limit=null", "launcher=prepare",
+    )  # fmt: skip
+    line = refused(capsys, monkeypatch, attribute_cli.main, argv)
+    assert line == (
+        f"error: data.train row 21 ({path} line 22) cannot be used: next_token_loss: the example "
+        "has no target positions (each needs at least two real tokens); filter out such short "
+        "sequences; fix or remove that example"
+    )
+    assert not (tmp_path / "runs").exists()
+    del rows[21]  # the user's fix
+    path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows) + "\n")
+    code, _, err = cli_run(attribute_cli.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    recover(RunDir(run_path))
+    with Results.open(run_path) as res:
+        assert res.n_train == 39 and np.isfinite(np.asarray(res.tracin)).all()
+
+
 def test_an_unreadable_example_is_named_before_anything_runs(tmp_path, capsys, monkeypatch) -> None:
     flag = tmp_path / "corrupted"
     flag.touch()
