@@ -42,6 +42,8 @@ from sdi_pipeline.run.rundir import RunDir, prepare_run
 pytestmark = pytest.mark.faults
 
 TESTS = Path(__file__).parent
+# Subprocesses import the helpers here and this checkout's sdi_pipeline (not an installed one).
+SUBPROCESS_PATH = os.pathsep.join([str(TESTS), str(TESTS.parent)])
 SLOW_LOSS = {"loss": {"_target_": "pipeline_helpers.slow_parity_loss", "_partial_": True}}
 UNITS = [f"ckpt-{k:03d}_block-{b:05d}" for b in range(3) for k in range(2)]
 
@@ -107,7 +109,7 @@ def spawn(job: str, run: RunDir, *args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", f"import fault_hooks; fault_hooks.main({job!r})",
          f"run_dir={run.path}", *args],
-        env=os.environ | {"PYTHONPATH": str(TESTS)} | env,
+        env=os.environ | {"PYTHONPATH": SUBPROCESS_PATH} | env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -278,7 +280,7 @@ def _launcher(tmp_path: Path, *extra: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", "from sdi_pipeline.launch.attribute_cli import main; main()",
          *cli_overrides(tmp_path, *extra)],
-        env=os.environ | {"PYTHONPATH": str(TESTS)} | env,
+        env=os.environ | {"PYTHONPATH": SUBPROCESS_PATH} | env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -311,7 +313,7 @@ def test_a_second_launch_is_told_and_a_killed_launcher_takes_its_jobs_along(
     wait_for(lambda: len(_worker_pids(run_path)) == 2, first)
     pids = _worker_pids(run_path)
     # A second launch of the same config while the first runs: told, nothing started.
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", SUBPROCESS_PATH)
     line = refused(capsys, monkeypatch, attribute_cli.main, cli_overrides(tmp_path, slow))
     assert f"run {run_path} is already being run by sdi-attribute (pid {first.pid}" in line
     assert f"or stop it (kill {first.pid}" in line and "run the same command again" in line
@@ -332,6 +334,45 @@ def test_a_second_launch_is_told_and_a_killed_launcher_takes_its_jobs_along(
         monkeypatch,
     )
     assert code == 0, out + err
+    assert_same(run_path / "results.h5", cli_ref)
+
+
+def test_exit_status_tells_refused_failed_and_interrupted_apart(tmp_path, cli_ref) -> None:
+    """One convention (docs/reliability.md, "Exit status"): 2 a user error refused before any
+    job started, 1 a job failed (named with its error and log), 130 interrupted, 0 done."""
+    bug = "analysis.loss._target_=pipeline_helpers.worker_bug_parity_loss"
+    flag = tmp_path / "bug"
+    flag.touch()
+    refused_run = _launcher(tmp_path, bug, "launcher.workers=0")
+    _, err = refused_run.communicate()
+    assert refused_run.returncode == 2 and "launcher.workers must be at least 1" in error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+    failing = _launcher(tmp_path, bug, "launcher.workers=1", SDI_TEST_BUG=str(flag))
+    _, err = failing.communicate()
+    assert failing.returncode == 1, err
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    assert error_line(err) == (
+        f"error: worker-0000 failed: unit {UNITS[0]} failed: IndexError: index out of range in "
+        "self (in the model, loss, collate or dataset code; the traceback is in "
+        f"{run_path / 'logs' / 'worker-0000.log'}) (log: {run_path / 'logs' / 'worker-0000.out'})"
+    )
+
+    slow = _launcher(
+        tmp_path, "analysis.loss._target_=pipeline_helpers.slow_parity_loss",
+        "launcher.workers=1", SDI_TEST_BATCH_SECONDS="0.5",
+    )  # fmt: skip
+    runs = tmp_path / "runs" / "toy-parity"
+    wait_for(lambda: any(_worker_pids(p) for p in runs.iterdir() if p != run_path), slow)
+    slow.send_signal(signal.SIGTERM)
+    out, err = slow.communicate()
+    assert slow.returncode == 130, out + err
+    assert "Run the same command again to resume" in out and "Traceback" not in err
+
+    flag.unlink()  # the user's fix, then the same command
+    done = _launcher(tmp_path, bug, "launcher.workers=1", SDI_TEST_BUG=str(flag))
+    out, err = done.communicate()
+    assert done.returncode == 0, out + err
     assert_same(run_path / "results.h5", cli_ref)
 
 
