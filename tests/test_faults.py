@@ -951,7 +951,10 @@ def test_a_failing_disk_without_a_namespace(tmp_path, toy_ref, capsys, monkeypat
 
 
 def test_no_room_for_results_is_refused_before_writing(tmp_path, toy_ref, monkeypatch) -> None:
+    import sdi_pipeline.jobs.merge as merge
+
     run = run_all(toy_config(tmp_path))
+    written = run.results_path.stat().st_size
     run.results_path.unlink()
     real = os.statvfs
 
@@ -959,11 +962,62 @@ def test_no_room_for_results_is_refused_before_writing(tmp_path, toy_ref, monkey
         f_bavail, f_frsize = 10, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda path: Full())
-    with pytest.raises(RunDirError, match=r"needs about \d+ MiB but only 0 MiB are free"):
+    with pytest.raises(RunDirError, match=r"needs about \d+ KiB but only 40 KiB are free in "):
         run_merge(run.path)
     assert not run.results_path.exists() and not temps(run.path)
     monkeypatch.setattr(os, "statvfs", real)
+    asked: list[int] = []
+    monkeypatch.setattr(merge, "check_free_space", lambda path, needed: asked.append(needed))
     assert run_merge(run.path) == 0
+    assert_same(run.results_path, toy_ref)
+    # The estimate comes from what the merge writes: above the file's size, not megabytes more.
+    assert written <= asked[0] <= 4 * written + 2**20, (written, asked)
+
+
+def test_a_read_only_run_root_names_the_read_only_folder(
+    tmp_path, cli_ref, capsys, monkeypatch
+) -> None:
+    """run.root on a read-only disk: the error names that folder, not the run's folders
+    below it, which do not exist (EROFS injected: as root, permissions do not stop writes)."""
+    from pathlib import Path as PathType
+
+    root = tmp_path / "ro"
+    root.mkdir()
+    real_mkdir = PathType.mkdir
+
+    def read_only(self: PathType, *args: Any, **kwargs: Any) -> None:
+        if root in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(PathType, "mkdir", read_only)
+    argv = cli_overrides(tmp_path, "launcher=prepare", f"run.root={root}")
+    line = refused(capsys, monkeypatch, attribute_cli.main, argv)
+    assert line.startswith(
+        f"error: cannot write {root / 'toy-parity'}: read-only filesystem (EROFS) in {root} "
+    )
+    assert "remount it writable or set run.root to a writable place" in line
+    monkeypatch.setattr(PathType, "mkdir", real_mkdir)  # the user remounts it
+    code, _, err = cli_run(attribute_cli.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    (run_path,) = (root / "toy-parity").iterdir()
+    recover(RunDir(run_path))
+    assert_same(run_path / "results.h5", cli_ref)
+
+
+def test_a_truncated_score_shard_is_named_damaged(tmp_path, toy_ref, capsys, monkeypatch) -> None:
+    run = run_all(toy_config(tmp_path))
+    shard = run.shard_path(1)
+    shard.write_bytes(shard.read_bytes()[:3000])
+    code, out, _ = cli_run(cli.status_main, [f"run_dir={run.path}"], capsys, monkeypatch)
+    assert code == 1
+    assert f"DAMAGED block-00001: {shard} is not a readable HDF5 file (truncated or corrupt" in out
+    assert "run the same command again: the block is scored again" in out
+    assert "results.h5: STALE (1 score shard(s) it reads are damaged (not a readable HDF5 " in out
+    assert "recomputed" not in out
+    with pytest.raises(RunDirError, match="score shard\\(s\\) it reads are damaged"):
+        Results.open(run.path)
+    recover(run)
     assert_same(run.results_path, toy_ref)
 
 

@@ -603,10 +603,14 @@ def check_free_space(path: Path, needed: int) -> None:
     free = st.f_bavail * st.f_frsize
     if free < needed:
         raise RunDirError(
-            f"cannot write {path}: it needs about {needed / 2**20:.0f} MiB but only "
-            f"{free / 2**20:.0f} MiB are free in {folder} (no space left on the device): free "
-            "space there, then run the same command again"
+            f"cannot write {path}: it needs about {_size(needed)} but only {_size(free)} are "
+            f"free in {folder} (no space left on the device): free space there, then run the "
+            "same command again"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 @contextmanager

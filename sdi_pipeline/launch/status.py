@@ -127,6 +127,13 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
                     status.bad_shards[block.name] = why
         else:
             status.unscored.append(block.name)
+            if path.exists():
+                try:
+                    read_attrs(path, "content_digest")
+                except SDIError as err:
+                    status.bad_shards[block.name] = (
+                        f"{err}; run the same command again: the block is scored again"
+                    )
     for unit in run_units(cfg, n_train):
         if not status.store_train:
             # No train sketches kept: a unit is only ever failed or being computed.

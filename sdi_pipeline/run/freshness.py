@@ -309,7 +309,7 @@ def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[s
 
 
 def _shard_changes(run: RunPaths, shards: Mapping[str, str]) -> list[str]:
-    missing, changed = [], []
+    missing, changed, damaged = [], [], []
     for name, digest in shards.items():
         path = run.scores_dir / f"{name}.h5"
         if not path.exists():
@@ -318,10 +318,16 @@ def _shard_changes(run: RunPaths, shards: Mapping[str, str]) -> list[str]:
         try:
             attrs = read_attrs(path, "content_digest")
         except RunDirError:
-            attrs = {}
+            damaged.append(name)
+            continue
         if attrs.get("content_digest") != digest:
             changed.append(name)
     out = []
+    if damaged:
+        out.append(
+            f"{len(damaged)} score shard(s) it reads are damaged (not a readable HDF5 file, "
+            f"truncated or overwritten: {run.scores_dir / damaged[0]}.h5)"
+        )
     if missing:
         out.append(
             f"{len(missing)} score shard(s) it reads are missing from {run.scores_dir} "
