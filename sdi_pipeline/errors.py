@@ -1,10 +1,21 @@
-"""Errors for problems the user can fix, by kind: config, data, checkpoints, run dir, model.
+"""Errors for problems the user can fix, by kind: config, data, checkpoints, run dir, model;
+and the exit statuses of the command-line tools.
 
 Every message names what is wrong and how to fix it. The CLIs print one ``error:`` line for
 any :class:`SDIError` and exit with status 2; callers and tests tell the kinds apart by type.
+
+Exit statuses (docs/reliability.md has the table): 0 done; 1 the run needs attention
+(``sdi-attribute``: a job it ran failed, named with its error and log; ``sdi-status``: failed,
+stale or corrupt files, or a stale results.h5); 2 a user error, refused in one line
+(``sdi-attribute``: before any job started); 130 interrupted (Ctrl-C, SIGTERM, SIGHUP): the
+same command resumes.
 """
 
 from __future__ import annotations
+
+EXIT_ATTENTION = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED_BY_USER = 130
 
 
 class SDIError(Exception):

@@ -183,6 +183,16 @@ def buggy_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     return parity_loss(model, batch)
 
 
+def worker_bug_parity_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The parity loss, with a bug (an IndexError) in batches of 8 examples while the file
+    $SDI_TEST_BUG exists: the workers' batches (data.batch_size=8) fail, the preflight's and
+    the query job's (the toy's 5 queries) do not."""
+    flag = os.environ.get("SDI_TEST_BUG")
+    if flag and Path(flag).exists() and len(batch["tokens"]) == 8:
+        raise IndexError("index out of range in self")
+    return parity_loss(model, batch)
+
+
 def short_trace(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     """A loop trace that forgets the last loop step: a user mistake the preflight refuses."""
     from sdi_pipeline.examples.parity_dynamics import parity_loop_trace

@@ -42,6 +42,8 @@ from sdi_pipeline.run.rundir import RunDir, prepare_run
 pytestmark = pytest.mark.faults
 
 TESTS = Path(__file__).parent
+# Subprocesses import the helpers here and this checkout's sdi_pipeline (not an installed one).
+SUBPROCESS_PATH = os.pathsep.join([str(TESTS), str(TESTS.parent)])
 SLOW_LOSS = {"loss": {"_target_": "pipeline_helpers.slow_parity_loss", "_partial_": True}}
 UNITS = [f"ckpt-{k:03d}_block-{b:05d}" for b in range(3) for k in range(2)]
 
@@ -107,7 +109,7 @@ def spawn(job: str, run: RunDir, *args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", f"import fault_hooks; fault_hooks.main({job!r})",
          f"run_dir={run.path}", *args],
-        env=os.environ | {"PYTHONPATH": str(TESTS)} | env,
+        env=os.environ | {"PYTHONPATH": SUBPROCESS_PATH} | env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -278,7 +280,7 @@ def _launcher(tmp_path: Path, *extra: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", "from sdi_pipeline.launch.attribute_cli import main; main()",
          *cli_overrides(tmp_path, *extra)],
-        env=os.environ | {"PYTHONPATH": str(TESTS)} | env,
+        env=os.environ | {"PYTHONPATH": SUBPROCESS_PATH} | env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -311,7 +313,7 @@ def test_a_second_launch_is_told_and_a_killed_launcher_takes_its_jobs_along(
     wait_for(lambda: len(_worker_pids(run_path)) == 2, first)
     pids = _worker_pids(run_path)
     # A second launch of the same config while the first runs: told, nothing started.
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", SUBPROCESS_PATH)
     line = refused(capsys, monkeypatch, attribute_cli.main, cli_overrides(tmp_path, slow))
     assert f"run {run_path} is already being run by sdi-attribute (pid {first.pid}" in line
     assert f"or stop it (kill {first.pid}" in line and "run the same command again" in line
@@ -332,6 +334,45 @@ def test_a_second_launch_is_told_and_a_killed_launcher_takes_its_jobs_along(
         monkeypatch,
     )
     assert code == 0, out + err
+    assert_same(run_path / "results.h5", cli_ref)
+
+
+def test_exit_status_tells_refused_failed_and_interrupted_apart(tmp_path, cli_ref) -> None:
+    """One convention (docs/reliability.md, "Exit status"): 2 a user error refused before any
+    job started, 1 a job failed (named with its error and log), 130 interrupted, 0 done."""
+    bug = "analysis.loss._target_=pipeline_helpers.worker_bug_parity_loss"
+    flag = tmp_path / "bug"
+    flag.touch()
+    refused_run = _launcher(tmp_path, bug, "launcher.workers=0")
+    _, err = refused_run.communicate()
+    assert refused_run.returncode == 2 and "launcher.workers must be at least 1" in error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+    failing = _launcher(tmp_path, bug, "launcher.workers=1", SDI_TEST_BUG=str(flag))
+    _, err = failing.communicate()
+    assert failing.returncode == 1, err
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    assert error_line(err) == (
+        f"error: worker-0000 failed: unit {UNITS[0]} failed: IndexError: index out of range in "
+        "self (in the model, loss, collate or dataset code; the traceback is in "
+        f"{run_path / 'logs' / 'worker-0000.log'}) (log: {run_path / 'logs' / 'worker-0000.out'})"
+    )
+
+    slow = _launcher(
+        tmp_path, "analysis.loss._target_=pipeline_helpers.slow_parity_loss",
+        "launcher.workers=1", SDI_TEST_BATCH_SECONDS="0.5",
+    )  # fmt: skip
+    runs = tmp_path / "runs" / "toy-parity"
+    wait_for(lambda: any(_worker_pids(p) for p in runs.iterdir() if p != run_path), slow)
+    slow.send_signal(signal.SIGTERM)
+    out, err = slow.communicate()
+    assert slow.returncode == 130, out + err
+    assert "Run the same command again to resume" in out and "Traceback" not in err
+
+    flag.unlink()  # the user's fix, then the same command
+    done = _launcher(tmp_path, bug, "launcher.workers=1", SDI_TEST_BUG=str(flag))
+    out, err = done.communicate()
+    assert done.returncode == 0, out + err
     assert_same(run_path / "results.h5", cli_ref)
 
 
@@ -536,13 +577,29 @@ def test_checkpoints_deleted_after_the_run_leave_the_results_usable(
     assert_same(run.results_path, toy_ref)
 
 
-def test_changed_training_data_of_the_same_size_recomputes_its_block(tmp_path) -> None:
+def test_changed_training_data_of_the_same_size_recomputes_its_block(
+    tmp_path, capsys, monkeypatch
+) -> None:
     train, query = token_rows()
     run = run_all(tokens_config(tmp_path, train, query))
     before = marker_times(run)
+    old_tracin = np.asarray(Results.open(run.path).tracin)
+    os.utime(tmp_path / "query.npy")  # touched, same bytes: nothing changed
+    assert "results.h5: written, up to date" in format_status(run, run_status(run))
     train[20, 3] = 2 - train[20, 3]  # one token of example 20 (block 1), same shape
     np.save(tmp_path / "train.npy", train)
-    assert run_status(run).stale == {}  # the cheap status does not read the data
+    # The cheap paths see the file changed (a stat, then its digest), without the dataset.
+    with pytest.raises(RunDirError) as stale:
+        Results.open(run.path)
+    message = str(stale.value)
+    assert "\n" not in message
+    assert f"data.train file {tmp_path / 'train.npy'} changed since the merge (sha256 " in message
+    assert "Run the same sdi-attribute command again" in message and "allow_stale=True" in message
+    with Results.open(run.path, allow_stale=True) as res:  # the old numbers, on request
+        np.testing.assert_array_equal(np.asarray(res.tracin), old_tracin)
+    code, out, _ = cli_run(cli.status_main, [f"run_dir={run.path}"], capsys, monkeypatch)
+    assert code == 1 and "results.h5: STALE (data.train file " in out
+    assert run_status(run).stale == {}  # which blocks changed needs the data: verify=true
     status = run_status(run, verify=True)
     assert sorted(status.stale) == ["ckpt-000_block-00001", "ckpt-001_block-00001"]
     assert "training examples 16..31 changed" in status.stale["ckpt-000_block-00001"]
@@ -894,7 +951,10 @@ def test_a_failing_disk_without_a_namespace(tmp_path, toy_ref, capsys, monkeypat
 
 
 def test_no_room_for_results_is_refused_before_writing(tmp_path, toy_ref, monkeypatch) -> None:
+    import sdi_pipeline.jobs.merge as merge
+
     run = run_all(toy_config(tmp_path))
+    written = run.results_path.stat().st_size
     run.results_path.unlink()
     real = os.statvfs
 
@@ -902,11 +962,62 @@ def test_no_room_for_results_is_refused_before_writing(tmp_path, toy_ref, monkey
         f_bavail, f_frsize = 10, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda path: Full())
-    with pytest.raises(RunDirError, match=r"needs about \d+ MiB but only 0 MiB are free"):
+    with pytest.raises(RunDirError, match=r"needs about \d+ KiB but only 40 KiB are free in "):
         run_merge(run.path)
     assert not run.results_path.exists() and not temps(run.path)
     monkeypatch.setattr(os, "statvfs", real)
+    asked: list[int] = []
+    monkeypatch.setattr(merge, "check_free_space", lambda path, needed: asked.append(needed))
     assert run_merge(run.path) == 0
+    assert_same(run.results_path, toy_ref)
+    # The estimate comes from what the merge writes: above the file's size, not megabytes more.
+    assert written <= asked[0] <= 4 * written + 2**20, (written, asked)
+
+
+def test_a_read_only_run_root_names_the_read_only_folder(
+    tmp_path, cli_ref, capsys, monkeypatch
+) -> None:
+    """run.root on a read-only disk: the error names that folder, not the run's folders
+    below it, which do not exist (EROFS injected: as root, permissions do not stop writes)."""
+    from pathlib import Path as PathType
+
+    root = tmp_path / "ro"
+    root.mkdir()
+    real_mkdir = PathType.mkdir
+
+    def read_only(self: PathType, *args: Any, **kwargs: Any) -> None:
+        if root in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(PathType, "mkdir", read_only)
+    argv = cli_overrides(tmp_path, "launcher=prepare", f"run.root={root}")
+    line = refused(capsys, monkeypatch, attribute_cli.main, argv)
+    assert line.startswith(
+        f"error: cannot write {root / 'toy-parity'}: read-only filesystem (EROFS) in {root} "
+    )
+    assert "remount it writable or set run.root to a writable place" in line
+    monkeypatch.setattr(PathType, "mkdir", real_mkdir)  # the user remounts it
+    code, _, err = cli_run(attribute_cli.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    (run_path,) = (root / "toy-parity").iterdir()
+    recover(RunDir(run_path))
+    assert_same(run_path / "results.h5", cli_ref)
+
+
+def test_a_truncated_score_shard_is_named_damaged(tmp_path, toy_ref, capsys, monkeypatch) -> None:
+    run = run_all(toy_config(tmp_path))
+    shard = run.shard_path(1)
+    shard.write_bytes(shard.read_bytes()[:3000])
+    code, out, _ = cli_run(cli.status_main, [f"run_dir={run.path}"], capsys, monkeypatch)
+    assert code == 1
+    assert f"DAMAGED block-00001: {shard} is not a readable HDF5 file (truncated or corrupt" in out
+    assert "run the same command again: the block is scored again" in out
+    assert "results.h5: STALE (1 score shard(s) it reads are damaged (not a readable HDF5 " in out
+    assert "recomputed" not in out
+    with pytest.raises(RunDirError, match="score shard\\(s\\) it reads are damaged"):
+        Results.open(run.path)
+    recover(run)
     assert_same(run.results_path, toy_ref)
 
 
@@ -1010,6 +1121,39 @@ def test_a_bad_id_in_a_jsonl_query_names_its_line(tmp_path, capsys, monkeypatch)
     )
 
 
+@pytest.mark.parametrize("row", [[], [2]], ids=["empty", "one-token"])
+def test_an_example_the_loss_cannot_use_is_named_before_anything_runs(
+    tmp_path, capsys, monkeypatch, row
+) -> None:
+    """next_token_loss needs two real tokens per example: the preflight collates every batch
+    the jobs will form and checks it as the loss will, naming the file and line."""
+    train, query = token_rows()
+    np.save(tmp_path / "query.npy", query)
+    rows = [list(map(int, r)) for r in train]
+    rows[21] = row
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows) + "\n")
+    argv = cli_overrides(
+        tmp_path, "data=tokens", f"data.train.path={path}", f"data.query.path={tmp_path}/query.npy",
+        "data.train.limit=null", "data.query.limit=null", "launcher=prepare",
+    )  # fmt: skip
+    line = refused(capsys, monkeypatch, attribute_cli.main, argv)
+    assert line == (
+        f"error: data.train row 21 ({path} line 22) cannot be used: next_token_loss: the example "
+        "has no target positions (each needs at least two real tokens); filter out such short "
+        "sequences; fix or remove that example"
+    )
+    assert not (tmp_path / "runs").exists()
+    del rows[21]  # the user's fix
+    path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows) + "\n")
+    code, _, err = cli_run(attribute_cli.main, argv, capsys, monkeypatch)
+    assert code == 0, err
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    recover(RunDir(run_path))
+    with Results.open(run_path) as res:
+        assert res.n_train == 39 and np.isfinite(np.asarray(res.tracin)).all()
+
+
 def test_an_unreadable_example_is_named_before_anything_runs(tmp_path, capsys, monkeypatch) -> None:
     flag = tmp_path / "corrupted"
     flag.touch()
@@ -1104,3 +1248,30 @@ def test_a_corrupt_unit_never_reaches_a_results_file(tmp_path) -> None:
     with pytest.raises(SDIError):
         run_merge(run.path)
     assert not run.results_path.exists() and not temps(run.path)
+
+
+def test_a_large_data_file_is_compared_by_samples_and_its_stat(tmp_path, monkeypatch) -> None:
+    """Files above FULL_DIGEST_MAX are not hashed whole: a changed sample is a content
+    change; a rewrite the samples miss still counts as changed (never a silent match)."""
+    from sdi_pipeline.files import digests
+
+    monkeypatch.setattr(digests, "FULL_DIGEST_MAX", 1000)
+    path = tmp_path / "big.bin"
+    data = bytearray(os.urandom(4 * 2**20))
+    path.write_bytes(data)
+    record = digests.file_identity(path)
+    assert "sha256" not in record
+    assert digests.identity_change(record) is None
+    os.utime(path, ns=(1, record["mtime_ns"]))  # atime only: the stat identity is the same
+    assert digests.identity_change(record) is None
+    data[0] ^= 1  # inside the first sample
+    path.write_bytes(data)
+    assert digests.identity_change(record) == "its content changed"
+    data[0] ^= 1
+    data[100_000] ^= 1  # between two samples
+    path.write_bytes(data)
+    assert digests.identity_change(record) == (
+        "it was rewritten (new modification time or inode); too large to hash here"
+    )
+    path.unlink()  # deleted data changes no result made from it
+    assert digests.identity_change(record) is None

@@ -107,7 +107,11 @@ def ensure_dir(folder: Path) -> None:
             "away, or set run.root to another place"
         ) from err
     except OSError as err:
-        _raise_write_error(folder / ".", err)
+        # Name the folder that refused: the deepest one that exists, not the one to create.
+        first_missing = folder
+        while not first_missing.parent.exists() and first_missing.parent != first_missing:
+            first_missing = first_missing.parent
+        _raise_write_error(first_missing, err)
         raise
 
 

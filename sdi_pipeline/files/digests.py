@@ -193,3 +193,68 @@ def describe_change(old: str | None, new: str | None) -> str:
         return "none" if not d else f"{d[:12]}…"
 
     return f"sha256 {short(old)} → {short(new)}"
+
+
+# Input files up to this size get their full sha256 in their identity record; larger ones a
+# digest of FILE_SAMPLES blocks of SAMPLE_BYTES spread over the file (first and last included).
+FULL_DIGEST_MAX = 32 * 2**20
+FILE_SAMPLES = 16
+SAMPLE_BYTES = 64 * 2**10
+
+
+def _sampled_sha256(path: Path, size: int) -> str:
+    h = hashlib.sha256(f"{size}:".encode())
+    last = max(0, size - SAMPLE_BYTES)
+    offsets = sorted({last * i // (FILE_SAMPLES - 1) for i in range(FILE_SAMPLES)})
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """What a data file is now: its path, size, mtime, inode, a digest of sampled blocks and,
+    for files up to :data:`FULL_DIGEST_MAX`, its full sha256. Raises OSError."""
+    st = path.stat()
+    record: dict[str, Any] = {
+        "path": str(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "inode": st.st_ino,
+        "sampled_sha256": _sampled_sha256(path, st.st_size),
+    }
+    if st.st_size <= FULL_DIGEST_MAX:
+        record["sha256"] = sha256_files(path, [path])
+    return record
+
+
+def identity_change(record: Mapping[str, Any]) -> str | None:
+    """Why the file of a :func:`file_identity` record is not what it was (None: it is, or it
+    is gone, which changes no result made from it).
+
+    One stat when nothing changed; a file whose size, mtime or inode differ is hashed (whole
+    when small, by samples otherwise), so a file only touched or copied back is not changed.
+    A large file whose samples still match cannot be told apart from one changed elsewhere:
+    it counts as changed.
+    """
+    path = Path(str(record.get("path")))
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    same = (st.st_size, st.st_mtime_ns, st.st_ino)
+    if same == (record.get("size"), record.get("mtime_ns"), record.get("inode")):
+        return None
+    if st.st_size != record.get("size"):
+        return f"{record.get('size')} → {st.st_size} bytes"
+    try:
+        if "sha256" in record:
+            now = sha256_files(path, [path])
+            return None if now == record["sha256"] else describe_change(record["sha256"], now)
+        now = _sampled_sha256(path, st.st_size)
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    if now != record.get("sampled_sha256"):
+        return "its content changed"
+    return "it was rewritten (new modification time or inode); too large to hash here"

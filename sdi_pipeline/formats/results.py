@@ -3,11 +3,11 @@
 :func:`write_results` creates the file under a temporary name and renames it when the
 writer's block completes; every dataset carries an HDF5 Fletcher-32 checksum, and the
 ``inputs`` group records what the file was made from (each unit's and query file's content
-digest, the checkpoints' sha256). :class:`Results` reads it lazily (top-k per query and step,
-SDI trajectories, per-step energy, diagnostics); :meth:`Results.open` refuses a results.h5
-that is stale -- its run directory's units, query files or checkpoints changed since the
-merge. This module imports neither torch nor the engine nor Hydra, so opening results is
-light.
+digest, the checkpoints' sha256, the data files' identities). :class:`Results` reads it
+lazily (top-k per query and step, SDI trajectories, per-step energy, diagnostics);
+:meth:`Results.open` refuses a results.h5 that is stale -- its run directory's units, query
+files, checkpoints or data files changed since the merge. This module imports neither torch
+nor the engine nor Hydra, so opening results is light.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def find_results(path: str | Path) -> Path:
 def stale_reasons(path: str | Path) -> list[str]:
     """Why the results.h5 at ``path`` no longer matches its run directory (empty: it does,
     or it is not inside one). Cheap: markers, query file attributes, checkpoint digests
-    from the run's cache; changed *data* is seen by the jobs, not here."""
+    from the run's cache, a stat of each data file; a dataset built in code is checked by
+    the jobs and ``sdi-status verify=true``, not here."""
     try:
         with h5py.File(path, "r") as f:
             inputs = results_inputs(f)
@@ -101,9 +102,11 @@ class Results:
     def open(cls, path: str | Path, *, allow_stale: bool = False) -> Results:
         """Open results.h5 given it, its run directory, or a run name directory.
 
-        A results.h5 whose run directory changed since the merge (a unit or query file
-        recomputed or removed, a checkpoint rewritten) is refused with what changed, unless
-        ``allow_stale=True``.
+        A results.h5 whose run directory or inputs changed since the merge (a unit, shard or
+        query file recomputed or removed, a checkpoint rewritten, a data file named by
+        ``data.train.path`` / ``data.query.path`` changed) is refused with what changed and
+        the fix, unless ``allow_stale=True``, which opens it as it is. Cheap: a stat per
+        file (a data file whose stat changed is hashed); no dataset is built.
         """
         res = cls(find_results(path))
         if not allow_stale:
@@ -555,12 +558,15 @@ class ResultsWriter:
         query: Sequence[str],
         checkpoints: Sequence[str],
         checkpoint_sha256: Sequence[str],
+        data_files: Mapping[str, Any],
     ) -> None:
         """What the results are made from: each unit's, score shard's and query file's content
-        digest, the checkpoints and their sha256 (how :meth:`Results.open` tells a stale
-        file)."""
+        digest, the checkpoints and their sha256, the data files' identities
+        (:func:`~sdi_pipeline.run.freshness.record_data_files`): how :meth:`Results.open`
+        tells a stale file."""
         group = self._f.require_group("inputs")
         group.attrs["config_hash"] = config_hash
+        group.attrs["data_files"] = json.dumps(dict(data_files))
         names = sorted(units)
         blocks = sorted(shards)
         for name, values in (
@@ -597,10 +603,14 @@ def check_free_space(path: Path, needed: int) -> None:
     free = st.f_bavail * st.f_frsize
     if free < needed:
         raise RunDirError(
-            f"cannot write {path}: it needs about {needed / 2**20:.0f} MiB but only "
-            f"{free / 2**20:.0f} MiB are free in {folder} (no space left on the device): free "
-            "space there, then run the same command again"
+            f"cannot write {path}: it needs about {_size(needed)} but only {_size(free)} are "
+            f"free in {folder} (no space left on the device): free space there, then run the "
+            "same command again"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 @contextmanager

@@ -7,24 +7,26 @@ of a block, even to another of the same size, changes the digest and makes the u
 
 :func:`scan_dataset` is the preflight's one pass over a dataset: it reads every example
 (naming the row of one that cannot be read), hashes each block, checks token ids against
-the model's vocabulary and length limits (:func:`token_limits`), and re-reads the first
-examples to make sure the dataset is deterministic.
+the model's vocabulary and length limits (:func:`token_limits`), collates the batches the
+jobs will form and checks them as the loss will (:func:`batch_check`), and re-reads the
+first examples to make sure the dataset is deterministic.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
-from sdi_pipeline.errors import DataError
+from sdi_pipeline.errors import DataError, SDIError
+from sdi_pipeline.inputs.losses import input_check
 
 # Keys of a dict example that hold token ids, in order of preference.
 ID_KEYS = ("input_ids", "tokens", "token_ids", "ids")
@@ -278,16 +280,68 @@ def _check_chunk(
             )
 
 
+BatchCheck = Callable[[list[Any]], None]
+
+
+def batch_check(collate: Callable[[list[Any]], Any] | None, loss: Any) -> BatchCheck:
+    """What the jobs do to a batch of examples before the model sees it: the collate
+    (``data.collate``, else torch's default) and the loss's checks of its inputs (for the
+    losses of :mod:`sdi_pipeline.inputs.losses`, e.g. each example has a target position)."""
+    collate_fn = collate or default_collate
+    check_inputs = input_check(loss)
+
+    def check(examples: list[Any]) -> None:
+        batch = collate_fn(examples)
+        if check_inputs is not None:
+            check_inputs(batch)
+
+    return check
+
+
+def _problem(err: Exception) -> str:
+    if isinstance(err, SDIError):
+        return str(err)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"
+
+
+def _check_batch(check: BatchCheck, batch: list[tuple[int, Any]], which: str, dataset: Any) -> None:
+    """One batch as the jobs will form it; on failure, the first example that fails alone
+    is named by its row (else the batch's rows)."""
+    try:
+        check([example for _, example in batch])
+        return
+    except Exception as err:  # the user's collate, or a check of the loss
+        whole = err
+    for i, example in batch:
+        try:
+            check([example])
+        except Exception as err:
+            raise DataError(
+                f"data.{which} row {i}{_where(dataset, i)} cannot be used: {_problem(err)}; fix "
+                "or remove that example"
+            ) from err
+    first, last = batch[0][0], batch[-1][0]
+    raise DataError(
+        f"data.{which} rows {first}..{last} (one batch of the jobs) cannot be collated together: "
+        f"{_problem(whole)}; check data.collate against these examples"
+    ) from whole
+
+
 def scan_dataset(
     dataset: Any,
     which: str,
     limits: TokenLimits | None,
     block_size: int,
     *,
+    check: BatchCheck | None = None,
+    batch_size: int = 1,
     progress: bool = False,
     recheck: int = 8,
 ) -> Scan:
-    """Read every example once: block digests, token checks, and a determinism check.
+    """Read every example once: block digests, token checks, the batches the jobs will form
+    (``batch_size`` examples from each block's start) through ``check``, and a determinism
+    check.
 
     Raises DataError naming the dataset (``data.<which>``), the file and row where the
     dataset can say, and what to fix.
@@ -296,6 +350,7 @@ def scan_dataset(
     digests: list[str] = []
     block: list[bytes] = []
     chunk: list[tuple[int, torch.Tensor]] = []
+    batch: list[tuple[int, Any]] = []
     first: list[bytes] = []
     checked = False
     bar = tqdm(
@@ -320,9 +375,15 @@ def scan_dataset(
             if len(chunk) >= CHUNK:
                 _check_chunk(chunk, limits or TokenLimits(), which, dataset)
                 chunk = []
+            if check is not None:
+                batch.append((i, example))
             if len(block) == block_size:
                 digests.append(combine(block))
                 block = []
+            # The jobs' batches: batch_size examples from each block's start.
+            if check is not None and (len(batch) == batch_size or not block or i == n - 1):
+                _check_batch(check, batch, which, dataset)
+                batch = []
             bar.update(1)
         _check_chunk(chunk, limits or TokenLimits(), which, dataset)
         if block:

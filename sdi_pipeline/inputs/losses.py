@@ -9,7 +9,8 @@ With Hydra, a loss is configured as a partial function, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -52,6 +53,36 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, loss_name: str) -> torch.
     return out
 
 
+def _next_token_targets(
+    batch: Any, ignore_index: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, the targets (ignored positions set to ``ignore_index``) and each example's
+    count of targets; a DataError for a batch :func:`next_token_loss` cannot use."""
+    input_ids = _input_ids(batch, name)
+    targets = input_ids[:, 1:].clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise DataError(
+                f"{name}: attention_mask shape {shape} differs from input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        targets[mask[:, 1:] == 0] = ignore_index
+    counts = (targets != ignore_index).sum(dim=1)
+    empty = int((counts == 0).sum())
+    if empty:
+        which = (
+            "the example has" if len(counts) == 1
+            else f"{empty} of {len(counts)} example(s) in the batch have"
+        )  # fmt: skip
+        raise DataError(
+            f"{name}: {which} no target positions (each needs at least two real tokens); "
+            "filter out such short sequences"
+        )
+    return input_ids, targets, counts
+
+
 def next_token_loss(
     model: nn.Module, batch: Any, ignore_index: int = -100, per_token: bool = False
 ) -> torch.Tensor:
@@ -75,25 +106,8 @@ def next_token_loss(
             position (fewer than two real tokens).
     """
     name = "next_token_loss"
-    input_ids = _input_ids(batch, name)
+    input_ids, targets, counts = _next_token_targets(batch, ignore_index, name)
     logits = _logits(model, input_ids, name)
-    targets = input_ids[:, 1:].clone()
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise DataError(
-                f"{name}: attention_mask shape {shape} differs from input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        targets[mask[:, 1:] == 0] = ignore_index
-    counts = (targets != ignore_index).sum(dim=1)
-    empty = int((counts == 0).sum())
-    if empty:
-        raise DataError(
-            f"{name}: {empty} of {len(counts)} example(s) in the batch have no target positions "
-            "(each needs at least two real tokens); filter out such short sequences"
-        )
     vocab = logits.shape[-1]
     token_loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, vocab),
@@ -105,15 +119,9 @@ def next_token_loss(
     return token_loss / counts[:, None] if per_token else token_loss.sum(dim=1) / counts
 
 
-def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy of the last position's logits against ``batch["target"]``; shape (B,).
-
-    For classification-style tasks whose answer is predicted at the final token. When the batch
-    has an ``attention_mask`` the last *real* position of each example is used, so right-padded
-    batches work. With Hydra: ``{_target_: sdi_pipeline.inputs.losses.answer_token_loss,
-    _partial_: true}``.
-    """
-    name = "answer_token_loss"
+def _answer_targets(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and the (B,) class ids; a DataError for a batch :func:`answer_token_loss`
+    cannot use."""
     input_ids = _input_ids(batch, name)
     if "target" not in batch:
         raise DataError(
@@ -127,6 +135,19 @@ def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             f"{name}: batch['target'] must be (B,) integer class ids with B={input_ids.shape[0]}, "
             f"got {target.dtype} of shape {tuple(target.shape)}"
         )
+    return input_ids, target
+
+
+def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of the last position's logits against ``batch["target"]``; shape (B,).
+
+    For classification-style tasks whose answer is predicted at the final token. When the batch
+    has an ``attention_mask`` the last *real* position of each example is used, so right-padded
+    batches work. With Hydra: ``{_target_: sdi_pipeline.inputs.losses.answer_token_loss,
+    _partial_: true}``.
+    """
+    name = "answer_token_loss"
+    input_ids, target = _answer_targets(batch, name)
     logits = _logits(model, input_ids, name)
     mask = batch.get("attention_mask")
     if mask is None:
@@ -137,3 +158,27 @@ def answer_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         idx = (positions * (mask != 0)).argmax(dim=1)
         last = logits[torch.arange(logits.shape[0], device=logits.device), idx]
     return F.cross_entropy(last, target.long(), reduction="none")
+
+
+def input_check(loss: Any) -> Callable[[Any], None] | None:
+    """For a loss of this module (a function or a partial of one, as Hydra's ``_partial_``
+    builds it): a function that raises the DataError the loss would raise for a collated
+    batch's inputs, without running the model. None for other losses."""
+    func, keywords = loss, {}
+    while isinstance(func, functools.partial):
+        keywords = {**func.keywords, **keywords}
+        func = func.func
+    if func is next_token_loss:
+        ignore_index = int(keywords.get("ignore_index", -100))
+
+        def next_token_inputs(batch: Any) -> None:
+            _next_token_targets(batch, ignore_index, "next_token_loss")
+
+        return next_token_inputs
+    if func is answer_token_loss:
+
+        def answer_token_inputs(batch: Any) -> None:
+            _answer_targets(batch, "answer_token_loss")
+
+        return answer_token_inputs
+    return None

@@ -42,7 +42,7 @@ from sdi_pipeline.inputs.checkpoints import (
     load_into,
     resolve_eta_and_source,
 )
-from sdi_pipeline.inputs.content import HashingSubset, block_digest
+from sdi_pipeline.inputs.content import BatchCheck, HashingSubset, batch_check, block_digest
 from sdi_pipeline.inputs.dynamics import LoopTrace, trace_batches
 from sdi_pipeline.jobs.allocation import allocated_cpus
 from sdi_pipeline.jobs.logs import log, setup_logging
@@ -148,6 +148,11 @@ class JobContext:
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self._loss(model, build.to_device(batch, self.device))
+
+    def batch_check(self) -> BatchCheck:
+        """What the jobs do to a batch before the model: this run's collate and the loss's
+        checks of its inputs (for the preflight, which names a failing example's row)."""
+        return batch_check(self._collate, self._loss)
 
     def checkpoint_sha(self, k: int) -> str:
         """sha256 of checkpoint k now (from the run's digest cache when the file is unchanged)."""

@@ -37,7 +37,7 @@ from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.errors import MergeRefused, SDIError
 from sdi_pipeline.files.atomic import clean_temp_files
 from sdi_pipeline.files.digests import DigestCache, record_digest
-from sdi_pipeline.formats.results import check_free_space, write_results
+from sdi_pipeline.formats.results import UNIT_STATS, check_free_space, write_results
 from sdi_pipeline.formats.shards import ShardSummary, read_shard_summary, write_shard
 from sdi_pipeline.formats.sketches import (
     FORMAT_VERSION,
@@ -63,7 +63,14 @@ from sdi_pipeline.jobs.scoring import (
 from sdi_pipeline.messages import shortened
 from sdi_pipeline.report.wandb_log import WandbLogger
 from sdi_pipeline.run.config import config_hash, train_hash
-from sdi_pipeline.run.freshness import CORRUPT, DONE, MISSING, check_unit, explain_stale
+from sdi_pipeline.run.freshness import (
+    CORRUPT,
+    DONE,
+    MISSING,
+    check_unit,
+    explain_stale,
+    record_data_files,
+)
 from sdi_pipeline.run.layout import block_name
 from sdi_pipeline.run.leases import read_holder
 from sdi_pipeline.run.rundir import Block, RunDir, Unit, run_blocks, run_units
@@ -459,6 +466,30 @@ def _reduce(
     return _Reduced(totals, tokens, norms, stats, digests, shapes, train_layout)
 
 
+def _results_bytes(
+    reduced: _Reduced, queries: QuerySet, dynamics: tuple[np.ndarray, ...] | None, n_blocks: int
+) -> int:
+    """About how large results.h5 will be, from what it will hold: top-k, diagnostics, loop
+    dynamics, the per-unit table and the record of its inputs (its per-example datasets stay
+    in the shards, a mapping per block). Doubled, plus 256 KiB, for HDF5's headers, chunk
+    indexes and checksums."""
+    arrays = 0
+    for totals in (reduced.totals, reduced.tokens):
+        if totals is None:
+            continue
+        for top in totals.tops.values():
+            arrays += top.indices.numel() * 8 + top.scores.numel() * 4
+        arrays += 2 * totals.energy.numel() * 8  # energy and signed share
+    for q in queries.files:
+        arrays += (q.sketch.size // max(1, q.sketch.shape[-1]) + q.loss.size) * 8
+    arrays += reduced.train_norm.nbytes + sum(a.nbytes for a in dynamics or ())
+    # Per unit: its stats and name, its digest in inputs; per block: a mapping for each
+    # stitched dataset and its shard's digest.
+    arrays += len(reduced.unit_stats) * 8 * (len(UNIT_STATS) + 16)
+    arrays += n_blocks * (len(reduced.shapes) + 2) * 256
+    return 2 * arrays + 256 * 2**10
+
+
 def run_merge(run_dir: str | Path) -> int:
     """Validate the run, score any block nobody scored, reduce the shards into results.h5."""
     run = RunDir.existing(run_dir)
@@ -467,6 +498,8 @@ def run_merge(run_dir: str | Path) -> int:
     if removed:
         log.info("removed %d temporary file(s) of killed writers", len(removed))
     cfg = run.load_config()
+    # Before the data is read and hashed: a file changed during the merge shows as changed.
+    data_files = record_data_files(cfg.data)
     train = build.build_dataset(cfg, "train")
     n_train = len(train)
     run.check_train_size(n_train)
@@ -487,7 +520,8 @@ def run_merge(run_dir: str | Path) -> int:
     k_top = scoring.plan.topk
     reduced = _reduce(run, blocks, queries, k_top, n_ckpt)
     t_layout = reduced.train_layout
-    check_free_space(run.results_path, 16 * 2**20 + 64 * reduced.totals.energy.numel() * k_top)
+    dynamics = _loop_dynamics(queries.files)
+    check_free_space(run.results_path, _results_bytes(reduced, queries, dynamics, len(blocks)))
     attrs = {
         "config_hash": config_hash(cfg),
         "n_train": n_train,
@@ -516,7 +550,6 @@ def run_merge(run_dir: str | Path) -> int:
         out.stitch("diagnostics/train_loss", "train_loss", (n_ckpt, n_train), 1, sources)
         if queries.positions is not None:
             out.write_token_positions(queries.positions)
-        dynamics = _loop_dynamics(queries.files)
         if dynamics is not None:
             out.write_dynamics(*dynamics)
         for (scope, sign), top in reduced.totals.tops.items():
@@ -550,6 +583,7 @@ def run_merge(run_dir: str | Path) -> int:
             query=queries.digests,
             checkpoints=list(cfg.checkpoints.paths),
             checkpoint_sha256=plan.checkpoint_sha,
+            data_files=data_files,
         )
     log.info(
         "wrote %s: %d train x %d queries x %d slots from %d shards in %.1fs",

@@ -5,10 +5,11 @@
 Everything that can be checked is checked before anything runs or is submitted: the config
 schema, checkpoint files, that each checkpoint fits the model, that the target patterns
 match modules, every training and query example (readable, token ids inside the model's
-vocabulary, not longer than the model takes, the same each time it is read), and one real
-forward/backward of a query batch through the loss. It prints the loss (and which config
-group or override set it), each checkpoint's eta (and where it was read) and what the
-calls showed (loop steps, prelude, readout).
+vocabulary, not longer than the model takes, the same each time it is read), every batch the
+jobs will form (through data.collate and the loss's checks of its inputs, e.g. a target
+position in each example), and one real forward/backward of a query batch through the loss.
+It prints the loss (and which config group or override set it), each checkpoint's eta (and
+where it was read) and what the calls showed (loop steps, prelude, readout).
 
 While it runs the jobs, ``sdi-attribute`` holds the run's launcher lock: a second launch of
 the same config is told who is running it instead of starting duplicate workers. Before
@@ -49,9 +50,16 @@ def preflight(cfg: DictConfig) -> Preflight:
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
     limits = token_limits(ctx.model)
+    # Every batch the jobs will form, collated and checked as the loss will check it.
+    check, batch_size = ctx.batch_check(), int(cfg.data.batch_size)
     progress = bool(cfg.runtime.progress)
-    train_scan = scan_dataset(train, "train", limits, int(cfg.data.block_size), progress=progress)
-    query_scan = scan_dataset(query, "query", limits, len(query), progress=progress)
+    train_scan = scan_dataset(
+        train, "train", limits, int(cfg.data.block_size),
+        check=check, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    query_scan = scan_dataset(
+        query, "query", limits, len(query), check=check, batch_size=batch_size, progress=progress
+    )
     for k in range(len(ctx.checkpoints)):
         info = ctx.use_checkpoint(k)
         print(f"[sdi] checkpoint {k}: {info.path}, eta {info.eta:.6g} from {info.eta_source}")

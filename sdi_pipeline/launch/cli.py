@@ -14,7 +14,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from sdi_pipeline.errors import ConfigError, SDIError
+from sdi_pipeline.errors import (
+    EXIT_ATTENTION,
+    EXIT_INTERRUPTED_BY_USER,
+    EXIT_USER_ERROR,
+    ConfigError,
+    SDIError,
+)
 
 
 def parse_kv(
@@ -44,17 +50,18 @@ def _int(args: dict[str, str], key: str) -> int:
 
 
 def guarded(job: Callable[[list[str]], int]) -> Callable[[], None]:
-    """Run a job's main; turn SDIError into one line on stderr and exit status 2."""
+    """Run a job's main; turn SDIError into one line on stderr and exit status 2 (see
+    :mod:`sdi_pipeline.errors` for every status)."""
 
     def main() -> None:
         try:
             code = job(sys.argv[1:])
         except SDIError as err:
             print(f"error: {err}", file=sys.stderr)
-            code = 2
+            code = EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("interrupted: run the same command again to resume", file=sys.stderr)
-            code = 130
+            code = EXIT_INTERRUPTED_BY_USER
         sys.exit(code)
 
     return main
@@ -104,8 +111,8 @@ def _status(argv: list[str]) -> int:
     run = RunDir.existing(args["run_dir"])
     status = run_status(run, verify=verify == "true")
     print(format_status(run, status))
-    # 1: something needs attention (failed, stale or corrupt units, stale results.h5).
-    return 0 if status.healthy else 1
+    # Something needs attention: failed, stale or corrupt units, a stale results.h5.
+    return 0 if status.healthy else EXIT_ATTENTION
 
 
 JOBS = {

@@ -29,12 +29,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from sdi_pipeline.errors import EXIT_ATTENTION, EXIT_INTERRUPTED_BY_USER
 from sdi_pipeline.files.atomic import ensure_dir, write_error, write_text_atomic
 from sdi_pipeline.formats.shards import block_done
 from sdi_pipeline.run.freshness import query_digests
 from sdi_pipeline.run.rundir import Block, RunDir, run_blocks
 
-EXIT_CTRL_C = 130
 # PR_SET_PDEATHSIG from <sys/prctl.h>.
 _PR_SET_PDEATHSIG = 1
 # Seconds the jobs get to finish their batch after a stop request before they are killed.
@@ -179,7 +179,7 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
             if failed:
                 for rank, code in failed:
                     _failed(run, f"worker-{rank:04d}", code)
-                return 1
+                return EXIT_ATTENTION
             print("[sdi] merging ...", flush=True)
             code = _run_one(jobs, "merge", job_command("merge", run), {"SDI_THREADS": str(cores)})
             if code != 0:
@@ -188,7 +188,7 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
         print("\n[sdi] stopping the jobs after their current batch ...", flush=True)
         jobs.stop()
         print(f"[sdi] stopped. Run the same command again to resume {run.path}", flush=True)
-        return EXIT_CTRL_C
+        return EXIT_INTERRUPTED_BY_USER
     finally:
         jobs.stop(grace_s=10.0)  # nothing outlives the launcher
     return 0
@@ -223,16 +223,17 @@ def job_error(log: Path) -> str | None:
 
 
 def _failed(run: RunDir, name: str, code: int) -> int:
-    """One line on stderr: which job failed, its error (or exit status), and its log."""
+    """One line on stderr: which job failed, its error (or exit status), and its log; the
+    launcher's exit status for a failed job (whatever the job's own)."""
     log = Path(run.logs_dir / f"{name}.out")
     error = job_error(log)
     if error is not None:
         print(f"error: {name} failed: {error} (log: {log})", file=sys.stderr)
-        return code or 1
+        return EXIT_ATTENTION
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
     tail = []
     with suppress(OSError):
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
     last = f"; last output: {tail[0].strip()[:200]}" if tail else ""
     print(f"error: {name} failed ({how}){last}; full log: {log}", file=sys.stderr)
-    return code if code > 0 else 1
+    return EXIT_ATTENTION

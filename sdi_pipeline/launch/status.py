@@ -3,10 +3,11 @@ whether results.h5 is up to date, where the logs are, and what the launchers rep
 its jobs (e.g. their states under launcher=slurm).
 
 By default it is cheap and needs neither the data nor the model: completion markers, file
-sizes, HDF5 headers and the checkpoints' digests (from the run's cache; a checkpoint whose
-file changed is hashed once). ``verify=true`` audits everything: it reads every value of
-every unit and query file (HDF5 checksums, finite values) and hashes the data again (which
-builds the datasets), so a silently corrupted unit or a changed example is reported too.
+sizes, HDF5 headers, the checkpoints' digests (from the run's cache; a checkpoint whose
+file changed is hashed once) and a stat of each data file results.h5 was made from.
+``verify=true`` audits everything: it reads every value of every unit and query file (HDF5
+checksums, finite values) and hashes the data again (which builds the datasets), so a
+silently corrupted unit or a changed example is reported too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sdi_pipeline.launch.launchers import LAUNCHERS
 from sdi_pipeline.messages import shortened
 from sdi_pipeline.run.freshness import (
     CORRUPT,
+    DATA_SPLITS,
     DONE,
     STALE,
     check_unit,
@@ -66,6 +68,8 @@ class RunStatus:
     missing_checkpoints: list[str] = field(default_factory=list)
     # What the launchers say about the jobs they started for the run (Launcher.status_lines).
     launcher_lines: list[str] = field(default_factory=list)
+    # Datasets built in code (no data.<split>.path): their changes need verify=true.
+    built_in_code: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -86,6 +90,9 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
     if n_train is None or verify:
         n_train = len(build.build_dataset(cfg, "train"))
     status = RunStatus(merged=run.results_path.exists(), verified=verify)
+    status.built_in_code = [
+        f"data.{which}" for which in DATA_SPLITS if not isinstance(cfg.data[which].get("path"), str)
+    ]
     if status.merged:
         status.results_stale = stale_reasons(run.results_path)
     # Every launcher is asked, not only the config's: after launcher=prepare, jobs may have
@@ -120,6 +127,13 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
                     status.bad_shards[block.name] = why
         else:
             status.unscored.append(block.name)
+            if path.exists():
+                try:
+                    read_attrs(path, "content_digest")
+                except SDIError as err:
+                    status.bad_shards[block.name] = (
+                        f"{err}; run the same command again: the block is scored again"
+                    )
     for unit in run_units(cfg, n_train):
         if not status.store_train:
             # No train sketches kept: a unit is only ever failed or being computed.
@@ -291,5 +305,10 @@ def format_status(run: RunDir, status: RunStatus) -> str:
     lines.append(f"  results.h5: {results}")
     if not status.verified:
         lines.append("  (cheap checks; sdi-status verify=true also reads every file and the data)")
+        if status.built_in_code:
+            lines.append(
+                f"  ({' and '.join(status.built_in_code)} built in code, not from a data file: "
+                "a change of their examples is seen by verify=true and the jobs, not here)"
+            )
     lines += status.launcher_lines
     return "\n".join(lines)

@@ -8,14 +8,18 @@ size and the checkpoint's sha256. results.h5 records the digests of every unit a
 file it was made from and the checkpoints' sha256.
 
 Checks here are cheap (markers, file sizes, HDF5 attributes, checkpoint digests from the
-run's stat-keyed cache) and light to import (no torch): ``Results.open`` and ``sdi-status``
-use them. A change of the *data* is only seen by the jobs and ``sdi-status verify=true``,
-which hash the examples again.
+run's stat-keyed cache, a stat of each data file) and light to import (no torch):
+``Results.open`` and ``sdi-status`` use them. The data files a config names
+(``data.train.path``, ``data.query.path``) are recorded in results.h5 by the merge
+(:func:`record_data_files`) and compared here; a dataset built in code (a ``_target_``
+without a ``path``) is only checked by the jobs and ``sdi-status verify=true``, which hash
+the examples again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,12 @@ import h5py
 import numpy as np
 
 from sdi_pipeline.errors import RunDirError
-from sdi_pipeline.files.digests import DigestCache, describe_change
+from sdi_pipeline.files.digests import (
+    DigestCache,
+    describe_change,
+    file_identity,
+    identity_change,
+)
 from sdi_pipeline.run.layout import SKETCH_FORMAT_VERSION, RunPaths
 
 DONE, STALE, CORRUPT, MISSING = "done", "stale", "corrupt", "missing"
@@ -194,7 +203,59 @@ def results_inputs(f: h5py.File) -> dict[str, Any] | None:
         "checkpoints": strings("checkpoint_paths"),
         "checkpoint_sha256": strings("checkpoint_sha256"),
         "config_hash": str(group.attrs.get("config_hash", "")),
+        "data_files": json.loads(str(group.attrs.get("data_files", "{}"))),
     }
+
+
+DATA_SPLITS = ("train", "query")
+
+
+def record_data_files(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The identity of each data file the config names (``data`` is its ``data`` section),
+    per split: ``{"files": [file_identity, ...]}`` for a ``path`` naming a file or a folder
+    (each file inside, and the folder's listing), ``{"built_by": target}`` for a dataset
+    built in code, whose inputs no config value names."""
+    out: dict[str, dict[str, Any]] = {}
+    for which in DATA_SPLITS:
+        node = data.get(which)
+        path = node.get("path") if isinstance(node, Mapping) else None
+        root = Path(os.path.abspath(os.path.expanduser(path))) if isinstance(path, str) else None
+        if root is None or not root.exists():
+            target = node.get("_target_") if isinstance(node, Mapping) else None
+            out[which] = {"built_by": str(target or type(node).__name__)}
+            continue
+        if root.is_dir():
+            members = sorted(p for p in root.rglob("*") if p.is_file())
+            out[which] = {
+                "folder": str(root),
+                "listing": [str(p.relative_to(root)) for p in members],
+                "files": [file_identity(p) for p in members],
+            }
+        else:
+            out[which] = {"files": [file_identity(root)]}
+    return out
+
+
+def data_file_changes(record: Mapping[str, Any]) -> list[str]:
+    """Which recorded data files changed since :func:`record_data_files` (one stat each when
+    none did)."""
+    reasons = []
+    for which, entry in record.items():
+        if not isinstance(entry, Mapping):
+            continue
+        folder = entry.get("folder")
+        if isinstance(folder, str) and Path(folder).is_dir():
+            now = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+            if now != entry.get("listing"):
+                reasons.append(f"data.{which} folder {folder} holds other files since the merge")
+                continue
+        for file in entry.get("files") or []:
+            why = identity_change(file)
+            if why:
+                reasons.append(
+                    f"data.{which} file {file.get('path')} changed since the merge ({why})"
+                )
+    return reasons
 
 
 def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[str]:
@@ -217,6 +278,7 @@ def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[s
         reasons.append(
             f"the run's config hash is {stored}, results.h5 was made for {inputs['config_hash']}"
         )
+    reasons += data_file_changes(inputs["data_files"])
     now = checkpoint_digests(run, list(inputs["checkpoints"]))
     for k, (path, then, sha) in enumerate(
         zip(inputs["checkpoints"], inputs["checkpoint_sha256"], now, strict=False)
@@ -247,7 +309,7 @@ def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[s
 
 
 def _shard_changes(run: RunPaths, shards: Mapping[str, str]) -> list[str]:
-    missing, changed = [], []
+    missing, changed, damaged = [], [], []
     for name, digest in shards.items():
         path = run.scores_dir / f"{name}.h5"
         if not path.exists():
@@ -256,10 +318,16 @@ def _shard_changes(run: RunPaths, shards: Mapping[str, str]) -> list[str]:
         try:
             attrs = read_attrs(path, "content_digest")
         except RunDirError:
-            attrs = {}
+            damaged.append(name)
+            continue
         if attrs.get("content_digest") != digest:
             changed.append(name)
     out = []
+    if damaged:
+        out.append(
+            f"{len(damaged)} score shard(s) it reads are damaged (not a readable HDF5 file, "
+            f"truncated or overwritten: {run.scores_dir / damaged[0]}.h5)"
+        )
     if missing:
         out.append(
             f"{len(missing)} score shard(s) it reads are missing from {run.scores_dir} "
