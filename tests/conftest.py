@@ -42,6 +42,31 @@ def _kernel_cost_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ[CACHE_ENV] = str(cache)
 
 
+# The numeric tests that take the ``device`` fixture run on the CPU always and on CUDA where
+# a GPU is visible; the CUDA runs carry the ``cuda`` marker, so ``pytest -m cuda`` is the
+# suite's CUDA subset (tools/bench/device_check.sh runs it).
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                not torch.cuda.is_available(),
+                reason="no CUDA device here (torch.cuda.is_available() is False)",
+            ),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device a numeric test runs on: ``cpu``, and ``cuda`` where there is one."""
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def model() -> LoopedGPT:
     return make_model()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pipeline_helpers import cli_overrides, write_toy_checkpoints
 from torch.utils.data import DataLoader
 
@@ -74,7 +75,11 @@ def _engine(run: RunDir):
 EDGES = "analysis.targets=[tok_emb,pos_emb,block,ln_f,head]"
 
 
-def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys) -> None:
+def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys, monkeypatch) -> None:
+    # Device discovery mocked in the launcher: two of a node's GPUs visible to it. Its
+    # workers get one each (they see no CUDA here and run on the CPU).
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert attribute_main(cli_overrides(tmp_path, "launcher.workers=2", EDGES)) == 0
     out = capsys.readouterr().out
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
@@ -84,11 +89,11 @@ def test_local_launcher_with_two_workers_equals_the_engine(tmp_path, capsys) -> 
     loss = "sdi_pipeline.toy.parity.parity_loss (from data=parity)"
     assert f"[sdi] loss: {loss}\n" in out and f"\nloss: {loss}\n" in out
     assert (run.path / "plots" / "sdi_steps.png").stat().st_size > 10_000
-    for rank in range(2):  # the exact command lines of every job are in the run dir
-        assert (
-            f"rank={rank} world_size=2"
-            in (run.path / "commands" / f"worker-{rank:04d}.sh").read_text()
-        )
+    assert re.search(r"\[sdi\] 2 workers x \d+ threads on 2 GPUs \(4,6\):", out)
+    for rank, gpu in enumerate(("4", "6")):  # every job's exact command line is in the run dir
+        command = (run.path / "commands" / f"worker-{rank:04d}.sh").read_text()
+        assert f"rank={rank} world_size=2" in command
+        assert f"CUDA_VISIBLE_DEVICES={gpu} " in command
     expected = _engine(run)
     with Results.open(run.path) as res:
         assert res.slot_names[0] == "prelude" and res.slot_names[-1] == "readout"

@@ -65,3 +65,38 @@ def test_the_first_process_to_measure_wins(cache, monkeypatch) -> None:
 
     monkeypatch.setattr(calibration, "measure_costs", measured_while_another_process_wrote)
     assert calibration.kernel_costs(CPU) == KernelCosts(5.0, 2.0)
+
+
+def test_cuda_costs_are_keyed_by_the_gpu_model_not_the_cpu_threads(cache, monkeypatch) -> None:
+    """kernel=auto on CUDA, with the device discovery mocked: one set of constants per GPU
+    model (a MIG slice apart from the whole GPU), measured once and read by later processes."""
+    gpus = {0: ("NVIDIA H200", 132), 1: ("NVIDIA H200 MIG 1g.18gb", 16)}
+
+    def props(device):
+        return type("Props", (), {"multi_processor_count": gpus[device.index][1]})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: gpus[device.index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.version, "cuda", "12.9")
+    whole, mig = torch.device("cuda", 0), torch.device("cuda", 1)
+    key = calibration.cache_key(whole)
+    assert key.endswith("-cuda12.9-NVIDIA_H200-132sm") and "threads" not in key
+    assert calibration.cache_key(mig).endswith("-NVIDIA_H200_MIG_1g.18gb-16sm")
+    torch.set_num_threads(2)
+    try:
+        assert calibration.cache_key(whole) == key  # the CPU threads do not matter on a GPU
+    finally:
+        torch.set_num_threads(1)
+    measured = {whole: KernelCosts(5.0, 2.0), mig: KernelCosts(9.0, 4.0)}
+    monkeypatch.setattr(calibration, "measure_costs", lambda device: measured[device])
+    assert calibration.kernel_costs(whole) == KernelCosts(5.0, 2.0)
+    assert calibration.kernel_costs(mig) == KernelCosts(9.0, 4.0)
+    assert (cache / f"kernel-costs-{key}.json").is_file()
+    assert len(list(cache.glob("kernel-costs-*.json"))) == 2
+
+    def no_measuring(device):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(calibration, "measure_costs", no_measuring)
+    monkeypatch.setattr(calibration, "_by_key", {})  # a new process
+    assert calibration.kernel_costs(whole) == KernelCosts(5.0, 2.0)

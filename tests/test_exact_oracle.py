@@ -17,24 +17,28 @@ EDGES = ["tok_emb", "pos_emb", "block", "ln_f", "head"]
 
 @pytest.mark.parametrize("n_loops", [4, 6])
 @pytest.mark.parametrize("with_edges", [False, True])
-def test_exact_mode_matches_unrolled_oracle(n_loops: int, with_edges: bool) -> None:
+def test_exact_mode_matches_unrolled_oracle(
+    n_loops: int, with_edges: bool, device: torch.device
+) -> None:
     model = make_model(n_loops=n_loops)
     batch = parity_batch(5)
-    feats = StepFeaturizer(model, EDGES if with_edges else ["block"], None).featurize(
-        [batch], parity_loss
+    targets = EDGES if with_edges else ["block"]
+    # The features on ``device``, the oracle on the CPU: CUDA is checked against it.
+    feats = StepFeaturizer(make_model(n_loops=n_loops).to(device), targets, None).featurize(
+        [{k: v.to(device) for k, v in batch.items()}], parity_loss
     )
+    assert feats.values.device.type == device.type
+    values = feats.values.cpu()
     expected, names = oracle_step_gradients(
         model, batch["tokens"], batch["target"], n_loops=n_loops, with_edges=with_edges
     )
     assert feats.layout == SlotLayout(n_loops, prelude=with_edges, readout=with_edges)
-    assert names == [
-        p.name for p in StepFeaturizer(model, EDGES if with_edges else ["block"], None).params
-    ]
-    assert feats.values.shape == expected.shape
+    assert names == [p.name for p in StepFeaturizer(model, targets, None).params]
+    assert values.shape == expected.shape
     scale = expected.abs().max()
-    torch.testing.assert_close(feats.values, expected, rtol=1e-4, atol=1e-5 * float(scale))
+    torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-5 * float(scale))
     # Every loop step carries gradient (the test would be vacuous otherwise).
-    loop = feats.values[:, int(with_edges) : int(with_edges) + n_loops]
+    loop = values[:, int(with_edges) : int(with_edges) + n_loops]
     assert bool((loop.norm(dim=2) > 1e-3 * float(scale)).all())
 
 

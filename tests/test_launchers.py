@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.errors import ConfigError
-from sdi_pipeline.jobs.allocation import allocated_cpus, array_task_count, array_task_id
+from sdi_pipeline.inputs.build import pick_device
+from sdi_pipeline.jobs.allocation import (
+    allocated_cpus,
+    array_task_count,
+    array_task_id,
+    local_rank,
+)
 from sdi_pipeline.launch import slurm
 from sdi_pipeline.launch.attribute_cli import run as attribute_main
 from sdi_pipeline.launch.cli import JOBS
 from sdi_pipeline.launch.compose import compose_config, conf_dir
 from sdi_pipeline.launch.launchers import LAUNCHERS
+from sdi_pipeline.launch.local import worker_gpus
 from sdi_pipeline.run.rundir import RunDir
 
 
@@ -62,3 +70,46 @@ def test_a_run_never_submitted_to_slurm_has_no_slurm_status_lines(tmp_path) -> N
     run = RunDir(tmp_path)
     assert slurm.status_lines(run, merged=False) == []
     assert slurm.slurm_jobs(run) is None
+
+
+def test_local_workers_get_one_gpu_each_round_robin_over_the_visible_ones() -> None:
+    assert worker_gpus(4, 4, None) == ["0", "1", "2", "3"]
+    assert worker_gpus(3, 2, None) == ["0", "1", "0"]  # more workers than GPUs: shared
+    assert worker_gpus(2, 1, None) == ["0", "0"]
+    # The launcher's own CUDA_VISIBLE_DEVICES is respected: physical ids, UUIDs, MIG ids.
+    assert worker_gpus(3, 2, "2,3") == ["2", "3", "2"]
+    assert worker_gpus(2, 2, "GPU-aa, MIG-bb") == ["GPU-aa", "MIG-bb"]
+    # torch sees only the entries it can use: the list is cut to the count.
+    assert worker_gpus(2, 1, "5,-1,6") == ["5", "5"]
+    assert worker_gpus(2, 0, None) == [] and worker_gpus(2, 0, "") == []
+
+
+def _runtime(device: str) -> DictConfig:
+    return OmegaConf.create({"runtime": {"device": device}})
+
+
+def test_a_job_takes_the_gpu_of_its_local_rank_among_those_it_sees(monkeypatch) -> None:
+    for var in ("SLURM_LOCALID", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert local_rank() == 0
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert local_rank() == 2
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # SLURM's wins
+    assert local_rank() == 3
+    # Device discovery mocked: a node with 4 GPUs, every task seeing all of them.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device(_runtime("auto"), 0) == torch.device("cuda", 0)
+    assert pick_device(_runtime("cuda"), 3) == torch.device("cuda", 3)
+    assert pick_device(_runtime("auto"), 5) == torch.device("cuda", 1)
+    assert pick_device(_runtime("cpu"), 3) == torch.device("cpu")
+    # Each task bound to its own GPU (gres, the local launcher): it sees one, GPU 0.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device(_runtime("auto"), 3) == torch.device("cuda", 0)
+
+
+def test_no_gpu_means_the_cpu_or_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(_runtime("auto"), 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"runtime\.device=cuda but no CUDA device is visible"):
+        pick_device(_runtime("cuda"))

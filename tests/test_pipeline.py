@@ -53,18 +53,25 @@ def in_memory(run: RunDir):
     )
 
 
-def test_one_or_three_workers_give_the_same_files_and_the_engines_results(tmp_path) -> None:
-    one = run_all(toy_config(tmp_path), workers=1)
-    three = run_all(toy_config(tmp_path, run={"name": "three"}), workers=3)
+def test_one_or_three_workers_give_the_same_files_and_the_engines_results(tmp_path, device) -> None:
+    on = {"progress": False, "threads": 1, "device": device.type}
+    one = run_all(toy_config(tmp_path, runtime=on), workers=1)
+    three = run_all(toy_config(tmp_path, run={"name": "three"}, runtime=on), workers=3)
     assert one.path.name == three.path.name  # same attribution, same run id
     names = sorted(p.name for p in one.units_dir.glob("*.h5"))
     assert names == sorted(p.name for p in three.units_dir.glob("*.h5"))
     assert len(names) == 2 * 3  # 2 checkpoints x 3 blocks of 16, 16, 8
-    for name in names:  # any W gives byte-identical unit files
-        assert digest(one.units_dir / name) == digest(three.units_dir / name)
+    for name in names:
+        if device.type == "cpu":  # any W gives byte-identical unit files
+            assert digest(one.units_dir / name) == digest(three.units_dir / name)
+        else:  # CUDA's index_add_ adds in no fixed order: equal to float rounding
+            a, b = (read_sketch_file(run.units_dir / name).sketch for run in (one, three))
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+    # The engine in one process on the CPU: any device gives its results.
     expected = in_memory(one)
     with Results.open(one.path) as a, Results.open(three.path) as b:
-        np.testing.assert_array_equal(a.tracin[...], b.tracin[...])
+        if device.type == "cpu":
+            np.testing.assert_array_equal(a.tracin[...], b.tracin[...])
         np.testing.assert_allclose(a.sdi[...], expected.sdi.numpy(), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(a.tracin[...], expected.tracin.numpy(), rtol=1e-5, atol=1e-4)
         top = a.topk(2, k=3, step="step 4")

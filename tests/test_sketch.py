@@ -39,15 +39,23 @@ def induced_count_sketch(matrices: torch.Tensor, row, col) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("b", "t", "d_out", "d_in", "m"), [(3, 5, 7, 11, 16), (2, 9, 64, 32, 512)])
-def test_fft_tensorsketch_equals_dense_under_induced_hash(b, t, d_out, d_in, m) -> None:
+def test_fft_tensorsketch_equals_dense_under_induced_hash(b, t, d_out, d_in, m, device) -> None:
     gen = torch.Generator().manual_seed(1)
     delta, x = torch.randn(b, t, d_out, generator=gen), torch.randn(b, t, d_in, generator=gen)
     h_out = make_count_sketch_hash(3, "w", "row", d_out, m)
     h_in = make_count_sketch_hash(3, "w", "col", d_in, m)
-    fft = linear_weight_fft(delta, x, h_out, h_in)
-    dense = torch.zeros(b, m)
-    ws = Workspace()
-    linear_weight_dense(delta, x, h_out, h_in, induced_buckets(h_out, h_in), dense, ws)
+    # Both kernels on ``device``; the CountSketch by hand on the CPU.
+    d_delta, d_x, d_out_h, d_in_h = (
+        delta.to(device),
+        x.to(device),
+        h_out.to(device),
+        h_in.to(device),
+    )
+    fft = linear_weight_fft(d_delta, d_x, d_out_h, d_in_h).cpu()
+    dense = torch.zeros(b, m, device=device)
+    buckets = induced_buckets(d_out_h, d_in_h)
+    linear_weight_dense(d_delta, d_x, d_out_h, d_in_h, buckets, dense, Workspace())
+    dense = dense.cpu()
     # The dense path is a plain CountSketch of the materialised gradient, computed by hand.
     by_hand = induced_count_sketch(torch.einsum("bto,bti->boi", delta, x), h_out, h_in)
     torch.testing.assert_close(dense, by_hand, rtol=1e-5, atol=1e-4)
@@ -115,16 +123,20 @@ def _sketch_ips(model, batch, m: int, seeds: range) -> torch.Tensor:
             .featurize([batch], parity_loss)
             .values
         )
-        rows.append(torch.einsum("sw,jtw->jst", v[0], v[1:]).reshape(-1))
+        rows.append(torch.einsum("sw,jtw->jst", v[0], v[1:]).reshape(-1).cpu())
     return torch.stack(rows)
 
 
 @pytest.mark.slow
-def test_sketched_inner_products_are_unbiased_and_error_shrinks_as_one_over_sqrt_m() -> None:
+def test_sketched_inner_products_are_unbiased_and_error_shrinks_as_one_over_sqrt_m(
+    device,
+) -> None:
     model = make_model(n_loops=4, d_model=16)
     batch = parity_batch(4)
+    # The truth from exact gradients on the CPU; the sketches on ``device``.
     exact = StepFeaturizer(model, EDGES, None).featurize([batch], parity_loss).values
     truth = torch.einsum("sw,jtw->jst", exact[0], exact[1:]).reshape(-1).double()
+    model, batch = model.to(device), {k: v.to(device) for k, v in batch.items()}
 
     n_seeds = 200
     est = _sketch_ips(model, batch, 64, range(n_seeds)).double()

@@ -5,9 +5,10 @@
 one scattered add, and of one FFT-path token per m log2 m, in units of one batched-matmul
 multiply-add) depend on the machine. :func:`kernel_costs` measures them the first time a
 process needs them on a device, by timing both kernels on fixed synthetic shapes (well
-under a second), and caches them in a small JSON file per host, torch version, thread count
-and device, so later processes read them instead (of processes measuring at the same time,
-the first to finish writes the file and all use its constants). Where the file can be
+under a second), and caches them in a small JSON file per host, torch version and device
+(:func:`cache_key`: a CPU's thread count, a GPU's name), so later processes read them
+instead (of processes measuring at the same time, the first to finish writes the file and
+all use its constants). Where the file can be
 neither read nor written, the constants fitted on the project's 2-core machine are used.
 
 Both kernels compute the same linear map, so the constants only decide speed: sketches
@@ -61,28 +62,22 @@ _REPEATS = 9
 _by_key: dict[tuple[torch.device, int], KernelCosts] = {}
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
-
-
 def _dense_kernel(device: torch.device) -> str:
     """Which dense kernel runs on ``device``: ``native`` (CPU, where built) or ``stock``."""
     return "native" if device.type == "cpu" and dense_sketch_op() is not None else "stock"
 
 
 def cache_key(device: torch.device) -> str:
-    """Host, torch version, thread count, device and (on the CPU) whether the native dense
-    kernel runs: what the constants depend on."""
-    parts = [
-        socket.gethostname(),
-        f"torch{torch.__version__}",
-        f"{torch.get_num_threads()}threads",
-        _device_name(device),
-    ]
-    if device.type == "cpu":
-        parts.append(_dense_kernel(device))
+    """What the constants depend on: host and torch version; on the CPU the thread count and
+    whether the native dense kernel runs; on CUDA the GPU's name, its multiprocessor count (a
+    MIG slice of a GPU is slower than the whole) and the CUDA version, not the CPU threads."""
+    parts = [socket.gethostname(), f"torch{torch.__version__}"]
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        name = torch.cuda.get_device_name(device)
+        parts += [f"cuda{torch.version.cuda}", name, f"{sms}sm"]
+    else:
+        parts += [f"{torch.get_num_threads()}threads", device.type, _dense_kernel(device)]
     return re.sub(r"[^A-Za-z0-9.+\-]", "_", "-".join(parts))
 
 

@@ -169,13 +169,18 @@ def build_collate(cfg: DictConfig) -> Any:
 resolve_checkpoints = resolve_checkpoint_paths
 
 
-def pick_device(cfg: DictConfig) -> torch.device:
+def pick_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
+    """The device of ``runtime.device``; ``auto`` is CUDA where visible, else the CPU.
+
+    On CUDA, of the GPUs this process sees, GPU ``local_rank % count``: several tasks of one
+    job on a node that all see every GPU spread over them (one visible GPU: always it).
+    """
     choice = cfg.runtime.device
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device=cuda but no CUDA device is visible")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

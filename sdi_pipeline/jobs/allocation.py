@@ -1,4 +1,5 @@
-"""What a cluster scheduler gave this job: its array task index and count, its CPUs.
+"""What a cluster scheduler gave this job: its array task index and count, its CPUs, its
+rank on its node.
 
 The defaults a job takes from its environment, so that the jobs need not know which
 launcher started them.
@@ -25,3 +26,14 @@ def allocated_cpus() -> str | None:
     A job uses its allocation for its torch threads, not every core of the node.
     """
     return os.environ.get("SLURM_CPUS_PER_TASK")
+
+
+def local_rank() -> int:
+    """This task's rank among the tasks of its job step on this node (``SLURM_LOCALID``, or
+    torchrun's ``LOCAL_RANK``); else 0.
+
+    A job whose tasks share a node and all see its GPUs uses it to take GPU
+    ``local_rank % visible``; where each task sees one GPU (SLURM's gres binding, the local
+    launcher) it changes nothing.
+    """
+    return int(os.environ.get("SLURM_LOCALID") or os.environ.get("LOCAL_RANK") or 0)

@@ -44,7 +44,7 @@ from sdi_pipeline.inputs.checkpoints import (
 )
 from sdi_pipeline.inputs.content import BatchCheck, HashingSubset, batch_check, block_digest
 from sdi_pipeline.inputs.dynamics import LoopTrace, trace_batches
-from sdi_pipeline.jobs.allocation import allocated_cpus
+from sdi_pipeline.jobs.allocation import allocated_cpus, local_rank
 from sdi_pipeline.jobs.logs import log, setup_logging
 from sdi_pipeline.jobs.scoring import (
     Scoring,
@@ -110,7 +110,7 @@ class JobContext:
         if threads:
             torch.set_num_threads(int(threads))
         self.progress = bool(self.cfg.runtime.progress) and os.environ.get("SDI_PROGRESS") != "0"
-        self.device = build.pick_device(self.cfg)
+        self.device = build.pick_device(self.cfg, local_rank())
         self.model = build.build_model(self.cfg).to(self.device)
         self._loss = build.build_loss(self.cfg)
         self.loop_trace = build.build_loop_trace(self.cfg)

@@ -41,6 +41,24 @@ _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
 
 
+def worker_gpus(workers: int, gpus: int, visible: str | None) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each worker: one GPU each, round robin.
+
+    ``gpus`` is how many CUDA devices this process sees and ``visible`` its own
+    ``CUDA_VISIBLE_DEVICES``: a list there (indices, UUIDs or MIG ids) is respected, so a
+    launcher limited to GPUs 2,3 gives its workers 2 and 3, never the machine's 0 and 1.
+    With fewer GPUs than workers, workers share them; with none, an empty list.
+    """
+    if gpus <= 0:
+        return []
+    if visible is None:
+        names = [str(i) for i in range(gpus)]
+    else:
+        # torch counts the entries up to the first it cannot use: the same ones here.
+        names = [v.strip() for v in visible.split(",") if v.strip()][:gpus]
+    return [names[rank % len(names)] for rank in range(workers)] if names else []
+
+
 def job_command(job: str, run: RunDir, *extra: str) -> list[str]:
     """The command line of one job (the same entry points a user runs by hand)."""
     return [sys.executable, "-m", "sdi_pipeline.launch.cli", job, f"run_dir={run.path}", *extra]
@@ -143,7 +161,9 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     workers = int(cfg.launcher.workers)
     cores = os.cpu_count() or 1
     threads = int(cfg.launcher.threads_per_worker or max(1, cores // workers))
-    gpus = torch.cuda.device_count()
+    # A CPU run leaves the GPUs alone; otherwise each worker is given its own one.
+    gpus = torch.cuda.device_count() if cfg.runtime.device != "cpu" else 0
+    devices = worker_gpus(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     blocks = run_blocks(cfg, n_train)
     store_train = bool(cfg.sketch.store_train)
     quiet = {"SDI_PROGRESS": "0"}
@@ -163,15 +183,15 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
             todo = sum(not block_done(run, b, store_train, queries) for b in blocks)
             print(
                 f"[sdi] {workers} workers x {threads} threads"
-                + (f" on {gpus} GPUs" if gpus else "")
+                + (f" on {len(set(devices))} GPUs ({','.join(devices)})" if devices else "")
                 + f": {todo} of {len(blocks)} blocks to sketch and score",
                 flush=True,
             )
             procs = []
             for rank in range(workers):
                 env = quiet | {"SDI_THREADS": str(threads)}
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+                if devices:
+                    env["CUDA_VISIBLE_DEVICES"] = devices[rank]
                 cmd = job_command("worker", run, f"rank={rank}", f"world_size={workers}")
                 procs.append(jobs.start(f"worker-{rank:04d}", cmd, env))
             _follow(blocks, procs, lambda b: block_done(run, b, store_train, queries))
