@@ -92,7 +92,9 @@ class StepCapture:
                 module = self.model.get_submodule(name)
                 handles.append(module.register_forward_pre_hook(self._on_entry))
         for name, h in self.handlers.items():
-            handles.append(h.module.register_forward_pre_hook(functools.partial(self._on_start, name)))
+            handles.append(
+                h.module.register_forward_pre_hook(functools.partial(self._on_start, name))
+            )
             handles.append(
                 h.module.register_forward_hook(
                     functools.partial(self._on_forward, name), with_kwargs=True

@@ -132,7 +132,7 @@ def _leaves_reached(loss: object) -> set[int]:
         return set()
     seen: set[int] = set()
     found: set[int] = set()
-    stack = [loss.grad_fn]
+    stack: list[Any] = [loss.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -141,7 +141,7 @@ def _leaves_reached(loss: object) -> set[int]:
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
         if isinstance(variable, torch.Tensor):
             found.add(id(variable))
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return found
 
 
@@ -281,9 +281,7 @@ class StepFeaturizer:
             parts = name.split(".")
             names.update(".".join(parts[:k]) for k in range(len(parts)))
         handles = [
-            self.model.get_submodule(n).register_forward_pre_hook(
-                lambda *_, n=n: called.add(n)
-            )
+            self.model.get_submodule(n).register_forward_pre_hook(lambda *_, n=n: called.add(n))
             for n in sorted(names - set(self.handlers))
         ]
         try:
