@@ -62,6 +62,7 @@ class StepCapture:
         self._started = 0  # calls started so far in this forward pass
         self._open: dict[str, list[int]] = {}  # start of each unfinished call, per module
         self._entry_starts: list[int] = []
+        self._ancestor_starts: dict[str, list[int]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] | None = None
         self._calls: list[Call] = []
         self._outputs: list[torch.Tensor] = []  # the hooked output of each call
@@ -91,6 +92,15 @@ class StepCapture:
             for name in self.entry[1]:  # registered first: the entry opens before its call
                 module = self.model.get_submodule(name)
                 handles.append(module.register_forward_pre_hook(self._on_entry))
+        # The modules above the targets (a decoder layer holding its gates) may open the passes.
+        above = {
+            ".".join(n.split(".")[:k]) for n in self.handlers for k in range(1, n.count(".") + 1)
+        }
+        for name in sorted(above - set(self.handlers)):
+            module = self.model.get_submodule(name)
+            handles.append(
+                module.register_forward_pre_hook(functools.partial(self._on_above, name))
+            )
         for name, h in self.handlers.items():
             handles.append(
                 h.module.register_forward_pre_hook(functools.partial(self._on_start, name))
@@ -127,6 +137,7 @@ class StepCapture:
         self._started = 0
         self._open = {}
         self._entry_starts = []
+        self._ancestor_starts = {}
 
     @contextmanager
     def _handler_running(self) -> Iterator[None]:
@@ -139,6 +150,11 @@ class StepCapture:
     def _on_entry(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._suspended and self._phase == "forward":
             self._entry_starts.append(self._started)
+            self._started += 1
+
+    def _on_above(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._suspended and self._phase == "forward":
+            self._ancestor_starts.setdefault(name, []).append(self._started)
             self._started += 1
 
     def _on_start(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -256,7 +272,7 @@ class StepCapture:
         for call in self._calls:
             calls.setdefault(call.module_name, []).append(call.start)
         entry = None if self.entry is None else (self.entry[0], self._entry_starts)
-        layout, self._slots = infer_layout(calls, expected_steps, entry)
+        layout, self._slots = infer_layout(calls, expected_steps, entry, self._ancestor_starts)
         self.assignment = describe_assignment(
             self._slots, layout, None if self.entry is None else self.entry[0]
         )

@@ -248,9 +248,12 @@ class StepFeaturizer:
         uses, lifted = lift_uncalled(self._uses, uncalled, called, names)
         if not lifted:
             return False
-        owners = {p.module_name: self.model.get_submodule(p.module_name) for p in uses}
-        classes = classify(owners, uses)
-        for name in set(lifted.values()):
+        holders = set(lifted.values())
+        rest = [p for p in uses if p.module_name not in holders]
+        classes = classify(
+            {p.module_name: self.model.get_submodule(p.module_name) for p in rest}, rest
+        )
+        for name in holders:
             classes[name] = GenericHandler  # what it does with the parameters is unknown
         self._uses, self.lifted = uses, lifted
         self.handlers = self._make_handlers(uses, classes)

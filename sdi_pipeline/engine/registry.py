@@ -175,7 +175,7 @@ class LayerHandler:
         """Add this call's per-example sketch into ``out`` (B, m)."""
         grads = self.per_example(call, grad)
         for p in self.params:  # by name: the float summation order is fixed
-            count_sketch_add(out, grads[p.name].reshape(grad.shape[0], -1).float(), hashes[p.name])
+            count_sketch_add(out, grads[p.name].reshape(out.shape[0], -1).float(), hashes[p.name])
 
     def contribute(self, call: Call, grad: torch.Tensor, out: torch.Tensor) -> None:
         """Add this call's per-example contributions into ``out`` (B, width)."""

@@ -127,15 +127,18 @@ def _regular(counts: list[int]) -> bool:
     return all(counts[p] == 1 for p in ran) and ran == list(range(ran[0], ran[-1] + 1))
 
 
-def _infer_entry(calls: dict[str, list[int]], single: set[str]) -> str | None:
-    """The earliest module whose calls, taken as pass openers, place every call in a
-    regular pattern; None if there is none."""
-    for name in sorted((n for n in calls if n not in single), key=lambda n: calls[n][0]):
-        opens = calls[name]
+def _infer_entry(
+    calls: dict[str, list[int]], single: set[str], above: dict[str, list[int]]
+) -> tuple[str, list[int]] | None:
+    """The earliest-starting module (target or above the targets) whose calls, taken as
+    pass openers, place every call in a regular pattern; None if there is none."""
+    candidates = {n: c for n, c in {**above, **calls}.items() if len(c) > 1}
+    for name in sorted(candidates, key=lambda n: candidates[n][0]):
+        opens = candidates[name]
         if any(calls[n][0] < opens[0] for n in calls if n not in single):
             continue  # a looped module starts before this one: it cannot open each pass
         if all(_regular(_pass_counts(calls[n], opens)) for n in calls if n not in single):
-            return name
+            return name, opens
     return None
 
 
@@ -143,22 +146,24 @@ def infer_layout(
     calls: dict[str, list[int]],
     expected_steps: int | None = None,
     entry: tuple[str, list[int]] | None = None,
+    above: dict[str, list[int]] | None = None,
 ) -> tuple[SlotLayout, dict[str, list[int]]]:
     """Infer the slot layout from when each target module's calls started.
 
     ``calls`` maps each module that owns target parameters to the start positions of its
     calls in one forward pass, in call order (every such module must have been called).
     ``entry``: the declared loop entry's name and the start positions of its calls (each
-    opens a pass), or None to infer it. Returns the layout and, per module, the slot of each
-    of its calls in call order.
+    opens a pass), or None to infer it among the target modules and the modules ``above``
+    them (name -> the start positions of their calls). Returns the layout and, per module,
+    the slot of each of its calls in call order.
     """
     counts = {name: len(idx) for name, idx in calls.items()}
     single = {n for n, c in counts.items() if c == 1}
     if entry is None:
         if not set(counts) - single:  # every module ran once: one loop step, as ever
             return SlotLayout(1), {n: [0] for n in counts}
-        name = _infer_entry(calls, single)
-        if name is None:
+        entry = _infer_entry(calls, single, above or {})
+        if entry is None:
             listed = ", ".join(f"'{n}' ran {c}x" for n, c in sorted(counts.items()) if c > 1)
             raise UnsupportedModel(
                 f"cannot tell the loop's passes from the order of calls ({listed}): no "
@@ -168,7 +173,6 @@ def infer_layout(
                 "the module whose call opens each pass with analysis.loop_entry=<module "
                 "name or pattern> (attribute(..., loop_entry=...)), or target fewer modules."
             )
-        entry = (name, calls[name])
     entry_name, opens = entry
     if not opens:
         raise UnsupportedModel(
