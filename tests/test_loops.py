@@ -53,6 +53,7 @@ def per_pass_oracle(
     batch: dict[str, torch.Tensor],
     n_slots: int,
     openers: dict[str, list[int]],
+    loss_fn: Callable = parity_loss,
 ) -> torch.Tensor:
     """(B, slots, D) by plain autograd: every target parameter is used as W + delta_slot,
     and example i's d loss / d delta_slot is its slot-s gradient. Which slot the forward is
@@ -82,7 +83,7 @@ def per_pass_oracle(
         calls.update(dict.fromkeys(calls, 0))
         for d in deltas.values():
             d.grad = None
-        parity_loss(model, {k: v[i : i + 1] for k, v in batch.items()}).sum().backward()
+        loss_fn(model, {k: v[i : i + 1] for k, v in batch.items()}).sum().backward()
         out.append(
             torch.cat(
                 [
@@ -189,6 +190,50 @@ def test_moe_rows_are_mapped_to_examples_by_the_dedicated_and_generic_handlers()
     torch.testing.assert_close(summed, torch.stack(whole), rtol=1e-4, atol=1e-6)
 
 
+class _Router(nn.Module):
+    """Returns (logits, weights, indices), the weights computed from the logits."""
+
+    def __init__(self, d: int, experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d))
+
+    def forward(self, rows: torch.Tensor):
+        logits = torch.nn.functional.linear(rows, self.weight)
+        indices = logits.sigmoid().topk(2, dim=-1).indices
+        return logits, 2.0 * logits.sigmoid().gather(1, indices), indices
+
+
+class _Routed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _Router(8, 4)
+        self.up = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        rows = x.reshape(b * t, d)
+        logits, weights, _ = self.router(rows)
+        out = self.up(rows) * weights.sum(dim=-1, keepdim=True) + logits.mean(-1, keepdim=True)
+        return out.reshape(b, t, d)
+
+
+def test_a_module_returning_outputs_computed_from_each_other_is_counted_once() -> None:
+    torch.manual_seed(0)
+    model, x = _Routed(), torch.randn(3, 4, 8)
+
+    def loss(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        return m(b).pow(2).sum(dim=(1, 2))
+
+    featurizer = StepFeaturizer(model, ["router"], None)
+    summed = featurizer.featurize([x], loss).summed()
+    whole = []
+    for i in range(3):
+        model.zero_grad(set_to_none=True)
+        loss(model, x[i : i + 1]).sum().backward()
+        whole.append(model.router.weight.grad.reshape(-1).clone())
+    torch.testing.assert_close(summed, torch.stack(whole), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["gated_loop", "looped_moe", "recurrent_depth"])
 def test_sketched_sdi_is_unbiased(name: str) -> None:
     _, factory, targets, entry, _, _ = next(c for c in CASES if c[0] == name)
@@ -261,3 +306,55 @@ def test_albert_with_two_groups_has_one_step_per_layer_application() -> None:
     expected = per_pass_oracle(model, featurizer, batch, 4, {f"{g}.0": [0, 1], f"{g}.1": [2, 3]})
     scale = float(expected.abs().max())
     torch.testing.assert_close(feats.values, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _inkling2_loop() -> nn.Module:
+    """A tiny Inkling2LoopForCausalLM: layer 1 looped for 3 passes, gates from pass 2,
+    short convolutions reading their weights, a top-k MoE on flattened rows."""
+    pytest.importorskip("transformers.models.inkling2_loop")
+    from transformers.models.inkling2_loop import modeling_inkling2_loop as inkling
+    from transformers.models.inkling2_loop.configuration_inkling2_loop import (
+        Inkling2LoopTextConfig,
+    )
+
+    config = Inkling2LoopTextConfig(
+        vocab_size=8, unpadded_vocab_size=8, hidden_size=16, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, swa_num_attention_heads=2,
+        swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8, d_rel=4,
+        rel_extent=16, n_layers_per_attn_res_block=1, moe_intermediate_size=16,
+        layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], n_routed_experts=4,
+        num_experts_per_tok=2, loop_layer_index_start=1, loop_layer_index_end=2,
+        loop_num_passes=P, loop_gate_rank=4, max_position_embeddings=64, eos_token_id=None,
+        use_cache=False,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return _perturbed(inkling.Inkling2LoopForCausalLM(config))
+
+
+def _inkling_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["tokens"]).logits[:, -1]
+    return torch.nn.functional.cross_entropy(logits, batch["target"], reduction="none")
+
+
+@pytest.mark.slow
+def test_transformers_inkling2_loop_layer_equals_the_per_pass_oracle() -> None:
+    model = _inkling2_loop()
+    core = "model.layers.1"
+    featurizer = StepFeaturizer(model, [core], None)
+    batch = _batch(2, seed=10)
+    feats = featurizer.featurize([batch], _inkling_loss)
+    assert feats.layout == SlotLayout(P)
+    assert featurizer.assignment is not None
+    assert "in steps 2-3 only: model.layers.1.* (12 modules)" in featurizer.assignment
+    assert "post_mlp_convolution.conv1d.weight -> model.layers.1.post_mlp_convolution" in (
+        featurizer.assignment
+    )
+    kinds = {n: type(h).__name__ for n, h in featurizer.handlers.items()}
+    assert kinds[f"{core}.mlp.gate"] == "GenericHandler"  # (B*L rows) -> logits, weights
+    assert kinds[f"{core}.mlp.experts"] == "GenericHandler"  # rows, indices and weights
+
+    expected = per_pass_oracle(model, featurizer, batch, P, {core: [0, 1, 2]}, _inkling_loss)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(feats.values, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert bool((expected.norm(dim=2) > 1e-4 * scale).all())

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -208,6 +209,12 @@ class StepCapture:
         if broadcast:
             assert batch is not None
             output = output.expand(batch, *output.shape[1:])
+        if self.handlers[name].all_outputs and any(_needs_grad(e) for e in rest):
+            # Each output its own node: its hook then gets the gradient of its own consumers
+            # only, not the part that reaches it through another output computed from it
+            # inside the module (router weights from logits), which that output's vjp counts.
+            output = output.view_as(output)
+            rest = tuple(e.view_as(e) if _needs_grad(e) else e for e in rest)
         use = self._uses.get(name, 0)
         self._uses[name] = use + 1
         call = Call(name, use, tree_map(detach, args), tree_map(detach, kwargs))
@@ -223,7 +230,10 @@ class StepCapture:
         self._outputs.append(out)
         for k, extra in enumerate(rest, start=1):
             if isinstance(extra, torch.Tensor) and extra.requires_grad:
-                extra.register_hook(functools.partial(_refuse_extra_gradient, name, k))
+                if self.handlers[name].all_outputs:  # contributions of each output add up
+                    extra.register_hook(functools.partial(self._on_grad, replace(call, output=k)))
+                else:
+                    extra.register_hook(functools.partial(_refuse_extra_gradient, name, k))
                 self._outputs.append(extra)
         if out is original:
             return None
@@ -297,11 +307,16 @@ class StepCapture:
             self._uses = {}
 
 
+def _needs_grad(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
 def _refuse_extra_gradient(name: str, k: int, grad: torch.Tensor) -> None:
     if bool(grad.ne(0).any()):
         raise UnsupportedModel(
             f"the loss depends on output {k} of target module '{name}' (a tuple), but only a "
-            "target module's first output is attributed: target its submodules instead."
+            "target module's first output is attributed by its handler: target its submodules "
+            "instead."
         )
 
 

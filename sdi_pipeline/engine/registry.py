@@ -57,7 +57,8 @@ class Call:
     ``start``: when the call started, counting the starts of all observed calls of the
     forward pass. ``rows``: for a call on token-flattened rows -- an output of
     ``examples * rows`` rows, each example's rows contiguous, as MoE routers and experts
-    take them -- the rows per example; None when the batch is on dim 0.
+    take them -- the rows per example; None when the batch is on dim 0. ``output``: which
+    of a tuple of outputs the gradient being handled is of (0 for a single tensor).
     """
 
     module_name: str
@@ -67,6 +68,8 @@ class Call:
     start: int = 0
     rows: int | None = None
     examples: int = 0
+    #: Which of the module's tuple of outputs the gradient being handled is of.
+    output: int = 0
 
     def by_example(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` with the examples on dim 0: token-flattened (B*L, ...) rows as (B, L, ...)."""
@@ -130,6 +133,9 @@ class LayerHandler:
     #: Whether the handler maps token-flattened rows (``Call.rows``) to examples itself;
     #: otherwise each row is taken as an example and the rows of each example are summed.
     flattened_rows: ClassVar[bool] = False
+    #: Whether the handler takes the gradient of any of a tuple's tensor outputs
+    #: (``Call.output``); otherwise only the first output may carry gradient.
+    all_outputs: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -15,6 +15,9 @@ handler recomputes every example's output alone and compares it with the recorde
 output; a module that mixes examples (batch statistics, attention across the batch) is
 refused by name. The sketch is the CountSketch of each parameter's per-example gradient.
 
+A module returning a tuple of tensors (an MoE router's logits, weights and indices) gets
+the vjp of each output whose gradient arrives, one at a time: the contributions add up.
+
 ``nn.MultiheadAttention`` is registered here with its whole subtree: its forward uses
 ``out_proj``'s parameters without calling ``out_proj``.
 """
@@ -51,6 +54,7 @@ class GenericHandler(LayerHandler):
     """Per-example gradients of any module's own parameters from its recorded calls."""
 
     flattened_rows = True
+    all_outputs = True
 
     def __init__(self, module, params, spec, offsets, workspace=None) -> None:
         super().__init__(module, params, spec, offsets, workspace)
@@ -95,10 +99,12 @@ class GenericHandler(LayerHandler):
     def _params(self) -> dict[str, torch.Tensor]:
         return {p.attr: self.module.get_parameter(p.attr).detach() for p in self.params}
 
-    def _run(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+    def _run(
+        self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, output: int = 0
+    ) -> torch.Tensor:
         out = functional_call(self.module, params, args, kwargs)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            out = out[0]  # as the capture does: the call's output is the first tensor
+            out = out[output]  # as the capture numbers a tuple's outputs
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModel(
                 f"module '{self.params[0].module_name}' returned {type(out).__name__}, not a "
@@ -159,7 +165,7 @@ class GenericHandler(LayerHandler):
 
         def one(xs: list[torch.Tensor], g: torch.Tensor) -> dict[str, torch.Tensor]:
             args, kwargs = rebuild(xs)
-            pullback = vjp(lambda p: self._run(p, args, kwargs), params)[1]
+            pullback = vjp(lambda p: self._run(p, args, kwargs, call.output), params)[1]
             return pullback(self._as_batch(call, g))[0]
 
         grads = self._per_example(one, inputs, grad)
