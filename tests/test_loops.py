@@ -358,3 +358,29 @@ def test_transformers_inkling2_loop_layer_equals_the_per_pass_oracle() -> None:
     scale = float(expected.abs().max())
     torch.testing.assert_close(feats.values, expected, rtol=1e-4, atol=1e-5 * scale)
     assert bool((expected.norm(dim=2) > 1e-4 * scale).all())
+
+
+def test_attribute_checks_the_forward_before_featurizing(tmp_path) -> None:
+    from sdi_pipeline.attribute import attribute
+
+    model = _perturbed(RecurrentDepth(state_seed=None))
+    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "c.pt")
+    train, query = _batch(4, seed=11), _batch(2, seed=12)
+    with pytest.raises(UnsupportedModel, match="not deterministic"):
+        attribute(model, ["block"], [tmp_path / "c.pt"], [train], [query], parity_loss)
+    gated = _perturbed(GatedLoop())
+    torch.save({"model_state_dict": gated.state_dict()}, tmp_path / "g.pt")
+    result = attribute(
+        gated, ["layers"], [tmp_path / "g.pt"], iter([train]), [query], parity_loss,
+        spec=None, loop_entry="layers.0",
+    )  # fmt: skip
+    assert result.train_layout == SlotLayout(P) and result.sdi.shape == (4, 2, P)
+    coupled = _BatchCentred(gated)
+    torch.save({"model_state_dict": coupled.state_dict()}, tmp_path / "k.pt")
+    with pytest.raises(UnsupportedModel, match="couples the examples"):
+        attribute(coupled, ["inner.layers"], [tmp_path / "k.pt"], [train], [query], parity_loss)
+    accepted = attribute(
+        coupled, ["inner.layers"], [tmp_path / "k.pt"], [train], [query], parity_loss,
+        spec=None, allow_coupled_batch=True,
+    )  # fmt: skip
+    assert accepted.sdi.shape == (4, 2, P)
