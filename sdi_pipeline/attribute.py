@@ -7,6 +7,7 @@ are checked against.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdi_pipeline.engine.checks import check_forward
 from sdi_pipeline.engine.featurizer import LossFn, StepFeaturizer, TokenChoice
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.engine.spec import SketchSpec
@@ -85,6 +87,8 @@ def attribute(
     trust_checkpoints: bool = False,
     progress: bool = False,
     query_tokens: TokenChoice | None = None,
+    loop_entry: str | None = None,
+    allow_coupled_batch: bool = False,
 ) -> Attribution:
     """SDI, TracIn (and optionally the step matrix) of ``train`` on ``query`` batches.
 
@@ -93,12 +97,24 @@ def attribute(
     or the checkpoint's learning rate. ``query_tokens`` ("all", "last" or positions; needs a
     ``loss_fn`` returning per-token losses (B, L)) adds SDI per query token:
     ``sdi_tokens[i, j, t, p] = sum_k eta_k <train_i, step-t gradient of query j's loss at
-    token p>``; over all tokens it sums to ``sdi``.
+    token p>``; over all tokens it sums to ``sdi``. ``loop_entry`` names the module whose
+    calls open the loop passes where the order of calls cannot tell them. Before any
+    featurizing, the first training batch is checked (:mod:`sdi_pipeline.engine.checks`):
+    a forward pass that is not deterministic is refused, and so is one where an example's
+    loss depends on its batch-mates unless ``allow_coupled_batch``.
     """
     specs = [_as_spec(c) for c in checkpoints]
     if not specs:
         raise CheckpointError("no checkpoints given")
-    featurizer = StepFeaturizer(model, targets, spec, expected_steps=expected_steps)
+    featurizer = StepFeaturizer(
+        model, targets, spec, expected_steps=expected_steps, loop_entry=loop_entry
+    )
+    if iter(train) is train:  # a one-shot iterator: peek at its first batch and put it back
+        train_iter = iter(train)
+        first = next(train_iter, None)
+        train = train_iter if first is None else itertools.chain([first], train_iter)
+    else:
+        first = next(iter(train), None)
     # (N, M*S_q), (N, S_tr, M*S_q) and (N, M*S_q*P) accumulators, made at checkpoint 1
     sdi = matrix = by_token = positions = None
     etas: list[float] = []
@@ -108,6 +124,8 @@ def attribute(
         load_into(model, data, ck.path, trust=trust_checkpoints)
         eta = resolve_eta(ck, data)
         etas.append(eta)
+        if k == 0 and first is not None:
+            check_forward(model, loss_fn, first, allow_coupled=allow_coupled_batch)
         tag = f"ckpt {k + 1}/{len(specs)}"
         tr = featurizer.featurize(train, loss_fn, progress=progress, desc=f"{tag} train")
         qu = featurizer.featurize(

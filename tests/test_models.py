@@ -157,14 +157,16 @@ def test_gpt2_with_tied_embeddings_targeted_as_prelude_and_readout() -> None:
     torch.testing.assert_close(feats.summed(), torch.stack(whole), rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_albert_with_two_groups_is_refused_naming_the_interleaving() -> None:
+def test_albert_with_two_groups_needs_its_loop_entry_declared() -> None:
     # Four layers in two groups: group 0 runs twice, then group 1 twice.
     model = _model("albert", n_loops=4, n_groups=2)
-    featurizer = StepFeaturizer(
-        model, ["mlm.albert.encoder.albert_layer_groups.*"], SketchSpec(m=64)
-    )
-    with pytest.raises(UnsupportedModel, match=r"do not run one loop step at a time.*ALBERT"):
+    groups = "mlm.albert.encoder.albert_layer_groups.*"
+    featurizer = StepFeaturizer(model, [groups], SketchSpec(m=64))
+    with pytest.raises(UnsupportedModel, match=r"cannot tell the loop's passes.*ALBERT"):
         featurizer.featurize([_batch(2, seed=3)], parity_loss)
+    # Declared, each layer application is a step (the exact values: tests/test_loops.py).
+    declared = StepFeaturizer(model, [groups], SketchSpec(m=64), loop_entry=groups)
+    assert declared.featurize([_batch(2, seed=3)], parity_loss).layout.loop_steps == 4
     # One group is a loop again.
     one = StepFeaturizer(model, ["mlm.albert.encoder.albert_layer_groups.0"], SketchSpec(m=64))
     assert one.featurize([_batch(2, seed=3)], parity_loss).layout.loop_steps == 2

@@ -18,6 +18,13 @@ that the model broadcasts over the batch, such as position embeddings of ``(1, T
 has its output and inputs expanded to the batch, so its gradient arrives per example (the
 model computes the same values).
 
+A call whose output has ``B*L`` rows (a multiple of the batch, each example's rows
+contiguous: MoE routers and fused experts take token-flattened rows) is marked with its rows
+per example, and the handler maps the rows to examples.
+
+Each call's start is numbered by a forward pre-hook, as are the calls of the declared loop
+entry modules; the slot of each call is the loop pass it starts in (:mod:`.slots`).
+
 While a handler recomputes its module (the generic fallback does), the hooks stand aside:
 nested calls of other target modules inside that recomputation are not calls of the model.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,9 +49,22 @@ from sdi_pipeline.errors import UnsupportedModel
 class StepCapture:
     """Records target-module calls of one forward pass and dispatches their gradients."""
 
-    def __init__(self, model: nn.Module, handlers: dict[str, LayerHandler]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        handlers: dict[str, LayerHandler],
+        entry: tuple[str, list[str]] | None = None,
+    ) -> None:
+        """``entry``: the declared loop entry (as given) and the modules it names, each of
+        whose calls opens a loop pass; None: inferred from the calls."""
         self.model = model
         self.handlers = handlers
+        self.entry = entry
+        self._started = 0  # calls started so far in this forward pass
+        self._open: dict[str, list[int]] = {}  # start of each unfinished call, per module
+        self._entry_starts: list[int] = []
+        self._ancestor_starts: dict[str, list[int]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] | None = None
         self._calls: list[Call] = []
         self._outputs: list[torch.Tensor] = []  # the hooked output of each call
         self._uses: dict[str, int] = {}
@@ -59,18 +80,51 @@ class StepCapture:
     @contextmanager
     def hooks(self) -> Iterator[None]:
         """Install the forward hooks for the duration."""
-        handles = [
-            h.module.register_forward_hook(
-                functools.partial(self._on_forward, name), with_kwargs=True
-            )
-            for name, h in self.handlers.items()
-        ]
+        self._install()
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            self._remove()
             self.reset()
+
+    def _install(self) -> None:
+        handles = []
+        if self.entry is not None:
+            for name in self.entry[1]:  # registered first: the entry opens before its call
+                module = self.model.get_submodule(name)
+                handles.append(module.register_forward_pre_hook(self._on_entry))
+        # The modules above the targets (a decoder layer holding its gates) may open the passes.
+        above = {
+            ".".join(n.split(".")[:k]) for n in self.handlers for k in range(1, n.count(".") + 1)
+        }
+        for name in sorted(above - set(self.handlers)):
+            module = self.model.get_submodule(name)
+            handles.append(
+                module.register_forward_pre_hook(functools.partial(self._on_above, name))
+            )
+        for name, h in self.handlers.items():
+            handles.append(
+                h.module.register_forward_pre_hook(functools.partial(self._on_start, name))
+            )
+            handles.append(
+                h.module.register_forward_hook(
+                    functools.partial(self._on_forward, name), with_kwargs=True
+                )
+            )
+        self._handles = handles
+
+    def _remove(self) -> None:
+        for handle in self._handles or []:
+            handle.remove()
+        self._handles = None
+
+    def set_handlers(self, handlers: dict[str, LayerHandler]) -> None:
+        """Use these handlers from the next forward pass on (hooks moved if installed)."""
+        installed = self._handles is not None
+        self._remove()
+        self.handlers = handlers
+        if installed:
+            self._install()
 
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the current forward pass; ``batch_size``: the next one's, if known."""
@@ -81,6 +135,10 @@ class StepCapture:
         self._buffer = None
         self._batch_size = batch_size
         self._phase = "forward"
+        self._started = 0
+        self._open = {}
+        self._entry_starts = []
+        self._ancestor_starts = {}
 
     @contextmanager
     def _handler_running(self) -> Iterator[None]:
@@ -89,6 +147,21 @@ class StepCapture:
             yield
         finally:
             self._suspended = False
+
+    def _on_entry(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._suspended and self._phase == "forward":
+            self._entry_starts.append(self._started)
+            self._started += 1
+
+    def _on_above(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._suspended and self._phase == "forward":
+            self._ancestor_starts.setdefault(name, []).append(self._started)
+            self._started += 1
+
+    def _on_start(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._suspended and self._phase == "forward":
+            self._open.setdefault(name, []).append(self._started)
+            self._started += 1
 
     def _on_forward(
         self,
@@ -136,9 +209,19 @@ class StepCapture:
         if broadcast:
             assert batch is not None
             output = output.expand(batch, *output.shape[1:])
+        if self.handlers[name].all_outputs and any(_needs_grad(e) for e in rest):
+            # Each output its own node: its hook then gets the gradient of its own consumers
+            # only, not the part that reaches it through another output computed from it
+            # inside the module (router weights from logits), which that output's vjp counts.
+            output = output.view_as(output)
+            rest = tuple(e.view_as(e) if _needs_grad(e) else e for e in rest)
         use = self._uses.get(name, 0)
         self._uses[name] = use + 1
         call = Call(name, use, tree_map(detach, args), tree_map(detach, kwargs))
+        call.start = self._open[name].pop()
+        rows = output.shape[0] if output.dim() > 0 else 0
+        if batch is not None and batch > 0 and rows != batch and rows % batch == 0:
+            call.rows, call.examples = rows // batch, batch
         self._calls.append(call)
         with self._handler_running():
             self.handlers[name].on_forward(call, output)
@@ -147,7 +230,10 @@ class StepCapture:
         self._outputs.append(out)
         for k, extra in enumerate(rest, start=1):
             if isinstance(extra, torch.Tensor) and extra.requires_grad:
-                extra.register_hook(functools.partial(_refuse_extra_gradient, name, k))
+                if self.handlers[name].all_outputs:  # contributions of each output add up
+                    extra.register_hook(functools.partial(self._on_grad, replace(call, output=k)))
+                else:
+                    extra.register_hook(functools.partial(_refuse_extra_gradient, name, k))
                 self._outputs.append(extra)
         if out is original:
             return None
@@ -161,6 +247,10 @@ class StepCapture:
         if not self._keep:
             call.free()  # free the inputs as soon as this call is done
 
+    def modules_called(self) -> set[str]:
+        """The target modules called so far in this forward pass."""
+        return {call.module_name for call in self._calls}
+
     def finish_forward(self, batch_size: int, expected_steps: int | None) -> SlotLayout:
         """Validate the recorded calls and fix the slot of each; returns the layout."""
         never = sorted(n for n in self.handlers if all(c.module_name != n for c in self._calls))
@@ -172,23 +262,30 @@ class StepCapture:
         if never:
             raise UnsupportedModel(
                 f"target modules never ran in the forward pass: {', '.join(never)}. Their "
-                "parameters get no gradient through a call; leave them out of the targets (a "
-                "module whose parent uses its parameters without calling it needs a handler "
-                "for the parent that claims its subtree, as nn.MultiheadAttention has)."
+                "parameters get no gradient through a call, and no module above them ran "
+                "either; leave them out of the targets."
             )
         for call in self._calls:
             rows = _rows(call)
+            flattened = call.rows is not None and call.examples == batch_size
             if rows is not None and rows != batch_size:
+                if flattened and rows == batch_size * (call.rows or 0):
+                    continue
                 raise UnsupportedModel(
                     f"target module '{call.module_name}' (call {call.use + 1}) got an input "
                     f"with {rows} rows on dim 0 but the loss has {batch_size} examples: target "
-                    "modules must take the batch on dim 0 (batch_first)."
+                    "modules must take the batch on dim 0 (batch_first) or all B*L token rows "
+                    "(each example's rows contiguous); rows gathered per expert cannot be "
+                    "mapped to examples: target the module that takes all rows."
                 )
         calls: dict[str, list[int]] = {}
-        for i, call in enumerate(self._calls):
-            calls.setdefault(call.module_name, []).append(i)
-        layout, self._slots = infer_layout(calls, expected_steps)
-        self.assignment = describe_assignment(self._slots, layout)
+        for call in self._calls:
+            calls.setdefault(call.module_name, []).append(call.start)
+        entry = None if self.entry is None else (self.entry[0], self._entry_starts)
+        layout, self._slots = infer_layout(calls, expected_steps, entry, self._ancestor_starts)
+        self.assignment = describe_assignment(
+            self._slots, layout, None if self.entry is None else self.entry[0]
+        )
         return layout
 
     def backward(self, loss: torch.Tensor, buffer: torch.Tensor, keep: bool = False) -> None:
@@ -210,11 +307,16 @@ class StepCapture:
             self._uses = {}
 
 
+def _needs_grad(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
 def _refuse_extra_gradient(name: str, k: int, grad: torch.Tensor) -> None:
     if bool(grad.ne(0).any()):
         raise UnsupportedModel(
             f"the loss depends on output {k} of target module '{name}' (a tuple), but only a "
-            "target module's first output is attributed: target its submodules instead."
+            "target module's first output is attributed by its handler: target its submodules "
+            "instead."
         )
 
 

@@ -8,7 +8,8 @@ Summing over slots gives the ordinary per-example gradient (or its sketch).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Sequence, Sized
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,16 @@ from tqdm.auto import tqdm
 
 from sdi_pipeline.engine.capture import StepCapture
 from sdi_pipeline.engine.kernels import Workspace
-from sdi_pipeline.engine.registry import LayerHandler, TargetParam
+from sdi_pipeline.engine.layers.generic import GenericHandler
+from sdi_pipeline.engine.registry import HandlerClass, LayerHandler, TargetParam
 from sdi_pipeline.engine.slots import SlotLayout
 from sdi_pipeline.engine.spec import SketchSpec
-from sdi_pipeline.engine.targets import classify, collect_target_params, resolve_target_modules
+from sdi_pipeline.engine.targets import (
+    classify,
+    collect_target_params,
+    lift_uncalled,
+    resolve_target_modules,
+)
 from sdi_pipeline.errors import DataError, UnsupportedModel
 from sdi_pipeline.messages import shortened
 
@@ -119,6 +126,29 @@ def token_positions(
     return wanted.expand(b, len(choice))
 
 
+def _leaves_reached(loss: object) -> set[int]:
+    """The ids of the tensors whose gradient the loss's autograd graph accumulates."""
+    if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+        return set()
+    seen: set[int] = set()
+    found: set[int] = set()
+    stack: list[Any] = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return found
+
+
+def _inside(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name.startswith(f"{ancestor}.")
+
+
 def _batch_size_hint(batch: Any) -> int | None:
     """Dim 0 of the batch's first tensor: lets calls broadcast over the batch be expanded.
 
@@ -139,8 +169,13 @@ class StepFeaturizer:
             prelude / readout slot).
         spec: the sketch; ``None`` materialises exact gradients (small models only).
         expected_steps: if given, the loop step count the targets must show.
+        loop_entry: a module name or pattern whose every call opens a loop pass (the
+            outermost matches count); None infers it from the order of calls.
 
     The model is put in eval mode while featurizing (dropout off) and restored after.
+    Parameters the first forward pass reads without calling their module (``F.conv1d(x,
+    self.conv1d.weight)``) are captured at the nearest called ancestor through the generic
+    fallback; :attr:`lifted` and :attr:`assignment` say which.
     """
 
     def __init__(
@@ -150,11 +185,20 @@ class StepFeaturizer:
         spec: SketchSpec | None = SketchSpec(),
         *,
         expected_steps: int | None = None,
+        loop_entry: str | None = None,
     ) -> None:
         self.model = model
         self.spec = spec
         self.expected_steps = expected_steps
         self.target_modules = resolve_target_modules(model, targets)
+        entry = None
+        if loop_entry is not None:
+            try:
+                named = resolve_target_modules(model, [loop_entry])
+            except UnsupportedModel as err:
+                raise UnsupportedModel(f"loop_entry: {err}") from None
+            outer = [n for n in named if not any(_inside(n, o) for o in named if o != n)]
+            entry = (loop_entry, outer)
         uses, owners = collect_target_params(model, self.target_modules)
         # One entry per parameter (a tied one has several uses, one per using module).
         self.params = list({p.name: p for p in reversed(uses)}.values())[::-1]
@@ -167,15 +211,54 @@ class StepFeaturizer:
             self.width = total
         else:
             self.width = spec.m
+        self._offsets = offsets
+        self._uses = uses
+        self._workspace = Workspace()  # one scratch buffer shared by all handlers
+        #: Parameters read without a call of their module: name -> the module capturing them.
+        self.lifted: dict[str, str] = {}
+        self._probed = False  # whether a forward pass has shown which modules run
+        self.handlers = self._make_handlers(uses, classify(owners, uses))
+        self._capture = StepCapture(model, self.handlers, entry)
+
+    def _make_handlers(
+        self, uses: Sequence[TargetParam], classes: dict[str, HandlerClass]
+    ) -> dict[str, LayerHandler]:
         by_module: dict[str, list[TargetParam]] = {}
         for p in uses:
             by_module.setdefault(p.module_name, []).append(p)
-        workspace = Workspace()  # one scratch buffer shared by all handlers
-        self.handlers: dict[str, LayerHandler] = {
-            name: handler(owners[name], by_module[name], spec, offsets, workspace)
-            for name, handler in classify(owners, uses).items()
+        return {
+            name: handler(
+                self.model.get_submodule(name),
+                by_module[name],
+                self.spec,
+                self._offsets,
+                self._workspace,
+            )
+            for name, handler in classes.items()
         }
-        self._capture = StepCapture(model, self.handlers)
+
+    def _lift(self, ran: set[str], called: set[str], loss: object) -> bool:
+        """Move the target parameters that the loss reads but whose modules did not run to
+        their nearest called ancestor (generic fallback there); whether any moved.
+        Parameters the loss does not read stay, to be refused by name."""
+        read = _leaves_reached(loss)
+        uncalled = set(self.handlers) - ran
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        names = {by_id[i] for i in read if i in by_id}
+        uses, lifted = lift_uncalled(self._uses, uncalled, called, names)
+        if not lifted:
+            return False
+        holders = set(lifted.values())
+        rest = [p for p in uses if p.module_name not in holders]
+        classes = classify(
+            {p.module_name: self.model.get_submodule(p.module_name) for p in rest}, rest
+        )
+        for name in holders:
+            classes[name] = GenericHandler  # what it does with the parameters is unknown
+        self._uses, self.lifted = uses, lifted
+        self.handlers = self._make_handlers(uses, classes)
+        self._capture.set_handlers(self.handlers)
+        return True
 
     @property
     def exact(self) -> bool:
@@ -184,14 +267,45 @@ class StepFeaturizer:
     @property
     def assignment(self) -> str | None:
         """What the last batch showed, in words: ``4 loop steps of block.* (6 modules),
-        prelude: tok_emb``; None before the first batch."""
-        return self._capture.assignment
+        prelude: tok_emb``, and the parameters read without a call; None before the first
+        batch."""
+        text = self._capture.assignment
+        if text is None or not self.lifted:
+            return text
+        moves = ", ".join(f"{p} -> {m or '(model)'}" for p, m in sorted(self.lifted.items()))
+        return f"{text}; read without a call, captured at the caller: {moves}"
+
+    @contextmanager
+    def _watch_ancestors(self) -> Iterator[set[str]]:
+        """The names of the target modules' ancestors called while the context is open."""
+        called: set[str] = set()
+        names = set()
+        for name in self.handlers:
+            parts = name.split(".")
+            names.update(".".join(parts[:k]) for k in range(len(parts)))
+        handles = [
+            self.model.get_submodule(n).register_forward_pre_hook(lambda *_, n=n: called.add(n))
+            for n in sorted(names - set(self.handlers))
+        ]
+        try:
+            yield called
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _batch(
         self, batch: Any, loss_fn: LossFn, first_index: int, tokens: TokenChoice | None
     ) -> StepFeatures:
         self._capture.reset(_batch_size_hint(batch))
-        token_loss = loss_fn(self.model, batch)
+        if self._probed:
+            token_loss = loss_fn(self.model, batch)
+        else:
+            with self._watch_ancestors() as called:
+                token_loss = loss_fn(self.model, batch)
+            self._probed = True
+            ran = self._capture.modules_called()
+            if ran and ran != set(self.handlers) and self._lift(ran, called, token_loss):
+                return self._batch(batch, loss_fn, first_index, tokens)  # with them moved
         if not isinstance(token_loss, torch.Tensor):
             raise DataError(
                 f"loss_fn must return a tensor of per-example losses, got {type(token_loss)}"

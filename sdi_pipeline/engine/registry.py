@@ -53,12 +53,30 @@ class TargetParam:
 
 @dataclass
 class Call:
-    """One call of a module during a forward pass: its inputs (tensors detached)."""
+    """One call of a module during a forward pass: its inputs (tensors detached).
+
+    ``start``: when the call started, counting the starts of all observed calls of the
+    forward pass. ``rows``: for a call on token-flattened rows -- an output of
+    ``examples * rows`` rows, each example's rows contiguous, as MoE routers and experts
+    take them -- the rows per example; None when the batch is on dim 0. ``output``: which
+    of a tuple of outputs the gradient being handled is of (0 for a single tensor).
+    """
 
     module_name: str
     use: int
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    start: int = 0
+    rows: int | None = None
+    examples: int = 0
+    #: Which of the module's tuple of outputs the gradient being handled is of.
+    output: int = 0
+
+    def by_example(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with the examples on dim 0: token-flattened (B*L, ...) rows as (B, L, ...)."""
+        if self.rows is None or t.dim() == 0 or t.shape[0] != self.examples * self.rows:
+            return t
+        return t.reshape(self.examples, self.rows, *t.shape[1:])
 
     def input(self) -> torch.Tensor:
         """The call's main input: its first positional tensor, else its first tensor kwarg."""
@@ -113,6 +131,12 @@ class LayerHandler:
     param_attrs: tuple[str, ...] | None = None
     #: The sketch map of each parameter (by its name in the module); default "count".
     sketch_maps: ClassVar[dict[str, SketchMap]] = {}
+    #: Whether the handler maps token-flattened rows (``Call.rows``) to examples itself;
+    #: otherwise each row is taken as an example and the rows of each example are summed.
+    flattened_rows: ClassVar[bool] = False
+    #: Whether the handler takes the gradient of any of a tuple's tensor outputs
+    #: (``Call.output``); otherwise only the first output may carry gradient.
+    all_outputs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -158,10 +182,20 @@ class LayerHandler:
         """Add this call's per-example sketch into ``out`` (B, m)."""
         grads = self.per_example(call, grad)
         for p in self.params:  # by name: the float summation order is fixed
-            count_sketch_add(out, grads[p.name].reshape(grad.shape[0], -1).float(), hashes[p.name])
+            count_sketch_add(out, grads[p.name].reshape(out.shape[0], -1).float(), hashes[p.name])
 
     def contribute(self, call: Call, grad: torch.Tensor, out: torch.Tensor) -> None:
         """Add this call's per-example contributions into ``out`` (B, width)."""
+        if call.rows is not None and not self.flattened_rows:
+            # Per-row contributions, then each example's rows summed: the gradient of a
+            # parameter is the sum over the rows that used it.
+            per_row = out.new_zeros(grad.shape[0], out.shape[1])
+            self._contribute(call, grad, per_row)
+            out += per_row.reshape(out.shape[0], call.rows, -1).sum(dim=1)
+            return
+        self._contribute(call, grad, out)
+
+    def _contribute(self, call: Call, grad: torch.Tensor, out: torch.Tensor) -> None:
         if self.spec is not None:
             self.sketch(call, grad, out, self._hashes.on(grad.device))
             return

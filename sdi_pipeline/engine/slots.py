@@ -1,15 +1,21 @@
-"""Which slot of a per-example feature each use of a target module contributes to.
+"""Which slot of a per-example feature each call of a target module contributes to.
 
-A looped model calls its shared block tau times per forward pass; the k-th call of every
-looped module belongs to loop step k. Modules called exactly once (an embedding before the
-loop, a readout after it) may be targeted too: they are binned into one *prelude* slot before
-the loop steps or one *readout* slot after them, by where their call falls in the forward
-pass. Anything else (a module called twice per step, a single-use module between loop
-steps) cannot be assigned to a step and is refused rather than silently summed.
+A loop step is a span of time: a looped model runs its loop body in passes, and every call
+of a target module belongs to the pass it happens in. The passes are opened by the calls of
+one *entry* module: declared (``loop_entry``), or inferred as the earliest-starting module
+whose calls, taken as pass openers, leave every other looped module in a regular pattern --
+the same number of calls in every pass, or one call in each pass of a contiguous run of
+passes (gates that mix in the previous pass's messages from pass 2 on). A module called
+several times in a pass, or in some passes only, contributes the sum of its calls in each
+pass (0 where it did not run). Modules called exactly once before the first pass are binned
+into one *prelude* slot, those called once after the loop's last call into one *readout*
+slot. Calls are ordered by when they start (a forward pre-hook), so a module's calls nested
+inside the entry's call belong to its pass.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,35 +61,16 @@ class SlotLayout:
         return f"{self.loop_steps} loop step{'' if self.loop_steps == 1 else 's'}"
 
 
-def _check_interleaving(calls: dict[str, list[int]], tau: int) -> None:
-    """Refuse looped modules whose k-th calls do not all come before their (k+1)-th calls.
-
-    A loop body runs once per step, so every module's k-th call falls between the others'
-    (k-1)-th and (k+1)-th. Several blocks each applied several times in a row (ALBERT with
-    num_hidden_groups > 1: group 1 twice, then group 2 twice) also call every module tau
-    times, but binning "the k-th calls" would mix different layer applications in one step.
-    """
-    for k in range(tau - 1):
-        late = max(calls, key=lambda n: calls[n][k])
-        early = min(calls, key=lambda n: calls[n][k + 1])
-        if calls[late][k] > calls[early][k + 1]:
-
-            def positions(name: str) -> str:
-                return f"'{name}' at calls {shortened(calls[name], 6)}"
-
-            raise UnsupportedModel(
-                f"the looped target modules do not run one loop step at a time: '{late}' "
-                f"makes its call {k + 1} after '{early}' makes its call {k + 2} "
-                f"({positions(late)}; {positions(early)}, counting all target-module calls of "
-                "one forward pass in order). The targets hold several blocks that each run "
-                "several times in a row (e.g. ALBERT with num_hidden_groups > 1): target one "
-                "of them, or modules that run once per loop step."
-            )
-
-
-def describe_assignment(slots: dict[str, list[int]], layout: SlotLayout) -> str:
-    """What was inferred, for logs: ``4 loop steps of core.* (6 modules), prelude: wte``."""
+def describe_assignment(
+    slots: dict[str, list[int]], layout: SlotLayout, entry: str | None = None
+) -> str:
+    """What was inferred, for logs: ``4 loop steps of core.* (6 modules), prelude: wte``,
+    plus the modules that run in some steps only or several times per step, and the
+    declared ``entry``."""
     roles: dict[str, list[str]] = {"loop": [], "prelude": [], "readout": []}
+    partial: dict[str, list[str]] = {}
+    repeated: dict[str, list[str]] = {}
+    first = layout.first_loop_slot
     for name, used in sorted(slots.items()):
         if layout.prelude and used == [0]:
             roles["prelude"].append(name)
@@ -91,8 +78,19 @@ def describe_assignment(slots: dict[str, list[int]], layout: SlotLayout) -> str:
             roles["readout"].append(name)
         else:
             roles["loop"].append(name)
+            steps = sorted(set(used))
+            if len(steps) < layout.loop_steps:
+                a, b = steps[0] - first + 1, steps[-1] - first + 1
+                partial.setdefault(f"step {a}" if a == b else f"steps {a}-{b}", []).append(name)
+            if len(used) > len(steps):
+                per = max(used.count(s) for s in steps)
+                repeated.setdefault(f"{per}x per step", []).append(name)
     parts = [f"{layout.steps_text()} of {_names(roles['loop'])}"]
     parts += [f"{role}: {_names(roles[role])}" for role in ("prelude", "readout") if roles[role]]
+    parts += [f"in {where} only: {_names(names)}" for where, names in sorted(partial.items())]
+    parts += [f"{times}: {_names(names)}" for times, names in sorted(repeated.items())]
+    if entry is not None:
+        parts.append(f"loop entry: {entry}")
     return ", ".join(parts)
 
 
@@ -112,60 +110,111 @@ def _names(names: list[str]) -> str:
     return shortened(names, 6)
 
 
-def infer_layout(
-    calls: dict[str, list[int]], expected_steps: int | None = None
-) -> tuple[SlotLayout, dict[str, list[int]]]:
-    """Infer the slot layout from when each target module was called.
+def _pass_counts(starts: list[int], opens: list[int]) -> list[int]:
+    """How many of a module's calls (by start position) fall in each pass."""
+    counts = [0] * len(opens)
+    for s in starts:
+        counts[bisect_right(opens, s) - 1] += 1
+    return counts
 
-    ``calls`` maps each module that owns target parameters to the global call indices of its
-    uses in one forward pass (every such module must have been called). Returns the layout
-    and, per module, the slot of each of its uses in call order.
+
+def _regular(counts: list[int]) -> bool:
+    """A pattern inference trusts: c calls in every pass, or one call in each pass of one
+    contiguous run of passes (gates that run from pass 2 on, a module in one pass only)."""
+    if len(set(counts)) == 1:
+        return True
+    ran = [p for p, c in enumerate(counts) if c]
+    return all(counts[p] == 1 for p in ran) and ran == list(range(ran[0], ran[-1] + 1))
+
+
+def _infer_entry(
+    calls: dict[str, list[int]], single: set[str], above: dict[str, list[int]]
+) -> tuple[str, list[int]] | None:
+    """The earliest-starting module (target or above the targets) whose calls, taken as
+    pass openers, place every call in a regular pattern; None if there is none."""
+    candidates = {n: c for n, c in {**above, **calls}.items() if len(c) > 1}
+    for name in sorted(candidates, key=lambda n: candidates[n][0]):
+        opens = candidates[name]
+        if any(calls[n][0] < opens[0] for n in calls if n not in single):
+            continue  # a looped module starts before this one: it cannot open each pass
+        if all(_regular(_pass_counts(calls[n], opens)) for n in calls if n not in single):
+            return name, opens
+    return None
+
+
+def infer_layout(
+    calls: dict[str, list[int]],
+    expected_steps: int | None = None,
+    entry: tuple[str, list[int]] | None = None,
+    above: dict[str, list[int]] | None = None,
+) -> tuple[SlotLayout, dict[str, list[int]]]:
+    """Infer the slot layout from when each target module's calls started.
+
+    ``calls`` maps each module that owns target parameters to the start positions of its
+    calls in one forward pass, in call order (every such module must have been called).
+    ``entry``: the declared loop entry's name and the start positions of its calls (each
+    opens a pass), or None to infer it among the target modules and the modules ``above``
+    them (name -> the start positions of their calls). Returns the layout and, per module,
+    the slot of each of its calls in call order.
     """
     counts = {name: len(idx) for name, idx in calls.items()}
-    tau = max(counts.values())
-    odd = {n: c for n, c in counts.items() if c not in (1, tau)}
-    if odd:
-        listed = ", ".join(f"'{n}' ran {c}x" for n, c in sorted(odd.items()))
+    single = {n for n, c in counts.items() if c == 1}
+    if entry is None:
+        if not set(counts) - single:  # every module ran once: one loop step, as ever
+            return SlotLayout(1), {n: [0] for n in counts}
+        entry = _infer_entry(calls, single, above or {})
+        if entry is None:
+            listed = ", ".join(f"'{n}' ran {c}x" for n, c in sorted(counts.items()) if c > 1)
+            raise UnsupportedModel(
+                f"cannot tell the loop's passes from the order of calls ({listed}): no "
+                "module's calls open passes that hold every other looped module the same "
+                "number of times (several blocks each run several times in a row, as ALBERT "
+                "with num_hidden_groups > 1, or a module run twice after the loop); declare "
+                "the module whose call opens each pass with analysis.loop_entry=<module "
+                "name or pattern> (attribute(..., loop_entry=...)), or target fewer modules."
+            )
+    entry_name, opens = entry
+    if not opens:
         raise UnsupportedModel(
-            f"target modules were called different numbers of times: the loop ran {tau} steps "
-            f"but {listed}. A module called several times per loop step (or in only some "
-            "steps) cannot be assigned to a step; target separate modules per call, or "
-            "leave it out of the targets."
+            f"loop_entry '{entry_name}' never ran in the forward pass of loss_fn: name a "
+            "module that runs once at the start of each loop pass."
         )
-    if expected_steps is not None and tau != expected_steps:
+    passes = len(opens)
+    if expected_steps is not None and passes != expected_steps:
         raise UnsupportedModel(
-            f"the target modules ran {tau} times per forward pass but expected_steps="
-            f"{expected_steps}; check the model's loop count or the targets (a module used "
-            "twice per step doubles the apparent step count)."
+            f"the loop ran {passes} passes per forward pass (each opened by '{entry_name}') "
+            f"but expected_steps={expected_steps}; check the model's loop count or the targets "
+            "(a module used twice per pass, alone, doubles the apparent pass count)."
         )
-    looped = {n for n, c in counts.items() if c == tau} if tau > 1 else set(counts)
-    _check_interleaving({n: calls[n] for n in looped}, tau)
-    loop_calls = [i for n in looped for i in calls[n]]
-    first, last = min(loop_calls), max(loop_calls)
+    looped = [n for n in counts if n not in single]
+    last = max((calls[n][-1] for n in looped), default=None)
     placement: dict[str, str] = {}
-    for name in sorted(set(counts) - looped):
-        (idx,) = calls[name]
-        if idx < first:
+    for name in counts:
+        first = calls[name][0]
+        if first >= opens[0]:
+            placement[name] = "loop"
+        elif name in single:
             placement[name] = "prelude"
-        elif idx > last:
-            placement[name] = "readout"
         else:
             raise UnsupportedModel(
-                f"target module '{name}' runs once, between loop steps (call {idx} of the "
-                f"loop's calls {first}..{last}): it is neither prelude nor readout and cannot "
-                "be assigned to a step. Leave it out of the targets."
+                f"target module '{name}' is called before the first loop pass (opened by "
+                f"'{entry_name}') and again later: its first call cannot be placed in a "
+                "step; declare as loop_entry a module that runs before it in each pass, or "
+                "leave it out of the targets."
             )
+        if name in single and last is not None and first > last:
+            placement[name] = "readout"
     layout = SlotLayout(
-        loop_steps=tau if tau > 1 else 1,
+        loop_steps=passes,
         prelude="prelude" in placement.values(),
         readout="readout" in placement.values(),
     )
     slots: dict[str, list[int]] = {}
-    for name in counts:
-        if name in looped:
-            slots[name] = [layout.first_loop_slot + k for k in range(counts[name])]
-        elif placement[name] == "prelude":
+    for name, starts in calls.items():
+        if placement[name] == "prelude":
             slots[name] = [0]
-        else:
+        elif placement[name] == "readout":
             slots[name] = [layout.n_slots - 1]
+        else:
+            slots[name] = [layout.first_loop_slot + bisect_right(opens, s) - 1 for s in starts]
     return layout, slots

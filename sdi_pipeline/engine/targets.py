@@ -151,3 +151,37 @@ def classify(
             "would not add up; leave one of them out of the targets or use exact mode"
         )
     return handlers
+
+
+def lift_uncalled(
+    params: Sequence[TargetParam],
+    uncalled: set[str],
+    called: set[str],
+    read: set[str],
+) -> tuple[list[TargetParam], dict[str, str]]:
+    """Move the uses of modules that were never called to their nearest called ancestor.
+
+    A parent that reads a child's parameter without calling the child (``F.conv1d(x,
+    self.conv1d.weight)``) uses it in its own calls; the parameter is then known there by
+    its path below the ancestor. Only parameters named in ``read`` (those the loss's graph
+    reaches) move; unused ones stay, to be refused by name. Returns the new uses (sorted as
+    :func:`collect_target_params` sorts them) and, per lifted parameter, the module it was
+    lifted to. Modules with no called ancestor keep their uses.
+    """
+    lifted: dict[str, str] = {}
+    out: list[TargetParam] = []
+    for p in params:
+        if p.module_name not in uncalled or p.name not in read:
+            out.append(p)
+            continue
+        parts = p.module_name.split(".")
+        ancestors = [".".join(parts[:k]) for k in range(len(parts) - 1, -1, -1)]
+        holder = next((a for a in ancestors if a in called), None)
+        if holder is None:
+            out.append(p)
+            continue
+        full = f"{p.module_name}.{p.attr}"
+        attr = full[len(holder) + 1 :] if holder else full
+        out.append(TargetParam(p.name, holder, attr, p.shape))
+        lifted[p.name] = holder
+    return sorted(out, key=lambda tp: (tp.name, tp.module_name)), lifted

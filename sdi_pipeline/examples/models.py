@@ -13,6 +13,10 @@ applies one shared module ``n_loops`` times:
 - ``looped_encoder``: a ``torch.nn.TransformerEncoderLayer`` (``nn.MultiheadAttention``)
   looped.
 
+and, from :mod:`.looped`, ``gated_loop``, ``looped_moe`` and ``recurrent_depth`` (layers
+that run in some passes only, parameters read without a call, token-flattened MoE rows, a
+re-injecting recurrent-depth block).
+
 The Hugging Face ones need ``transformers`` (``pip install -e .[hf]``). Their dropout is off.
 """
 
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from sdi_pipeline.errors import ConfigError
+from sdi_pipeline.examples.looped import GatedLoop, LoopedMoE, RecurrentDepth
 
 PARITY_VOCAB = 3  # bits 0 and 1, and the "=" marker
 
@@ -216,6 +221,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "looped_llama": LoopedLlama,
     "albert": Albert,
     "looped_encoder": LoopedEncoder,
+    "gated_loop": GatedLoop,
+    "looped_moe": LoopedMoE,
+    "recurrent_depth": RecurrentDepth,
 }
 
 

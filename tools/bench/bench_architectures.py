@@ -2,12 +2,15 @@
 with the dedicated layer handlers (Linear, Conv1D, Embedding, Opacus samplers) and with every
 module forced through the generic torch.func fallback.
 
-    .venv/bin/python tools/bench/bench_architectures.py [--threads 2] [--repeats 5]
+    .venv/bin/python tools/bench/bench_architectures.py [--threads 2] [--repeats 5] [--only ...]
 
 Each architecture of sdi_pipeline.examples.models, 6 loop steps, d_model 128, batch 32,
 sequence length 33, next-token-at-the-end loss over random tokens; the core block is the
-target. Timings are medians of interleaved repeats in one process. Run it alone: other
-processes on the machine distort the figures. Needs transformers (pip install -e .[hf]).
+target. The looped-LM bodies of sdi_pipeline.examples.looped (gated multi-layer loop with
+short convolutions read without a call, looped top-k MoE on token-flattened rows, recurrent
+depth) are targeted whole, with their steps as passes. Timings are medians of interleaved
+repeats in one process. Run it alone: other processes on the machine distort the figures.
+Needs transformers (pip install -e .[hf]).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ ARCHS = {
     "looped_llama": "core",
     "albert": "mlm.albert.encoder.albert_layer_groups.0",
     "looped_encoder": "core",
+    "gated_loop": "layers",
+    "looped_moe": "layers",
+    "recurrent_depth": "block",
 }
 
 
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=33)
+    parser.add_argument("--only", nargs="*", choices=sorted(ARCHS), help="these architectures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -78,7 +85,8 @@ def main() -> None:
     )
     gen = torch.Generator().manual_seed(0)
     for arch, core in ARCHS.items():
-        print(measure(arch, core, args, gen), flush=True)
+        if not args.only or arch in args.only:
+            print(measure(arch, core, args, gen), flush=True)
 
 
 def measure(arch: str, core: str, args: argparse.Namespace, gen: torch.Generator) -> str:

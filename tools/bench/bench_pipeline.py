@@ -42,7 +42,7 @@ from sdi_pipeline.formats.sketches import (  # noqa: E402
     UnitReader,
     read_sketch_file,
 )
-from sdi_pipeline.jobs import run_query, run_worker  # noqa: E402
+from sdi_pipeline.jobs.query import run_query  # noqa: E402
 from sdi_pipeline.jobs.scoring import (  # noqa: E402
     BlockScorer,
     QuerySet,
@@ -50,6 +50,7 @@ from sdi_pipeline.jobs.scoring import (  # noqa: E402
     add_stored,
     query_set,
 )
+from sdi_pipeline.jobs.worker import run_worker  # noqa: E402
 from sdi_pipeline.run.rundir import RunDir, prepare_run, run_blocks  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def worker_peak_rss_mb(run: RunDir, threads: int) -> tuple[float, float]:
     started = time.perf_counter()
     code = (
         "import resource, sys\n"
-        "from sdi_pipeline.jobs import run_worker\n"
+        "from sdi_pipeline.jobs.worker import run_worker\n"
         f"assert run_worker({str(run.path)!r}, 0, 1) == 0\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )

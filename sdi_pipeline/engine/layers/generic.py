@@ -6,12 +6,17 @@ to the call's output, example b's gradient of the module's target parameters is 
 runs it for all examples at once (a loop over examples when an operation has no batching
 rule). Inputs whose first dimension is the batch are split per example; others (rotary
 position embeddings of shape (1, T, d), masks shared by the batch) go to every example as
-they are.
+they are. On a call over token-flattened rows (B*L, d) -- a fused MoE experts module with
+its routing indices and weights -- every input with B*L rows is split per example, L rows
+each, together with the hidden states.
 
 That is exact only if the module treats examples independently. On its first call the
 handler recomputes every example's output alone and compares it with the recorded batched
 output; a module that mixes examples (batch statistics, attention across the batch) is
 refused by name. The sketch is the CountSketch of each parameter's per-example gradient.
+
+A module returning a tuple of tensors (an MoE router's logits, weights and indices) gets
+the vjp of each output whose gradient arrives, one at a time: the contributions add up.
 
 ``nn.MultiheadAttention`` is registered here with its whole subtree: its forward uses
 ``out_proj``'s parameters without calling ``out_proj``.
@@ -48,6 +53,9 @@ def _describe() -> str:
 class GenericHandler(LayerHandler):
     """Per-example gradients of any module's own parameters from its recorded calls."""
 
+    flattened_rows = True
+    all_outputs = True
+
     def __init__(self, module, params, spec, offsets, workspace=None) -> None:
         super().__init__(module, params, spec, offsets, workspace)
         self._checked = False
@@ -55,31 +63,48 @@ class GenericHandler(LayerHandler):
     def _split(
         self, call: Call, batch: int
     ) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], tuple[tuple, dict]]]:
-        """The call's per-example inputs (batch on dim 0) and how to rebuild one example's
-        (args, kwargs), each batched input given back without its batch dimension."""
+        """The call's per-example inputs (examples on dim 0) and how to rebuild one example's
+        (args, kwargs). An input with the batch on dim 0 is given back as a batch of one; on
+        a token-flattened call, an input with ``batch * rows`` rows (hidden states, routing
+        indices and weights alike) is given back as that example's rows."""
         leaves, spec = tree_flatten((call.args, call.kwargs))
-        batched = [
-            i
-            for i, leaf in enumerate(leaves)
-            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch
-        ]
+        flat: dict[int, bool] = {}  # leaf -> whether it holds token-flattened rows
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+                continue
+            if call.rows is not None and leaf.shape[0] == batch * call.rows:
+                flat[i] = True
+            elif leaf.shape[0] == batch:
+                flat[i] = False
 
         def rebuild(per_example: list[torch.Tensor]) -> tuple[tuple, dict]:
             filled = list(leaves)
-            for i, value in zip(batched, per_example, strict=True):
-                filled[i] = value.unsqueeze(0)
+            for (i, rows), value in zip(flat.items(), per_example, strict=True):
+                filled[i] = value if rows else value.unsqueeze(0)
             args, kwargs = tree_unflatten(filled, spec)
             return tuple(args), dict(kwargs)
 
-        return [leaves[i] for i in batched], rebuild
+        return [call.by_example(leaves[i]) for i in flat], rebuild
+
+    @staticmethod
+    def _one(call: Call, t: torch.Tensor) -> torch.Tensor:
+        """One example's output (or output gradient) as the module gives it for that example
+        alone: without the batch dimension, or as its rows on a token-flattened call."""
+        return t if call.rows is not None else t.squeeze(0)
+
+    @staticmethod
+    def _as_batch(call: Call, t: torch.Tensor) -> torch.Tensor:
+        return t if call.rows is not None else t.unsqueeze(0)
 
     def _params(self) -> dict[str, torch.Tensor]:
         return {p.attr: self.module.get_parameter(p.attr).detach() for p in self.params}
 
-    def _run(self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+    def _run(
+        self, params: dict[str, torch.Tensor], args: tuple, kwargs: dict, output: int = 0
+    ) -> torch.Tensor:
         out = functional_call(self.module, params, args, kwargs)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            out = out[0]  # as the capture does: the call's output is the first tensor
+            out = out[output]  # as the capture numbers a tuple's outputs
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModel(
                 f"module '{self.params[0].module_name}' returned {type(out).__name__}, not a "
@@ -105,7 +130,7 @@ class GenericHandler(LayerHandler):
         if self._checked:
             return
         self._checked = True
-        batch = output.shape[0]
+        batch = call.examples if call.rows is not None else output.shape[0]
         inputs, rebuild = self._split(call, batch)
         if not inputs:
             raise UnsupportedModel(
@@ -117,11 +142,11 @@ class GenericHandler(LayerHandler):
 
         def one(xs: list[torch.Tensor]) -> torch.Tensor:
             args, kwargs = rebuild(xs)
-            return self._run(params, args, kwargs).squeeze(0)
+            return self._one(call, self._run(params, args, kwargs))
 
         with torch.no_grad():
             alone = self._per_example(one, inputs)
-        recorded = output.detach()
+        recorded = call.by_example(output.detach())
         scale = float(recorded.abs().max()) if recorded.numel() else 0.0
         err = float((alone.to(recorded.dtype) - recorded).abs().max()) if recorded.numel() else 0.0
         if alone.shape != recorded.shape or err > INDEPENDENCE_RTOL * max(scale, 1e-30):
@@ -134,13 +159,14 @@ class GenericHandler(LayerHandler):
             )
 
     def per_example(self, call, grad):
+        grad = call.by_example(grad)
         inputs, rebuild = self._split(call, grad.shape[0])
         params = self._params()
 
         def one(xs: list[torch.Tensor], g: torch.Tensor) -> dict[str, torch.Tensor]:
             args, kwargs = rebuild(xs)
-            pullback = vjp(lambda p: self._run(p, args, kwargs), params)[1]
-            return pullback(g.unsqueeze(0))[0]
+            pullback = vjp(lambda p: self._run(p, args, kwargs, call.output), params)[1]
+            return pullback(self._as_batch(call, g))[0]
 
         grads = self._per_example(one, inputs, grad)
         return {p.name: grads[p.attr] for p in self.params}

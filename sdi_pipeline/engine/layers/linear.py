@@ -2,6 +2,8 @@
 
 For one call with inputs x (B, T, d_in) and output gradients delta (B, T, d_out), example
 b's weight gradient is sum_t delta[b, t] x[b, t]^T and its bias gradient sum_t delta[b, t].
+A call on token-flattened rows (B*L, d_in), as MoE routers take them, is viewed as
+(B, L, d_in): the sum runs over each example's rows.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class LinearHandler(LayerHandler):
 
     param_attrs = ("weight", "bias")
     sketch_maps: ClassVar[dict[str, SketchMap]] = {"weight": "tensor"}
+    flattened_rows = True
 
     def __init__(self, module, params, spec, offsets, workspace=None) -> None:
         super().__init__(module, params, spec, offsets, workspace)
@@ -46,10 +49,10 @@ class LinearHandler(LayerHandler):
 
     def per_example(self, call, grad):
         w, b = self.by_attr.get("weight"), self.by_attr.get("bias")
-        delta = tokens(grad, grad.shape[-1])
+        delta = tokens(call.by_example(grad), grad.shape[-1])
         out: dict[str, torch.Tensor] = {}
         if w is not None:
-            x = tokens(call.input(), self._in_features(w.shape))
+            x = tokens(call.by_example(call.input()), self._in_features(w.shape))
             rows, cols = self._rows_cols(delta, x)
             out[w.name] = torch.bmm(rows.transpose(1, 2), cols)
         if b is not None:
@@ -74,9 +77,9 @@ class LinearHandler(LayerHandler):
     def sketch(self, call, grad, out, hashes) -> None:
         assert self.spec is not None
         w, b = self.by_attr.get("weight"), self.by_attr.get("bias")
-        delta = tokens(grad, grad.shape[-1])
+        delta = tokens(call.by_example(grad), grad.shape[-1])
         if w is not None:
-            x = tokens(call.input(), self._in_features(w.shape))
+            x = tokens(call.by_example(call.input()), self._in_features(w.shape))
             rows, cols = self._rows_cols(delta, x)
             kernel = self.spec.kernel
             if kernel == "auto":
