@@ -215,3 +215,28 @@ def test_an_example_config_runs_end_to_end(tmp_path, capsys) -> None:
         assert res.slot_names == ["step 1", "step 2"]
         assert res.assignment == "2 loop steps of core.* (9 modules)"
         assert res.n_train == 40
+
+
+def test_transformers_looped_lm_config_runs_end_to_end(tmp_path, capsys) -> None:
+    """`sdi-attribute model=inkling2_loop`: transformers' Inkling2LoopForCausalLM, its loop
+    layer's gates from pass 2 summed per pass, convolution weights lifted to their callers."""
+    pytest.importorskip("transformers.models.inkling2_loop")
+    from pipeline_helpers import cli_overrides
+
+    from sdi_pipeline.examples.train import train_example
+    from sdi_pipeline.formats.results import Results
+    from sdi_pipeline.launch.attribute_cli import run
+
+    train_example("inkling2_loop", tmp_path / "ex", steps=2, n_checkpoints=1, progress=False)
+    overrides = cli_overrides(
+        tmp_path, "model=inkling2_loop", "launcher.workers=1", "data.train.limit=8",
+        "data.query.limit=2",
+    )  # fmt: skip
+    overrides[0] = f"checkpoints.paths=[{tmp_path / 'ex'}/ckpt-*.pt]"
+    assert run(overrides) == 0
+    out = capsys.readouterr().out
+    assert "targets: 3 loop steps of lm.model.layers.1.*" in out
+    assert "in steps 2-3 only" in out and "read without a call" in out
+    with Results.open(tmp_path / "runs" / "inkling2_loop") as res:
+        assert res.slot_names == ["step 1", "step 2", "step 3"]
+        assert res.n_train == 8

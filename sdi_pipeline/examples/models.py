@@ -13,6 +13,9 @@ applies one shared module ``n_loops`` times:
 - ``looped_encoder``: a ``torch.nn.TransformerEncoderLayer`` (``nn.MultiheadAttention``)
   looped.
 
+- ``inkling2_loop``: transformers' own looped LM, ``Inkling2LoopForCausalLM`` (a run of
+  decoder layers applied for several passes, gates from pass 2, short convolutions, MoE);
+
 and, from :mod:`.looped`, ``gated_loop``, ``looped_moe`` and ``recurrent_depth`` (layers
 that run in some passes only, parameters read without a call, token-flattened MoE rows, a
 re-injecting recurrent-depth block).
@@ -216,6 +219,52 @@ class LoopedEncoder(nn.Module):
         return self.head(h)
 
 
+class LoopedInkling(nn.Module):
+    """Hugging Face ``Inkling2LoopForCausalLM`` (transformers' looped LM): decoder layers
+    ``loop_start..loop_end-1`` applied for ``n_loops`` passes, gates mixing in the previous
+    pass's messages from pass 2 on, short causal convolutions that read their weight, and a
+    top-k MoE on token-flattened rows. ``lm.model.layers.<loop_start>`` is the loop body."""
+
+    def __init__(
+        self,
+        vocab_size: int = PARITY_VOCAB,
+        d_model: int = 16,
+        n_heads: int = 2,
+        n_loops: int = 3,
+        max_len: int = 32,
+        n_experts: int = 4,
+    ) -> None:
+        super().__init__()
+        _hf("inkling2_loop")
+        try:
+            from transformers.models.inkling2_loop import modeling_inkling2_loop as inkling
+            from transformers.models.inkling2_loop.configuration_inkling2_loop import (
+                Inkling2LoopTextConfig,
+            )
+        except ImportError as err:
+            raise ConfigError(
+                "the inkling2_loop example needs a transformers release that ships "
+                "Inkling2LoopForCausalLM (5.25 or later): pip install -U 'transformers>=5.25'"
+            ) from err
+        head_dim = d_model // n_heads
+        config = Inkling2LoopTextConfig(
+            vocab_size=vocab_size, unpadded_vocab_size=vocab_size, hidden_size=d_model,
+            num_hidden_layers=3, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+            head_dim=head_dim, swa_num_attention_heads=n_heads, swa_num_key_value_heads=n_heads,
+            swa_head_dim=head_dim, sliding_window_size=max_len, d_rel=4, rel_extent=max_len,
+            n_layers_per_attn_res_block=1, moe_intermediate_size=d_model,
+            layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+            n_routed_experts=n_experts, num_experts_per_tok=2, loop_layer_index_start=1,
+            loop_layer_index_end=2, loop_num_passes=n_loops, loop_gate_rank=4,
+            max_position_embeddings=max_len, eos_token_id=None, use_cache=False,
+        )  # fmt: skip
+        config._attn_implementation = "eager"
+        self.lm = inkling.Inkling2LoopForCausalLM(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=tokens).logits
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "looped_gpt2": LoopedGPT2,
     "looped_llama": LoopedLlama,
@@ -224,6 +273,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "gated_loop": GatedLoop,
     "looped_moe": LoopedMoE,
     "recurrent_depth": RecurrentDepth,
+    "inkling2_loop": LoopedInkling,
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
+from sdi_pipeline.engine.checks import check_forward
 from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import CheckpointError, ConfigError, SDIError
@@ -128,7 +129,9 @@ class JobContext:
             list(self.cfg.analysis.targets),
             self.spec,
             expected_steps=self.cfg.analysis.expected_steps,
+            loop_entry=self.cfg.analysis.loop_entry,
         )
+        self._forward_checked = False
         self.lease_timeout = float(self.cfg.runtime.lease_timeout_s)
         self.store_train = bool(self.cfg.sketch.store_train)
         self.reader = UnitReader()
@@ -261,6 +264,7 @@ class JobContext:
         """Sketch examples [start, stop) of ``dataset``: the features and the digest of the
         examples they were computed from. Raises Interrupted on a stop request. Queries
         also get per-token features, as ``analysis.query_tokens`` chooses."""
+        self._check_forward(dataset, start, stop)
         subset = HashingSubset(dataset, start, stop, which)
         loader = DataLoader(
             subset,
@@ -281,6 +285,24 @@ class JobContext:
         finally:
             batches.close()
         return StepFeatures.concat(parts), subset.digest()
+
+    def _check_forward(self, dataset: Any, start: int, stop: int) -> None:
+        """Once per process, before the first features: refuse a forward that is not
+        deterministic or examples coupled within a batch (engine.checks), on the first batch
+        this job sketches with the checkpoint it has loaded."""
+        if self._forward_checked:
+            return
+        size = int(self.cfg.data.batch_size)
+        batch = next(iter(self._loader(dataset, start, min(stop, start + size))))
+        note = check_forward(
+            self.model,
+            self.loss,
+            batch,
+            allow_coupled=bool(self.cfg.analysis.allow_coupled_batch),
+        )
+        if note is not None:
+            log.warning("%s", note)
+        self._forward_checked = True
 
     def trace(self, dataset: Any, loop_steps: int, stop: int | None = None) -> LoopTrace:
         """``analysis.loop_trace`` of examples [0, stop) of ``dataset`` (default: all)."""

@@ -29,7 +29,10 @@ SCHEMA_VERSION = 1
 # Top-level sections that do not change what is computed, only where/how it runs.
 NON_ATTRIBUTION_KEYS = ("run", "launcher", "wandb", "runtime")
 # Fields inside attribution groups that change what is kept on disk, not the results.
-NON_ATTRIBUTION_FIELDS = (("sketch", "store_train"),)
+NON_ATTRIBUTION_FIELDS = (("sketch", "store_train"), ("analysis", "allow_coupled_batch"))
+# Fields added after runs were made with their default behaviour: they count in the hash only
+# when set, so those runs keep their ids (and their units stay current).
+LATER_FIELDS = {("analysis", "loop_entry"): None}
 # Fields that change the results but not the train sketches: train units are shared by
 # every run whose attribution differs only in these.
 QUERY_SIDE_KEYS = (("data", "query"), ("merge",), ("analysis", "query_tokens"),
@@ -105,6 +108,12 @@ class AnalysisConfig:
     # A callable trace(model, batch) -> sdi_pipeline.inputs.dynamics.LoopTrace: each query's answer-
     # token state and logit margin after every loop step (the loop-dynamics figure); null: off.
     loop_trace: Any = None
+    # The module (name or glob) whose call opens each loop pass, where the order of calls
+    # cannot tell (docs/models.md); null: inferred.
+    loop_entry: str | None = None
+    # Accept examples whose loss depends on their batch-mates (batch norm, MoE capacity):
+    # per-example gradients then depend on the batching. Refused unless true.
+    allow_coupled_batch: bool = False
 
 
 @dataclass
@@ -283,6 +292,9 @@ def attribution_view(cfg: DictConfig) -> dict[str, Any]:
     view = {str(k): v for k, v in data.items() if k not in NON_ATTRIBUTION_KEYS}
     for group, key in NON_ATTRIBUTION_FIELDS:
         if isinstance(view.get(group), dict):
+            view[group].pop(key, None)
+    for (group, key), default in LATER_FIELDS.items():
+        if isinstance(view.get(group), dict) and view[group].get(key, default) == default:
             view[group].pop(key, None)
     return view
 
