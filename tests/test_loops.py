@@ -384,3 +384,36 @@ def test_attribute_checks_the_forward_before_featurizing(tmp_path) -> None:
         spec=None, allow_coupled_batch=True,
     )  # fmt: skip
     assert accepted.sdi.shape == (4, 2, P)
+
+
+class _GatheredExpert(nn.Module):
+    """A looped block whose expert Linear takes rows gathered across the batch: the first
+    2·B token rows, a multiple of the batch that is not one sequence length per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(3, 8)
+        self.expert = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        b, length, d = h.shape
+        for _ in range(2):
+            rows = h.reshape(b * length, d)
+            picked = torch.arange(2 * b)  # rows of the first examples only, not 2 per example
+            update = torch.zeros_like(rows).index_add(0, picked, self.expert(rows[picked]))
+            h = h + update.reshape(b, length, d)
+        return self.head(h[:, -1])
+
+
+def test_rows_gathered_across_examples_are_refused_not_misread() -> None:
+    model = _GatheredExpert()
+    batch = _batch(4, seed=3)
+    assert batch["tokens"].shape[1] != 2  # 2 rows "per example" is no sequence length
+
+    def loss(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(b["tokens"]), b["target"], reduction="none")
+
+    with pytest.raises(UnsupportedModel, match=r"'expert'.*rows gathered per expert"):
+        StepFeaturizer(model, ["expert"], None).featurize([batch], loss)

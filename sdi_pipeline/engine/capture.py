@@ -251,8 +251,14 @@ class StepCapture:
         """The target modules called so far in this forward pass."""
         return {call.module_name for call in self._calls}
 
-    def finish_forward(self, batch_size: int, expected_steps: int | None) -> SlotLayout:
-        """Validate the recorded calls and fix the slot of each; returns the layout."""
+    def finish_forward(
+        self, batch_size: int, expected_steps: int | None, lengths: set[int] | None = None
+    ) -> SlotLayout:
+        """Validate the recorded calls and fix the slot of each; returns the layout.
+
+        ``lengths``: the batch's sequence lengths. Token-flattened rows are taken as the
+        examples' rows only where their count per example is one of them: rows gathered per
+        expert whose count happens to be a multiple of the batch are refused, not misread."""
         never = sorted(n for n in self.handlers if all(c.module_name != n for c in self._calls))
         if never and len(never) == len(self.handlers):
             raise UnsupportedModel(
@@ -269,7 +275,11 @@ class StepCapture:
             rows = _rows(call)
             flattened = call.rows is not None and call.examples == batch_size
             if rows is not None and rows != batch_size:
-                if flattened and rows == batch_size * (call.rows or 0):
+                if (
+                    flattened
+                    and rows == batch_size * (call.rows or 0)
+                    and (not lengths or call.rows in lengths)
+                ):
                     continue
                 raise UnsupportedModel(
                     f"target module '{call.module_name}' (call {call.use + 1}) got an input "

@@ -126,6 +126,16 @@ def token_positions(
     return wanted.expand(b, len(choice))
 
 
+def _token_lengths(batch: Any, examples: int) -> set[int]:
+    """The lengths the batch's per-example sequences have (dim 1 of its tensors of two or
+    more dims with the examples on dim 0): what token-flattened rows may number per example."""
+    return {
+        int(t.shape[1])
+        for t in tree_leaves(batch)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == examples
+    }
+
+
 def _leaves_reached(loss: object) -> set[int]:
     """The ids of the tensors whose gradient the loss's autograd graph accumulates."""
     if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
@@ -328,7 +338,9 @@ class StepFeaturizer:
             raise DataError(
                 f"non-finite loss (NaN or inf) for examples {shortened(int(i) for i in bad)}"
             )
-        layout = self._capture.finish_forward(loss.shape[0], self.expected_steps)
+        layout = self._capture.finish_forward(
+            loss.shape[0], self.expected_steps, _token_lengths(batch, loss.shape[0])
+        )
         if not loss.requires_grad:
             raise DataError(
                 "the loss does not depend on the target modules' outputs (it does not require "
