@@ -417,3 +417,44 @@ def test_rows_gathered_across_examples_are_refused_not_misread() -> None:
 
     with pytest.raises(UnsupportedModel, match=r"'expert'.*rows gathered per expert"):
         StepFeaturizer(model, ["expert"], None).featurize([batch], loss)
+
+
+def _hrm_text(h_cycles: int, l_cycles: int) -> nn.Module:
+    """A tiny HrmTextForCausalLM: the L stack applied l_cycles times, then the H stack, per
+    H cycle (the earlier L iterations of a cycle under no_grad, as the model trains)."""
+    pytest.importorskip("transformers.models.hrm_text")
+    from transformers import HrmTextConfig, HrmTextForCausalLM
+
+    config = HrmTextConfig(
+        vocab_size=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, head_dim=8,
+        num_layers_per_stack=1, num_hidden_layers=h_cycles * (l_cycles + 1), H_cycles=h_cycles,
+        L_cycles=l_cycles, max_position_embeddings=32, use_cache=False, prefix_lm=False,
+        eos_token_id=None,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return _perturbed(HrmTextForCausalLM(config))
+
+
+def test_transformers_hrm_text_every_stack_application_is_a_step() -> None:
+    # No module runs once per H cycle, so the passes cannot be inferred (refused); declared
+    # as either stack, every application of the L or H stack is one step: L L H L L H. The
+    # L iterations run under no_grad by the model's truncated backprop get nothing, as in
+    # training; their step is exactly 0.
+    h, l_cycles = 2, 2
+    model = _hrm_text(h, l_cycles)
+    targets = ["model.L_module", "model.H_module"]
+    batch = _batch(3, seed=13)
+    with pytest.raises(UnsupportedModel, match=r"analysis\.loop_entry"):
+        StepFeaturizer(model, targets, None).featurize([batch], _inkling_loss)
+    featurizer = StepFeaturizer(model, targets, None, loop_entry="model.[LH]_module")
+    feats = featurizer.featurize([batch], _inkling_loss)
+    steps = h * (l_cycles + 1)
+    assert feats.layout == SlotLayout(steps)
+    openers = {"model.L_module": [0, 1, 3, 4], "model.H_module": [2, 5]}
+    expected = per_pass_oracle(model, featurizer, batch, steps, openers, _inkling_loss)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(feats.values, expected, rtol=1e-4, atol=1e-5 * scale)
+    norms = expected.norm(dim=2)
+    assert bool((norms[:, 0] == 0).all())  # the first L iteration ran under no_grad
+    assert bool((norms[:, 1:] > 1e-4 * scale).all())

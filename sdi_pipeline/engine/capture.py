@@ -64,6 +64,8 @@ class StepCapture:
         self._open: dict[str, list[int]] = {}  # start of each unfinished call, per module
         self._entry_starts: list[int] = []
         self._ancestor_starts: dict[str, list[int]] = {}
+        self._no_grad: set[str] = set()  # modules called with gradients disabled
+        self._with_grad: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] | None = None
         self._calls: list[Call] = []
         self._outputs: list[torch.Tensor] = []  # the hooked output of each call
@@ -139,6 +141,8 @@ class StepCapture:
         self._open = {}
         self._entry_starts = []
         self._ancestor_starts = {}
+        self._no_grad: set[str] = set()  # modules called with gradients disabled
+        self._with_grad: set[str] = set()
 
     @contextmanager
     def _handler_running(self) -> Iterator[None]:
@@ -148,18 +152,21 @@ class StepCapture:
         finally:
             self._suspended = False
 
+    def _recording(self) -> bool:
+        return not self._suspended and self._phase == "forward"
+
     def _on_entry(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self._suspended and self._phase == "forward":
+        if self._recording():
             self._entry_starts.append(self._started)
             self._started += 1
 
     def _on_above(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self._suspended and self._phase == "forward":
+        if self._recording():
             self._ancestor_starts.setdefault(name, []).append(self._started)
             self._started += 1
 
     def _on_start(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self._suspended and self._phase == "forward":
+        if self._recording():
             self._open.setdefault(name, []).append(self._started)
             self._started += 1
 
@@ -179,11 +186,15 @@ class StepCapture:
                 "(recomputation) inside the targets is not supported; disable it for attribution."
             )
         if not torch.is_grad_enabled():
-            raise UnsupportedModel(
-                f"target module '{name}' ran with gradients disabled (torch.no_grad() or "
-                "torch.inference_mode()): the loss function must run the forward pass with "
-                "autograd on so per-step gradients can be taken."
-            )
+            # A call outside the graph (a model's truncated backprop through early loop
+            # iterations): it gets no gradient, but its time still marks the passes.
+            self._no_grad.add(name)
+            use = self._uses.get(name, 0)
+            self._uses[name] = use + 1
+            call = Call(name, use, (), {})
+            call.start = self._open[name].pop()
+            self._calls.append(call)
+            return None
         # A tuple output (nn.MultiheadAttention's (output, weights)): its first tensor is the
         # call's output; the others must not carry gradient (checked in backward).
         rest: tuple[Any, ...] = ()
@@ -215,6 +226,7 @@ class StepCapture:
             # inside the module (router weights from logits), which that output's vjp counts.
             output = output.view_as(output)
             rest = tuple(e.view_as(e) if _needs_grad(e) else e for e in rest)
+        self._with_grad.add(name)
         use = self._uses.get(name, 0)
         self._uses[name] = use + 1
         call = Call(name, use, tree_map(detach, args), tree_map(detach, kwargs))
@@ -259,6 +271,13 @@ class StepCapture:
         ``lengths``: the batch's sequence lengths. Token-flattened rows are taken as the
         examples' rows only where their count per example is one of them: rows gathered per
         expert whose count happens to be a multiple of the batch are refused, not misread."""
+        only = sorted(self._no_grad - self._with_grad)
+        if only:
+            raise UnsupportedModel(
+                f"target module '{only[0]}' ran with gradients disabled (torch.no_grad() or "
+                "torch.inference_mode()) in every call: the loss function must run the forward "
+                "pass with autograd on so per-step gradients can be taken."
+            )
         never = sorted(n for n in self.handlers if all(c.module_name != n for c in self._calls))
         if never and len(never) == len(self.handlers):
             raise UnsupportedModel(
