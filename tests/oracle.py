@@ -72,3 +72,14 @@ def oracle_step_gradients(
         ]
         rows.append(torch.cat(parts, dim=1))
     return torch.stack(rows, dim=1), names
+
+
+def per_example_gradients(model, names: list[str], batch: dict, loss_fn) -> torch.Tensor:
+    """(B, #params) by plain autograd, one example at a time: each example's ordinary
+    gradient of the named parameters, concatenated in that order."""
+    rows = []
+    for i in range(next(iter(batch.values())).shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, {k: v[i : i + 1] for k, v in batch.items()}).sum().backward()
+        rows.append(torch.cat([model.get_parameter(n).grad.reshape(-1) for n in names]))
+    return torch.stack(rows)
