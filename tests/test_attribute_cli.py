@@ -164,7 +164,34 @@ BAD = [
     ),
     ("analysis.targets=[blok]", "target pattern 'blok' matches no module"),
     ("sketch.mm=3", "unknown config key 'sketch.mm'. Did you mean m?"),
+    (
+        "launcher.worker=1",
+        "unknown config key 'launcher.worker'. Did you mean workers? Valid keys of launcher: "
+        "name, workers, threads_per_worker",
+    ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["launcher=slurm", "launcher.partitio=gpu"],
+            "unknown config key 'launcher.partitio'. Did you mean partition? Valid keys of "
+            "launcher: name, array_size, array_parallelism, partition,",
+        ),
+        (
+            ["launcher=prepare", "launcher.threads_per_worker=2"],
+            "unknown config key 'launcher.threads_per_worker'. Valid keys of launcher: name, "
+            "workers",
+        ),
+        (["sketchh.m=8"], "unknown config key 'sketchh.m'. Did you mean sketch? Valid keys at "),
+    ],
+)
+def test_an_unknown_key_lists_the_valid_keys_of_the_chosen_group(overrides, message) -> None:
+    with pytest.raises(SDIError) as err:
+        compose_config(overrides)
+    assert str(err.value).startswith(message), err.value
 
 
 @pytest.mark.parametrize(("override", "message"), BAD)

@@ -55,25 +55,37 @@ def _options(group: str) -> list[str]:
 
 
 def _hint(message: str) -> str:
-    """Add valid choices / keys to Hydra's terse composition errors."""
+    """Add valid choices to Hydra's terse composition errors about config groups."""
     for group in GROUPS:
         if f"'{group}'" in message or f"{group}/" in message:
             return (
                 f"{message.splitlines()[0]} Available {group} options: {', '.join(_options(group))}"
             )
-    if "Could not override" in message:
-        key = message.split("'")[1] if "'" in message else ""
-        top = [str(k) for k in OmegaConf.structured(AttributionConfig)]
-        head = key.split(".")[0]
-        if head not in top:
-            hint = did_you_mean(head, top)
-            return f"unknown config key '{key}'.{hint} Top-level keys: {', '.join(top)}"
-        section = OmegaConf.select(OmegaConf.structured(AttributionConfig), head)
-        if isinstance(section, DictConfig):
-            valid = [str(k) for k in section]
-            hint = did_you_mean(key.split(".")[-1], valid)
-            return f"unknown config key '{key}'.{hint} Valid keys of {head}: {', '.join(valid)}"
     return message.splitlines()[0]
+
+
+def _unknown_key(key: str, overrides: Sequence[str], config_dirs: Sequence[str]) -> str | None:
+    """Hydra's "Could not override 'a.b'" as the valid keys of ``a``, read from the config
+    composed without that override: so a launcher's keys are those of the launcher chosen
+    (``launcher=slurm`` lists SLURM's), and a user group's keys are its own."""
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        composed = _compose(rest, config_dirs)
+    except (HydraException, OmegaConfBaseException):
+        return None  # another override fails too: Hydra's own message names the first
+    # The deepest section that exists: in 'foo.bar' it is the top level, 'foo' the typo.
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth and not isinstance(OmegaConf.select(composed, ".".join(parts[:depth])), DictConfig):
+        depth -= 1
+    parent_path, name = ".".join(parts[:depth]), parts[depth]
+    parent = OmegaConf.select(composed, parent_path) if parent_path else composed
+    if not isinstance(parent, DictConfig):
+        return None
+    valid = [str(k) for k in parent if str(k) != "hydra"]
+    where = f"of {parent_path}" if parent_path else "at the top level"
+    hint = did_you_mean(name, valid)
+    return f"unknown config key '{key}'.{hint} Valid keys {where}: {', '.join(valid)}"
 
 
 def _compose(
@@ -110,6 +122,11 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             raise ConfigError(explain(err, OmegaConf.structured(AttributionConfig))) from err
+        quoted = str(err).split("'")
+        if str(err).startswith("Could not override") and len(quoted) > 1:
+            known = _unknown_key(quoted[1], overrides, config_dirs)
+            if known is not None:
+                raise ConfigError(known) from err
         raise ConfigError(_hint(str(err))) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
