@@ -84,6 +84,23 @@ def distinct_top(
     return list(lines.values())
 
 
+def trajectory_rows(
+    res: Results, query: int, key: Callable[[int], Hashable], top: int = 12
+) -> tuple[np.ndarray, list[str]]:
+    """The SDI trajectories (rows, slots) of ``query``'s ``top`` distinct training inputs by
+    TracIn -- the printed summary's ranking, copies grouped the same way -- and a label per
+    row (``train #131 (+2 identical)``). Needs the full SDI tensor (``res.has_sdi``)."""
+    lines = distinct_top(res.topk(query), key, top)
+    rows = np.zeros((len(lines), len(res.slot_names)))
+    for r, line in enumerate(lines):
+        rows[r] = res.sdi[line.index, query]
+    labels = [
+        f"train #{line.index}" + (f" (+{len(line.identical)} identical)" if line.identical else "")
+        for line in lines
+    ]
+    return rows, labels
+
+
 def format_example(line: DistinctExample, text: str, shown: int = 3) -> str:
     """``train #131 (+2 identical: #314, #288) +3.400e-07  <text>``."""
     label = f"train #{line.index}"
@@ -135,7 +152,7 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
             # The whole stored top-k: identical copies fill it, k distinct lines are wanted.
             listing(f"top {k} overall (TracIn)", res.topk(j), res.n_train)
             listing(f"top {k} at {res.slot_names[peak]}", res.topk(j, step=peak), res.n_train)
-        plots = write_plots(run, res)
+        plots = write_plots(run, res, key)
     print(f"\nplots: {', '.join(str(p) for p in plots)}")
     print(f"results: {run.results_path}")
     # The interpreter that ran this (the project's .venv), so the command works as shown.
@@ -153,15 +170,16 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
     )
 
 
-def write_plots(run: RunDir, res: Results) -> list[Path]:
-    """Per-step energy and signed share across queries, and one query's trajectories."""
+def write_plots(run: RunDir, res: Results, key: Callable[[int], Hashable]) -> list[Path]:
+    """Per-step energy and signed share across queries, and query 0's trajectories (its
+    distinct top inputs, identical ones -- equal ``key`` of their index -- on one row)."""
     folder = run.path / "plots"
     names = res.slot_names
     paths = [plot_step_profiles(res.energy(), res.signed_share(), names, folder / "sdi_steps.png")]
     if res.has_sdi:  # trajectories need the full SDI tensor (see merge.sdi_max_gb)
-        first_query = np.asarray(res.sdi[:, :1])
+        rows, labels = trajectory_rows(res, 0, key)
         trajectories = folder / "sdi_trajectories_query0.png"
-        paths.append(plot_trajectories(first_query, names, 0, trajectories))
+        paths.append(plot_trajectories(rows, labels, names, 0, trajectories))
     if res.has_tokens:
         positions = res.token_positions[0]
         energy = folder / "sdi_tokens_query0.png"
