@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from sdi_pipeline.errors import ConfigError
@@ -118,7 +118,7 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
     :func:`python_path`).
     """
     try:
-        cfg = _compose(overrides, config_dirs)
+        cfg = _compose(overrides, config_dirs, with_hydra=True)
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             raise ConfigError(explain(err, OmegaConf.structured(AttributionConfig))) from err
@@ -128,12 +128,34 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
             if known is not None:
                 raise ConfigError(known) from err
         raise ConfigError(_hint(str(err))) from err
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        del cfg["hydra"]
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
-    result = structured(OmegaConf.to_container(cfg, resolve=False))
+    data = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(data, dict)
+    data.setdefault("run", {})["name"] = run_name(overrides, choices.get("model"), data)
+    result = structured(data)
     result.runtime.python_path = python_path(config_dirs, result.runtime.python_path)
     return result
+
+
+def run_name(overrides: Sequence[str], group: str | None, data: dict[Any, Any]) -> str:
+    """``run.name`` of a composed config (``data``), so that runs of different models do not
+    share a folder: ``run.name`` given on the command line; else, when the command line names
+    the model's factory (``model._target_=pkg.build_lm``), the factory's name (runs/build_lm/);
+    else the name a config group sets (the toy's ``toy-parity``); else the model group's name
+    (``model=mylm``: runs/mylm/)."""
+    keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))}
+    given = (data.get("run") or {}).get("name")
+    target = (data.get("model") or {}).get("_target_")
+    if "run.name" not in keys and "model._target_" in keys and isinstance(target, str):
+        return target.rpartition(".")[2]
+    if given is not None:
+        return str(given)
+    return (group or "run").replace("/", "-")
 
 
 def _loss_node(cfg: DictConfig) -> Any:

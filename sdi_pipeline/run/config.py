@@ -38,9 +38,12 @@ QUERY_SIDE_KEYS = (("data", "query"), ("merge",), ("analysis", "query_tokens"),
 
 @dataclass
 class RunConfig:
-    """Where the run lives: ``<root>/<name>/<id>``; ``id`` defaults to the config hash."""
+    """Where the run lives: ``<root>/<name>/<id>``; ``id`` defaults to the config hash.
 
-    name: str = "toy-parity"
+    ``name`` null: ``sdi-attribute`` names the run after the model (see
+    :func:`sdi_pipeline.launch.compose.run_name`); a config built otherwise gets ``run``."""
+
+    name: str | None = None
     root: str = "runs"
     id: str | None = None
 
@@ -272,6 +275,8 @@ def structured(data: Any) -> DictConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {explain(err, base)}") from err
     assert isinstance(merged, DictConfig)
+    if merged.run.name is None:
+        merged.run.name = "run"
     validate(merged)
     return merged
 
