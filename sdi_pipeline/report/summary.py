@@ -172,24 +172,41 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
 
 def write_plots(run: RunDir, res: Results, key: Callable[[int], Hashable]) -> list[Path]:
     """Per-step energy and signed share across queries, and query 0's trajectories (its
-    distinct top inputs, identical ones -- equal ``key`` of their index -- on one row)."""
+    distinct top inputs, identical ones -- equal ``key`` of their index -- on one row).
+
+    A plot written after results.h5 was is kept as it is: a rerun with nothing new redraws
+    nothing."""
     folder = run.path / "plots"
     names = res.slot_names
-    paths = [plot_step_profiles(res.energy(), res.signed_share(), names, folder / "sdi_steps.png")]
+    merged = run.results_path.stat().st_mtime_ns
+    paths: list[Path] = []
+
+    def draw(path: Path, plot: Callable[[], Path]) -> None:
+        fresh = path.is_file() and path.stat().st_mtime_ns >= merged
+        paths.append(path if fresh else plot())
+
+    steps = folder / "sdi_steps.png"
+    draw(steps, lambda: plot_step_profiles(res.energy(), res.signed_share(), names, steps))
     if res.has_sdi:  # trajectories need the full SDI tensor (see merge.sdi_max_gb)
-        rows, labels = trajectory_rows(res, 0, key)
         trajectories = folder / "sdi_trajectories_query0.png"
-        paths.append(plot_trajectories(rows, labels, names, 0, trajectories))
+        draw(
+            trajectories,
+            lambda: plot_trajectories(*trajectory_rows(res, 0, key), names, 0, trajectories),
+        )
     if res.has_tokens:
         positions = res.token_positions[0]
         energy = folder / "sdi_tokens_query0.png"
         title = "query 0: Σ_i |SDI| per loop step and token"
-        paths.append(plot_token_map(res.token_map(0), names, positions, energy, title))
+        draw(energy, lambda: plot_token_map(res.token_map(0), names, positions, energy, title))
         (top, _score), *_ = res.topk(0, 1)
         if res.has_sdi_tokens:
             path = folder / f"sdi_tokens_query0_train{top}.png"
-            title = f"query 0, its top training example #{top}: SDI per loop step and token"
-            paths.append(plot_token_map(res.token_map(0, top), names, positions, path, title))
+            title_top = f"query 0, its top training example #{top}: SDI per loop step and token"
+            draw(
+                path,
+                lambda: plot_token_map(res.token_map(0, top), names, positions, path, title_top),
+            )
     if res.has_loop_trace:
-        paths.append(loop_dynamics_figure(res, folder / "loop_dynamics.png"))
+        dynamics = folder / "loop_dynamics.png"
+        draw(dynamics, lambda: loop_dynamics_figure(res, dynamics))
     return paths
