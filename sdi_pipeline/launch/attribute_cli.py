@@ -202,6 +202,13 @@ def reconcile(run: Any, pre: Preflight) -> list[str]:
     return found
 
 
+HELP_TITLE = "options everyone sets (key=VALUE; the default in parentheses):"
+HELP_MORE = (
+    "Every key: sdi-attribute --cfg prints the composed config; an unknown key lists the valid\n"
+    "ones. Your own model: docs/your-model.md."
+)
+
+
 def _show_kernel_build() -> None:
     """Print the native kernel's build notes (its first build takes about half a minute)
     here, where the preflight's sketch builds it; the jobs log them to their own logs."""
@@ -214,10 +221,14 @@ def _show_kernel_build() -> None:
 
 
 def run(argv: list[str]) -> int:
+    from sdi_pipeline.launch.usage import common_options
+
     parser = argparse.ArgumentParser(
         prog="sdi-attribute",
         description="Step-Decomposed Influence for a looped transformer: compose the config "
         "from conf/ (Hydra overrides as arguments) and run or submit the jobs.",
+        epilog=f"{HELP_TITLE}\n{common_options()}\n\n{HELP_MORE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. launcher=slurm sketch.m=4096"
