@@ -123,7 +123,7 @@ def up_to_date(path: Path, cfg: DictConfig, pre: Preflight) -> str | None:
     score shard records the inputs the preflight found now (checkpoint sha256, the digests
     of the training blocks and the queries, sketch spec, targets, parameters)."""
     from sdi_pipeline.formats.results import stale_reasons
-    from sdi_pipeline.formats.shards import read_shard_meta
+    from sdi_pipeline.formats.shards import read_shard_summary
     from sdi_pipeline.jobs.context import query_fresh
     from sdi_pipeline.run.config import config_hash
     from sdi_pipeline.run.freshness import DONE, check_unit, explain_stale, query_digests
@@ -156,7 +156,8 @@ def up_to_date(path: Path, cfg: DictConfig, pre: Preflight) -> str | None:
                 for u, c in zip(block.units, currents, strict=True)
             ):
                 return None
-            depends = read_shard_meta(run.shard_path(block.index)).get("depends")
+            # The summary, as the merge reads it: top-k and sums verified, not only the header.
+            depends = read_shard_summary(run.shard_path(block.index)).meta.get("depends")
             if not isinstance(depends, dict):
                 return None
             recorded = depends.get("train")
