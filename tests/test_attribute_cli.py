@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -311,3 +312,12 @@ def test_a_rerun_with_nothing_new_starts_no_job_and_a_changed_example_is_seen(
     assert after["results.h5"] != before["results.h5"]
     assert after["scores/block-00001.h5"] != before["scores/block-00001.h5"]
     assert after["scores/block-00000.h5"] == before["scores/block-00000.h5"]
+
+
+def test_the_native_kernel_build_is_printed_by_sdi_attribute(capsys) -> None:
+    from sdi_pipeline.launch.attribute_cli import _show_kernel_build
+
+    _show_kernel_build()
+    _show_kernel_build()  # once per process, however often it runs
+    logging.getLogger("sdi_pipeline.engine.native").info("compiling the native kernel")
+    assert capsys.readouterr().out == "[sdi] compiling the native kernel\n"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,11 +213,16 @@ def _show_kernel_build() -> None:
     """Print the native kernel's build notes (its first build takes about half a minute)
     here, where the preflight's sketch builds it; the jobs log them to their own logs."""
     native = logging.getLogger("sdi_pipeline.engine.native")
-    if not native.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[sdi] %(message)s"))
-        native.addHandler(handler)
+    if not any(isinstance(h, _Printed) for h in native.handlers):
+        native.addHandler(_Printed())
         native.setLevel(logging.INFO)
+
+
+class _Printed(logging.Handler):
+    """``[sdi] message`` on whatever ``sys.stdout`` is when a record comes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"[sdi] {record.getMessage()}", flush=True)
 
 
 def run(argv: list[str]) -> int:
