@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
+from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer, target_params
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import CheckpointError, ConfigError, SDIError
 from sdi_pipeline.files.atomic import clean_temp_files
@@ -123,12 +123,11 @@ class JobContext:
         self.spec = SketchSpec(
             m=int(self.cfg.sketch.m), seed=int(self.cfg.sketch.seed), kernel=self.cfg.sketch.kernel
         )
-        self.featurizer = StepFeaturizer(
-            self.model,
-            list(self.cfg.analysis.targets),
-            self.spec,
-            expected_steps=self.cfg.analysis.expected_steps,
-        )
+        # The analysed parameters (in the depends records) now; the featurizer on first use:
+        # choosing its layer handlers may import Opacus, which a rerun with nothing to do
+        # does not need.
+        self.params = target_params(self.model, list(self.cfg.analysis.targets))
+        self._featurizer: StepFeaturizer | None = None
         self.lease_timeout = float(self.cfg.runtime.lease_timeout_s)
         self.store_train = bool(self.cfg.sketch.store_train)
         self.reader = UnitReader()
@@ -139,6 +138,18 @@ class JobContext:
         self._info: dict[int, CheckpointInfo] = {}
         self._block_digests: dict[int, str] = {}
         self.stop = threading.Event()
+
+    @property
+    def featurizer(self) -> StepFeaturizer:
+        """The run's featurizer (built on first use)."""
+        if self._featurizer is None:
+            self._featurizer = StepFeaturizer(
+                self.model,
+                list(self.cfg.analysis.targets),
+                self.spec,
+                expected_steps=self.cfg.analysis.expected_steps,
+            )
+        return self._featurizer
 
     @classmethod
     def open(cls, run_dir: str | Path) -> JobContext:
@@ -213,7 +224,7 @@ class JobContext:
     def base_meta(self, info: CheckpointInfo) -> dict[str, Any]:
         return {
             "spec": self.spec.to_dict(),
-            "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
+            "params": [[p.name, list(p.shape)] for p in self.params],
             "checkpoint": info.as_meta(),
             "train_hash": self.train_hash,
         }
@@ -229,7 +240,7 @@ class JobContext:
             "data_sha256": data_sha,
             "spec": self.spec.to_dict(),
             "targets": list(self.cfg.analysis.targets),
-            "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
+            "params": [[p.name, list(p.shape)] for p in self.params],
             "dtype": str(self.cfg.sketch.dtype),
             **extra,
         }
