@@ -300,6 +300,14 @@ def test_a_rerun_with_nothing_new_starts_no_job_and_a_changed_example_is_seen(
     assert f"[sdi] run dir {run_path}: up to date (2 blocks x 2 checkpoints), nothing" in out
     assert _written(run) == before
     assert out.split("\nloss: ")[1] == first.split("\nloss: ")[1]
+    # Plots drawn by older plotting code are drawn again; results.h5 stays.
+    (run.path / "plots" / ".version").write_text("1\n")
+    assert attribute_main(overrides) == 0
+    redrawn = _written(run)
+    plot = "plots/sdi_trajectories_query0.png"
+    assert redrawn[plot] > before[plot]
+    assert redrawn["results.h5"] == before["results.h5"]
+    capsys.readouterr()
     # One example changed under the same config: not up to date; its block is recomputed.
     changed = rows.copy()
     changed[4, 3] = (changed[4, 3] + 1) % 3

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdi_pipeline.files.atomic import write_text_atomic
 from sdi_pipeline.formats.results import Results
 from sdi_pipeline.inputs import build
 from sdi_pipeline.report.plots import (
@@ -170,19 +171,26 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
     )
 
 
+# Bump when what a plot shows changes, so that runs already merged draw it again
+# (2: the trajectories plot groups identical inputs, as the summary does).
+PLOTS_VERSION = 2
+
+
 def write_plots(run: RunDir, res: Results, key: Callable[[int], Hashable]) -> list[Path]:
     """Per-step energy and signed share across queries, and query 0's trajectories (its
     distinct top inputs, identical ones -- equal ``key`` of their index -- on one row).
 
-    A plot written after results.h5 was is kept as it is: a rerun with nothing new redraws
-    nothing."""
+    A plot written after results.h5 was, by plotting code of this :data:`PLOTS_VERSION`
+    (``plots/.version``), is kept as it is: a rerun with nothing new redraws nothing."""
     folder = run.path / "plots"
     names = res.slot_names
     merged = run.results_path.stat().st_mtime_ns
+    stamp = folder / ".version"
+    current = stamp.is_file() and stamp.read_text().strip() == str(PLOTS_VERSION)
     paths: list[Path] = []
 
     def draw(path: Path, plot: Callable[[], Path]) -> None:
-        fresh = path.is_file() and path.stat().st_mtime_ns >= merged
+        fresh = current and path.is_file() and path.stat().st_mtime_ns >= merged
         paths.append(path if fresh else plot())
 
     steps = folder / "sdi_steps.png"
@@ -209,4 +217,6 @@ def write_plots(run: RunDir, res: Results, key: Callable[[int], Hashable]) -> li
     if res.has_loop_trace:
         dynamics = folder / "loop_dynamics.png"
         draw(dynamics, lambda: loop_dynamics_figure(res, dynamics))
+    if not current:
+        write_text_atomic(stamp, f"{PLOTS_VERSION}\n")
     return paths
