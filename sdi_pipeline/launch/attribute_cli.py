@@ -14,6 +14,10 @@ While it runs the jobs, ``sdi-attribute`` holds the run's launcher lock: a secon
 the same config is told who is running it instead of starting duplicate workers. Before
 launching, units and query files whose inputs changed (checkpoint rewritten, examples
 changed) lose their markers, so every launcher recomputes exactly them.
+
+A run with nothing left to do (:func:`up_to_date`: every unit, query file and score shard
+records the inputs read now, and results.h5 is current) starts no job and writes nothing:
+the summary is printed again (the forward/backward check is skipped: nothing will run).
 """
 
 from __future__ import annotations
