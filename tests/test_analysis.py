@@ -13,7 +13,13 @@ from pipeline_helpers import parity, run_all, toy_config
 from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.formats.results import Results
 from sdi_pipeline.inputs.build import build_dataset
-from sdi_pipeline.report.summary import DistinctExample, distinct_top, example_key, print_summary
+from sdi_pipeline.report.summary import (
+    DistinctExample,
+    distinct_top,
+    example_key,
+    print_summary,
+    trajectory_rows,
+)
 
 PER_TOKEN = {
     "loss": {"_target_": "sdi_pipeline.toy.parity.parity_loss", "_partial_": True,
@@ -92,6 +98,21 @@ def test_printed_top_k_lists_distinct_inputs_with_their_copies(
             assert len({example_key(data[i]) for i in firsts}) == len(firsts)
             # The listing follows the stored ranking.
             assert firsts == sorted(firsts, key=stored.index) and firsts[0] == stored[0]
+        # The trajectories plot's rows: the same distinct inputs in the same order as the
+        # printed top overall, copies grouped, each row that input's SDI across steps.
+        rows, labels = trajectory_rows(res, 0, lambda i: example_key(data[i]))
+        shown = [int(re.match(r"train #(\d+)", label).group(1)) for label in labels]
+        overall = next(lines for title, lines in listings.items() if "overall" in title)
+        printed = [int(re.match(r"train #(\d+)", line).group(1)) for line in overall]
+        assert shown[: len(printed)] == printed
+        assert len({example_key(data[i]) for i in shown}) == len(shown)
+        copies = [i for i, _ in res.topk(0) if example_key(data[i]) == example_key(data[shown[0]])]
+        assert labels[0] == f"train #{shown[0]}" + (
+            f" (+{len(copies) - 1} identical)" if len(copies) > 1 else ""
+        )
+        for row, i in zip(rows, shown, strict=True):
+            np.testing.assert_allclose(row, res.trajectory(i, 0), rtol=1e-6)
+    assert (run.path / "plots" / "sdi_trajectories_query0.png").is_file()
 
 
 @pytest.fixture(scope="module")

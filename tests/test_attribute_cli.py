@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -169,7 +170,34 @@ BAD = [
     ),
     ("analysis.targets=[blok]", "target pattern 'blok' matches no module"),
     ("sketch.mm=3", "unknown config key 'sketch.mm'. Did you mean m?"),
+    (
+        "launcher.worker=1",
+        "unknown config key 'launcher.worker'. Did you mean workers? Valid keys of launcher: "
+        "name, workers, threads_per_worker",
+    ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["launcher=slurm", "launcher.partitio=gpu"],
+            "unknown config key 'launcher.partitio'. Did you mean partition? Valid keys of "
+            "launcher: name, array_size, array_parallelism, partition,",
+        ),
+        (
+            ["launcher=prepare", "launcher.threads_per_worker=2"],
+            "unknown config key 'launcher.threads_per_worker'. Valid keys of launcher: name, "
+            "workers",
+        ),
+        (["sketchh.m=8"], "unknown config key 'sketchh.m'. Did you mean sketch? Valid keys at "),
+    ],
+)
+def test_an_unknown_key_lists_the_valid_keys_of_the_chosen_group(overrides, message) -> None:
+    with pytest.raises(SDIError) as err:
+        compose_config(overrides)
+    assert str(err.value).startswith(message), err.value
 
 
 @pytest.mark.parametrize(("override", "message"), BAD)
@@ -242,3 +270,67 @@ def test_a_training_set_that_changed_size_is_refused_by_every_job(tmp_path) -> N
     # sdi-status reads the recorded size: it needs neither the data nor its code.
     (tmp_path / "train.npy").unlink()
     assert len(run_status(run).missing) == 2
+
+
+def _written(run: RunDir) -> dict[str, int]:
+    """mtime of every file in the run directory."""
+    return {str(p.relative_to(run.path)): p.stat().st_mtime_ns for p in run.path.rglob("*")}
+
+
+def test_a_rerun_with_nothing_new_starts_no_job_and_a_changed_example_is_seen(
+    tmp_path, capsys
+) -> None:
+    rows = np.arange(60).reshape(6, 10) % 3
+    np.save(tmp_path / "train.npy", rows)
+    np.save(tmp_path / "query.npy", rows[:2])
+    overrides = cli_overrides(
+        tmp_path,
+        "launcher.workers=1",
+        "data=tokens",
+        f"data.train.path={tmp_path}/train.npy",
+        f"data.query.path={tmp_path}/query.npy",
+        "data.train.limit=null",
+        "data.query.limit=null",
+        "data.block_size=3",
+    )
+    assert attribute_main(overrides) == 0
+    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    run = RunDir(run_path)
+    first = capsys.readouterr().out
+    before = _written(run)
+    assert attribute_main(overrides) == 0
+    out = capsys.readouterr().out
+    # Up to date: no job started (no log or command line written), results.h5 and the plots
+    # not rewritten, the same summary printed.
+    assert f"[sdi] run dir {run_path}: up to date (2 blocks x 2 checkpoints), nothing" in out
+    assert _written(run) == before
+    assert out.split("\nloss: ")[1] == first.split("\nloss: ")[1]
+    # Plots drawn by older plotting code are drawn again; results.h5 stays.
+    (run.path / "plots" / ".version").write_text("1\n")
+    assert attribute_main(overrides) == 0
+    redrawn = _written(run)
+    plot = "plots/sdi_trajectories_query0.png"
+    assert redrawn[plot] > before[plot]
+    assert redrawn["results.h5"] == before["results.h5"]
+    capsys.readouterr()
+    # One example changed under the same config: not up to date; its block is recomputed.
+    changed = rows.copy()
+    changed[4, 3] = (changed[4, 3] + 1) % 3
+    np.save(tmp_path / "train.npy", changed)
+    assert attribute_main(overrides) == 0
+    out = capsys.readouterr().out
+    assert "up to date" not in out
+    assert "training examples 3..5 changed" in out
+    after = _written(run)
+    assert after["results.h5"] != before["results.h5"]
+    assert after["scores/block-00001.h5"] != before["scores/block-00001.h5"]
+    assert after["scores/block-00000.h5"] == before["scores/block-00000.h5"]
+
+
+def test_the_native_kernel_build_is_printed_by_sdi_attribute(capsys) -> None:
+    from sdi_pipeline.launch.attribute_cli import _show_kernel_build
+
+    _show_kernel_build()
+    _show_kernel_build()  # once per process, however often it runs
+    logging.getLogger("sdi_pipeline.engine.native").info("compiling the native kernel")
+    assert capsys.readouterr().out == "[sdi] compiling the native kernel\n"

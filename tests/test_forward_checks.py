@@ -92,4 +92,4 @@ def test_loop_entry_reaches_the_jobs_featurizer(tmp_path) -> None:
 
     overrides = cli_overrides(tmp_path, "analysis.loop_entry=nothing_like_this")
     with pytest.raises(SDIError, match=r"^loop_entry: "):
-        JobContext(compose_config(overrides))
+        _ = JobContext(compose_config(overrides)).featurizer

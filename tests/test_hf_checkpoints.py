@@ -264,7 +264,7 @@ def test_trainer_checkpoints_through_sdi_attribute_with_the_users_factories(tmp_
     assert f"checkpoint 1: {ckpts}/checkpoint-10, eta 0.0004 from trainer_state.json" in out
     assert "[sdi] loss: sdi_pipeline.toy.parity.parity_loss (from data=mine)" in out
     assert "\nloss: sdi_pipeline.toy.parity.parity_loss (from data=mine)\n" in out  # summary
-    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    (run_path,) = (tmp_path / "runs" / "cwdlm").iterdir()  # named after the model group
     with Results.open(run_path) as res:
         assert res.etas == [5e-4, 4e-4]
     worker_log = (run_path / "logs" / "worker-0000.log").read_text()

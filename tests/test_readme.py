@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,11 @@ from omegaconf import OmegaConf
 from pipeline_helpers import run_all, toy_config, write_toy_checkpoints
 from torch.utils.data import DataLoader
 
+from sdi_pipeline.launch.attribute_cli import HELP_TITLE
+from sdi_pipeline.launch.attribute_cli import run as attribute_main
 from sdi_pipeline.launch.cli import JOBS
 from sdi_pipeline.launch.compose import compose_config
+from sdi_pipeline.launch.usage import common_options
 from sdi_pipeline.toy.parity import make_parity_dataset, parity_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +60,46 @@ def test_the_readme_has_the_commands_this_test_expects() -> None:
         "sdi-status",
     } <= programs
     assert len([c for lang, c in BLOCKS if lang == "python"]) == 2
+
+
+def test_the_commands_after_the_set_up_run_in_a_fresh_shell() -> None:
+    """After the two set-up commands, the README activates .venv before its first tool
+    command, and every tool it runs is one of the package's console scripts (which the
+    set-up installs into .venv/bin). Where .venv exists (tools/test.sh made it), a fresh
+    shell that sources it as written finds each of them there."""
+    setup = [c for c in COMMANDS if c[0] == "bash"]
+    assert setup == [["bash", "tools/demo.sh"], ["bash", "tools/test.sh"]]
+    activate = COMMANDS.index(["source", ".venv/bin/activate"])
+    assert COMMANDS[:activate] == setup
+    tools = {c[0] for c in COMMANDS[activate + 1 :]}
+    assert tools <= {"sdi-attribute", "sdi-query", "sdi-worker", "sdi-score", "sdi-merge",
+                     "sdi-status", "sudo"}, tools  # fmt: skip
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    scripts = set(re.findall(r"^(sdi-[\w-]+) = ", pyproject, flags=re.M))
+    assert tools - {"sudo"} <= scripts
+    assert (
+        'pip install --quiet --disable-pip-version-check -e ".${extra}"'
+        in (ROOT / "tools" / "setup-env.sh").read_text()
+    )
+    if not (ROOT / ".venv" / "bin" / "activate").is_file():
+        return  # no .venv here: tools/test.sh always has one
+    shell = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c",
+         "source .venv/bin/activate && command -v " + " ".join(sorted(tools - {"sudo"}))],
+        cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    found = shell.stdout.split()
+    assert [Path(f).parent for f in found] == [ROOT / ".venv" / "bin"] * len(tools - {"sudo"})
+
+
+def test_the_readme_lists_the_options_as_sdi_attribute_help_does(capsys) -> None:
+    with pytest.raises(SystemExit):
+        attribute_main(["--help"])
+    help_text = capsys.readouterr().out
+    listed = f"{HELP_TITLE}\n{common_options()}\n"
+    assert listed in help_text
+    assert f"```text\n{listed}```" in README
 
 
 def test_setup_commands_name_existing_scripts() -> None:

@@ -99,7 +99,9 @@ def test_the_loss_used_is_the_one_set_and_its_origin_is_printed(
     assert loss_origin([*overrides, *extra], [conf]) == origin
     assert attribute_main(args) == 0
     assert f"[sdi] loss: {target} (from {origin})\n" in capsys.readouterr().out
-    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    # A run of the user's model group is named after it, not after the demo's toy.
+    name = "mylm" if "model=mylm" in extra else "toy-parity"
+    (run_path,) = (tmp_path / "runs" / name).iterdir()
     assert RunDir(run_path).load_config().analysis.loss._target_ == target
 
 
@@ -131,7 +133,7 @@ def test_a_factory_in_the_working_directory_is_importable(tmp_path, monkeypatch,
     (tmp_path / "cwdfactory.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)
     assert attribute_main(overrides) == 0
-    (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
+    (run_path,) = (tmp_path / "runs" / "build").iterdir()  # named after the factory
     assert str(tmp_path) in RunDir(run_path).load_config().runtime.python_path
 
 

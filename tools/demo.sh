@@ -6,4 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup-env.sh
-exec .venv/bin/sdi-attribute "$@"
+.venv/bin/sdi-attribute "$@"
+echo
+echo "Next: 'source .venv/bin/activate' puts sdi-attribute and the job commands on PATH in this"
+echo "shell (the README's commands are written so), or run them as .venv/bin/sdi-attribute ..."

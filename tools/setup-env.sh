@@ -18,5 +18,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "${1:-}" = "dev" ] && extra="[dev]"
-echo "[setup] installing sdi-pipeline${extra} into .venv (first time: a few minutes)"
+# pip is run again only when pyproject.toml (or the extra asked for) changed since the last
+# install: a rerun of the demo starts at once.
+stamp=".venv/.sdi-installed${extra:+-dev}"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $("$python" --version 2>&1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c 'import sdi_pipeline' 2>/dev/null; then
+    echo "[setup] .venv is up to date (sdi-pipeline${extra})"
+    exit 0
+fi
+if [ -f .venv/.sdi-installed ] || [ -f .venv/.sdi-installed-dev ]; then
+    echo "[setup] updating sdi-pipeline${extra} in .venv"
+else
+    echo "[setup] installing sdi-pipeline${extra} into .venv (first time: a few minutes)"
+fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+echo "$want" > "$stamp"

@@ -169,6 +169,19 @@ def _batch_size_hint(batch: Any) -> int | None:
     return None
 
 
+def _distinct(uses: list[TargetParam]) -> list[TargetParam]:
+    # One entry per parameter (a tied one has several uses, one per using module).
+    return list({p.name: p for p in reversed(uses)}.values())[::-1]
+
+
+def target_params(
+    model: nn.Module, targets: Sequence[str | nn.Module] | str | nn.Module
+) -> list[TargetParam]:
+    """The parameters a :class:`StepFeaturizer` of ``targets`` analyses (its ``params``), in
+    its order, without choosing their layer handlers (which may import Opacus)."""
+    return _distinct(collect_target_params(model, resolve_target_modules(model, targets))[0])
+
+
 class StepFeaturizer:
     """Per-example per-step gradient sketches (or exact gradients) of target modules.
 
@@ -210,8 +223,7 @@ class StepFeaturizer:
             outer = [n for n in named if not any(_inside(n, o) for o in named if o != n)]
             entry = (loop_entry, outer)
         uses, owners = collect_target_params(model, self.target_modules)
-        # One entry per parameter (a tied one has several uses, one per using module).
-        self.params = list({p.name: p for p in reversed(uses)}.values())[::-1]
+        self.params = _distinct(uses)
         offsets: dict[str, int] | None = None
         if spec is None:
             offsets, total = {}, 0

@@ -4,7 +4,7 @@
 in :func:`~sdi_pipeline.engine.kernels.linear_weight_dense` in one pass, without writing the
 per-example gradients to memory (see docs/benchmarks.md for what it gains). It is compiled
 with the host's C++ compiler through ``torch.utils.cpp_extension`` the first time a process
-needs it (about 40 s) and cached as a shared library under the cache folder
+needs it (about 30 s on 2 cores) and cached as a shared library under the cache folder
 (``$SDI_PIPELINE_CACHE_DIR``, else ``~/.cache/sdi-pipeline``), keyed by the source, torch
 version, compiler, flags and CPU, so later processes only load it; a failed build is
 recorded there too and not tried again. Each build runs in a private temporary folder and
@@ -107,7 +107,7 @@ def _build(path: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="build-", dir=path.parent))
     try:
         name = path.stem.replace("-", "_")
-        log.info("compiling the native CPU sketch kernel (once per host, about 40 s)")
+        log.info("compiling the native CPU sketch kernel (once per host, about 30 s on 2 cores)")
         started = time.perf_counter()
         load_inline(
             name,

@@ -163,8 +163,9 @@ class DigestCache:
         known = self._entries
         self.path, self._entries, self._loaded = path, {}, False
         self._load()
+        # Written only when it learns something: a rerun with nothing new rewrites nothing.
+        self._dirty = any(self._entries.get(key) != entry for key, entry in known.items())
         self._entries.update(known)
-        self._dirty = bool(known)
         self.save()
 
     def save(self) -> None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from sdi_pipeline.engine.checks import check_forward
-from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
+from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer, target_params
 from sdi_pipeline.engine.spec import SketchSpec
 from sdi_pipeline.errors import CheckpointError, ConfigError, SDIError
 from sdi_pipeline.files.atomic import clean_temp_files
@@ -124,13 +124,11 @@ class JobContext:
         self.spec = SketchSpec(
             m=int(self.cfg.sketch.m), seed=int(self.cfg.sketch.seed), kernel=self.cfg.sketch.kernel
         )
-        self.featurizer = StepFeaturizer(
-            self.model,
-            list(self.cfg.analysis.targets),
-            self.spec,
-            expected_steps=self.cfg.analysis.expected_steps,
-            loop_entry=self.cfg.analysis.loop_entry,
-        )
+        # The analysed parameters (in the depends records) now; the featurizer on first use:
+        # choosing its layer handlers may import Opacus, which a rerun with nothing to do
+        # does not need.
+        self.params = target_params(self.model, list(self.cfg.analysis.targets))
+        self._featurizer: StepFeaturizer | None = None
         self._forward_checked = False
         self.lease_timeout = float(self.cfg.runtime.lease_timeout_s)
         self.store_train = bool(self.cfg.sketch.store_train)
@@ -142,6 +140,19 @@ class JobContext:
         self._info: dict[int, CheckpointInfo] = {}
         self._block_digests: dict[int, str] = {}
         self.stop = threading.Event()
+
+    @property
+    def featurizer(self) -> StepFeaturizer:
+        """The run's featurizer (built on first use)."""
+        if self._featurizer is None:
+            self._featurizer = StepFeaturizer(
+                self.model,
+                list(self.cfg.analysis.targets),
+                self.spec,
+                expected_steps=self.cfg.analysis.expected_steps,
+                loop_entry=self.cfg.analysis.loop_entry,
+            )
+        return self._featurizer
 
     @classmethod
     def open(cls, run_dir: str | Path) -> JobContext:
@@ -221,7 +232,7 @@ class JobContext:
     def base_meta(self, info: CheckpointInfo) -> dict[str, Any]:
         return {
             "spec": self.spec.to_dict(),
-            "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
+            "params": [[p.name, list(p.shape)] for p in self.params],
             "checkpoint": info.as_meta(),
             "train_hash": self.train_hash,
         }
@@ -237,7 +248,7 @@ class JobContext:
             "data_sha256": data_sha,
             "spec": self.spec.to_dict(),
             "targets": list(self.cfg.analysis.targets),
-            "params": [[p.name, list(p.shape)] for p in self.featurizer.params],
+            "params": [[p.name, list(p.shape)] for p in self.params],
             "dtype": str(self.cfg.sketch.dtype),
             **extra,
         }

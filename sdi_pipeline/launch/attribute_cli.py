@@ -15,12 +15,19 @@ While it runs the jobs, ``sdi-attribute`` holds the run's launcher lock: a secon
 the same config is told who is running it instead of starting duplicate workers. Before
 launching, units and query files whose inputs changed (checkpoint rewritten, examples
 changed) lose their markers, so every launcher recomputes exactly them.
+
+A run with nothing left to do (:func:`up_to_date`: every unit, query file and score shard
+records the inputs read now, and results.h5 is current) starts no job and writes nothing:
+the summary is printed again (the forward/backward check is skipped: nothing will run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,12 +48,18 @@ class Preflight:
     query_sha: str
 
 
-def preflight(cfg: DictConfig) -> Preflight:
-    """Build everything a job builds, read every example, sketch one query batch."""
+def preflight(cfg: DictConfig, digests: Path | None = None) -> Preflight:
+    """Build everything a job builds, read every example and every checkpoint (each
+    checkpoint's eta printed); :func:`check_calls` then sketches one query batch.
+
+    ``digests``: an existing run's checkpoint digest cache, so that unchanged checkpoints
+    are not hashed again."""
     from sdi_pipeline.inputs.content import scan_dataset, token_limits
     from sdi_pipeline.jobs.context import JobContext
 
     ctx = JobContext(cfg)
+    if digests is not None and digests.is_file():
+        ctx.digests.attach(digests)
     train = build.build_dataset(cfg, "train")
     query = build.build_dataset(cfg, "query")
     limits = token_limits(ctx.model)
@@ -63,6 +76,14 @@ def preflight(cfg: DictConfig) -> Preflight:
     for k in range(len(ctx.checkpoints)):
         info = ctx.use_checkpoint(k)
         print(f"[sdi] checkpoint {k}: {info.path}, eta {info.eta:.6g} from {info.eta_source}")
+    return Preflight(ctx, len(train), train_scan.block_digests, query_scan.block_digests[0])
+
+
+def check_calls(cfg: DictConfig, pre: Preflight) -> None:
+    """One real forward/backward of the first query batch through the loss (and the loop
+    trace): what the calls show (loop steps, prelude, readout) is printed."""
+    ctx = pre.ctx
+    query = build.build_dataset(cfg, "query")
     ctx.progress = False
     try:
         batch = min(len(query), int(cfg.data.batch_size))
@@ -85,7 +106,6 @@ def preflight(cfg: DictConfig) -> Preflight:
             f"margins after each of {trace.margins.shape[1]} loop steps",
             flush=True,
         )
-    return Preflight(ctx, len(train), train_scan.block_digests, query_scan.block_digests[0])
 
 
 def _check_token_size(cfg: DictConfig, n_query: int, shape: tuple[int, ...]) -> None:
@@ -104,6 +124,66 @@ def _check_token_size(cfg: DictConfig, n_query: int, shape: tuple[int, ...]) -> 
             f"sketches (> analysis.query_tokens_max_gb={cfg.analysis.query_tokens_max_gb}): "
             "choose 'last' or fewer positions, fewer queries, or raise the limit"
         )
+
+
+def up_to_date(path: Path, cfg: DictConfig, pre: Preflight) -> str | None:
+    """What a finished run at ``path`` holds, when nothing would change if it ran again
+    (None otherwise). Reads only headers, markers and the digests the preflight computed,
+    and writes nothing: results.h5 is current (its shards, units, query files and
+    checkpoints as at the merge, the same config hash), and every unit, query file and
+    score shard records the inputs the preflight found now (checkpoint sha256, the digests
+    of the training blocks and the queries, sketch spec, targets, parameters)."""
+    from sdi_pipeline.formats.results import stale_reasons
+    from sdi_pipeline.formats.shards import read_shard_summary
+    from sdi_pipeline.jobs.context import query_fresh
+    from sdi_pipeline.run.config import config_hash
+    from sdi_pipeline.run.freshness import DONE, check_unit, explain_stale, query_digests
+    from sdi_pipeline.run.rundir import RunDir, run_blocks
+
+    run = RunDir(path)
+    ctx = pre.ctx
+    try:
+        if (
+            not run.results_path.is_file()
+            or run.hash_path.read_text().strip() != config_hash(cfg)
+            or json.loads(run.train_size_path.read_text()).get("n_train") != pre.n_train
+            or stale_reasons(run.results_path)
+        ):
+            return None
+        ctx.run = run
+        ctx.digests.attach(run.digest_cache_path)
+        ctx._block_digests = dict(enumerate(pre.train_blocks))
+        n_ckpt = len(ctx.checkpoints)
+        queries = query_digests(run, n_ckpt)
+        if queries is None or not all(
+            query_fresh(run.query_path(k), ctx.query_depends(k, pre.query_sha))[0]
+            for k in range(n_ckpt)
+        ):
+            return None
+        for block in run_blocks(ctx.cfg, pre.n_train):
+            currents = [ctx.unit_depends(unit, None) for unit in block.units]
+            if ctx.store_train and any(
+                check_unit(run, u.name, current=c).state != DONE
+                for u, c in zip(block.units, currents, strict=True)
+            ):
+                return None
+            # The summary, as the merge reads it: top-k and sums verified, not only the header.
+            depends = read_shard_summary(run.shard_path(block.index)).meta.get("depends")
+            if not isinstance(depends, dict):
+                return None
+            recorded = depends.get("train")
+            if (
+                not isinstance(recorded, list)
+                or len(recorded) != len(currents)
+                or depends.get("query") != queries
+                or depends.get("block") != {"index": block.index, "start": block.start,
+                                            "stop": block.stop}
+                or any(explain_stale(r, c) for r, c in zip(recorded, currents, strict=True))
+            ):  # fmt: skip
+                return None
+    except (OSError, ValueError, SDIError):
+        return None  # anything unreadable: the jobs look closer, and say what is wrong
+    return f"{len(run_blocks(ctx.cfg, pre.n_train))} blocks x {n_ckpt} checkpoints"
 
 
 def reconcile(run: Any, pre: Preflight) -> list[str]:
@@ -134,11 +214,38 @@ def reconcile(run: Any, pre: Preflight) -> list[str]:
     return found
 
 
+HELP_TITLE = "options everyone sets (key=VALUE; the default in parentheses):"
+HELP_MORE = (
+    "Every key: sdi-attribute --cfg prints the composed config; an unknown key lists the valid\n"
+    "ones. Your own model: docs/your-model.md."
+)
+
+
+def _show_kernel_build() -> None:
+    """Print the native kernel's build notes (its first build takes about half a minute)
+    here, where the preflight's sketch builds it; the jobs log them to their own logs."""
+    native = logging.getLogger("sdi_pipeline.engine.native")
+    if not any(isinstance(h, _Printed) for h in native.handlers):
+        native.addHandler(_Printed())
+        native.setLevel(logging.INFO)
+
+
+class _Printed(logging.Handler):
+    """``[sdi] message`` on whatever ``sys.stdout`` is when a record comes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"[sdi] {record.getMessage()}", flush=True)
+
+
 def run(argv: list[str]) -> int:
+    from sdi_pipeline.launch.usage import common_options
+
     parser = argparse.ArgumentParser(
         prog="sdi-attribute",
         description="Step-Decomposed Influence for a looped transformer: compose the config "
         "from conf/ (Hydra overrides as arguments) and run or submit the jobs.",
+        epilog=f"{HELP_TITLE}\n{common_options()}\n\n{HELP_MORE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. launcher=slurm sketch.m=4096"
@@ -157,6 +264,7 @@ def run(argv: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     build.use_python_path(cfg)
+    _show_kernel_build()
     loss = (
         f"{describe_loss(cfg.analysis.loss)} (from {loss_origin(args.overrides, args.config_dir)})"
     )
@@ -164,8 +272,17 @@ def run(argv: list[str]) -> int:
     if cfg.checkpoints.prepare is not None:
         build.instantiate_node(cfg.checkpoints.prepare, "checkpoints.prepare")
     cfg.checkpoints.paths = resolve_checkpoint_paths(cfg.checkpoints.paths)
-    pre = preflight(cfg)
     path = run_path(cfg)
+    pre = preflight(cfg, RunDir(path).digest_cache_path)
+    launcher = LAUNCHERS[cfg.launcher.name]
+    # A rerun with nothing to do starts no job and rewrites nothing: the checks above read
+    # every example and checkpoint digest, so "up to date" means the same inputs.
+    held = up_to_date(path, cfg, pre) if launcher.runs_jobs else None
+    if held is not None:
+        print(f"[sdi] run dir {path}: up to date ({held}), nothing to run", flush=True)
+        _summarise(RunDir(path), loss)
+        return 0
+    check_calls(cfg, pre)
     lock = acquire(
         RunDir(path).launcher_lock_path, "sdi-attribute", float(cfg.runtime.lease_timeout_s)
     )
@@ -189,17 +306,21 @@ def run(argv: list[str]) -> int:
                 f" (stale: {found[0]}{' ...' if len(found) > 1 else ''})",
                 flush=True,
             )
-        launcher = LAUNCHERS[cfg.launcher.name]
         code = launcher.launch(run_dir, run_dir.load_config(), pre.n_train)
     # A launcher that submits returns before the merge: the same command run after the
     # merge prints the summary.
     if code == 0 and launcher.runs_jobs and run_dir.results_path.exists():
-        from sdi_pipeline.formats.results import stale_reasons
-        from sdi_pipeline.report.summary import print_summary
-
-        if not stale_reasons(run_dir.results_path):
-            print_summary(run_dir, loss)
+        _summarise(run_dir, loss)
     return code
+
+
+def _summarise(run_dir: Any, loss: str) -> None:
+    """Print the summary of a merged run whose results.h5 is current."""
+    from sdi_pipeline.formats.results import stale_reasons
+    from sdi_pipeline.report.summary import print_summary
+
+    if not stale_reasons(run_dir.results_path):
+        print_summary(run_dir, loss)
 
 
 main = guarded(run)

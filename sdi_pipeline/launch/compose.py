@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from sdi_pipeline.errors import ConfigError
@@ -55,25 +55,37 @@ def _options(group: str) -> list[str]:
 
 
 def _hint(message: str) -> str:
-    """Add valid choices / keys to Hydra's terse composition errors."""
+    """Add valid choices to Hydra's terse composition errors about config groups."""
     for group in GROUPS:
         if f"'{group}'" in message or f"{group}/" in message:
             return (
                 f"{message.splitlines()[0]} Available {group} options: {', '.join(_options(group))}"
             )
-    if "Could not override" in message:
-        key = message.split("'")[1] if "'" in message else ""
-        top = [str(k) for k in OmegaConf.structured(AttributionConfig)]
-        head = key.split(".")[0]
-        if head not in top:
-            hint = did_you_mean(head, top)
-            return f"unknown config key '{key}'.{hint} Top-level keys: {', '.join(top)}"
-        section = OmegaConf.select(OmegaConf.structured(AttributionConfig), head)
-        if isinstance(section, DictConfig):
-            valid = [str(k) for k in section]
-            hint = did_you_mean(key.split(".")[-1], valid)
-            return f"unknown config key '{key}'.{hint} Valid keys of {head}: {', '.join(valid)}"
     return message.splitlines()[0]
+
+
+def _unknown_key(key: str, overrides: Sequence[str], config_dirs: Sequence[str]) -> str | None:
+    """Hydra's "Could not override 'a.b'" as the valid keys of ``a``, read from the config
+    composed without that override: so a launcher's keys are those of the launcher chosen
+    (``launcher=slurm`` lists SLURM's), and a user group's keys are its own."""
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        composed = _compose(rest, config_dirs)
+    except (HydraException, OmegaConfBaseException):
+        return None  # another override fails too: Hydra's own message names the first
+    # The deepest section that exists: in 'foo.bar' it is the top level, 'foo' the typo.
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth and not isinstance(OmegaConf.select(composed, ".".join(parts[:depth])), DictConfig):
+        depth -= 1
+    parent_path, name = ".".join(parts[:depth]), parts[depth]
+    parent = OmegaConf.select(composed, parent_path) if parent_path else composed
+    if not isinstance(parent, DictConfig):
+        return None
+    valid = [str(k) for k in parent if str(k) != "hydra"]
+    where = f"of {parent_path}" if parent_path else "at the top level"
+    hint = did_you_mean(name, valid)
+    return f"unknown config key '{key}'.{hint} Valid keys {where}: {', '.join(valid)}"
 
 
 def _compose(
@@ -106,17 +118,44 @@ def compose_config(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
     :func:`python_path`).
     """
     try:
-        cfg = _compose(overrides, config_dirs)
+        cfg = _compose(overrides, config_dirs, with_hydra=True)
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             raise ConfigError(explain(err, OmegaConf.structured(AttributionConfig))) from err
+        quoted = str(err).split("'")
+        if str(err).startswith("Could not override") and len(quoted) > 1:
+            known = _unknown_key(quoted[1], overrides, config_dirs)
+            if known is not None:
+                raise ConfigError(known) from err
         raise ConfigError(_hint(str(err))) from err
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        del cfg["hydra"]
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
-    result = structured(OmegaConf.to_container(cfg, resolve=False))
+    data = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(data, dict)
+    data.setdefault("run", {})["name"] = run_name(overrides, choices.get("model"), data)
+    result = structured(data)
     result.runtime.python_path = python_path(config_dirs, result.runtime.python_path)
     return result
+
+
+def run_name(overrides: Sequence[str], group: str | None, data: dict[Any, Any]) -> str:
+    """``run.name`` of a composed config (``data``), so that runs of different models do not
+    share a folder: ``run.name`` given on the command line; else, when the command line names
+    the model's factory (``model._target_=pkg.build_lm``), the factory's name (runs/build_lm/);
+    else the name a config group sets (the toy's ``toy-parity``); else the model group's name
+    (``model=mylm``: runs/mylm/)."""
+    keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))}
+    given = (data.get("run") or {}).get("name")
+    target = (data.get("model") or {}).get("_target_")
+    if "run.name" not in keys and "model._target_" in keys and isinstance(target, str):
+        return target.rpartition(".")[2]
+    if given is not None:
+        return str(given)
+    return (group or "run").replace("/", "-")
 
 
 def _loss_node(cfg: DictConfig) -> Any:

@@ -69,27 +69,29 @@ def plot_step_profiles(
 
 
 def plot_trajectories(
-    sdi: np.ndarray, slot_names: Sequence[str], query: int, path: str | Path, top: int = 12
+    rows: np.ndarray, labels: Sequence[str], slot_names: Sequence[str], query: int, path: str | Path
 ) -> Path:
-    """Heatmap of SDI trajectories (train examples x loop steps) of one query's top examples.
+    """Heatmap of SDI trajectories (training inputs x loop steps) of one query.
 
-    Rows are the ``top`` training examples with the largest |TracIn| for the query, in that
-    order; the colour scale is symmetric around zero (red raises, blue lowers the loss).
+    ``rows`` (n, slots) are the SDI of the query's strongest distinct training inputs, best
+    first, one row per input however many identical copies it has (``labels`` say how many:
+    see :func:`sdi_pipeline.report.summary.trajectory_rows`, which the printed summary's
+    ranking matches); the colour scale is symmetric around zero (red raises, blue lowers
+    the loss).
     """
     plt = _pyplot()
 
-    scores = np.asarray(sdi[:, query, :], dtype=np.float64)
-    order = np.argsort(-np.abs(scores.sum(axis=1)), kind="stable")[:top]
-    rows = scores[order]
-    limit = float(abs(rows).max()) or 1.0
+    rows = np.asarray(rows, dtype=np.float64).reshape(len(labels), len(slot_names))
+    limit = float(abs(rows).max()) if rows.size else 1.0
     width = max(6.0, 2.5 + 0.6 * len(slot_names))
-    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.32 * len(order)))
-    image = ax.imshow(rows, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.32 * max(1, len(labels))))
+    image = ax.imshow(rows, cmap="RdBu_r", vmin=-(limit or 1.0), vmax=limit or 1.0, aspect="auto")
     ax.set_xticks(range(len(slot_names)), list(slot_names), rotation=45, ha="right")
-    ax.set_yticks(range(len(order)), [f"train #{int(i)}" for i in order])
+    ax.set_yticks(range(len(labels)), list(labels))
     ax.set_xlabel("loop step")
     ax.set_title(
-        f"SDI per loop step, query {query}\n(its top {len(order)} training examples by |TracIn|)",
+        f"SDI per loop step, query {query}\n(its top {len(labels)} distinct training inputs by "
+        "TracIn; identical copies share a row)",
         fontsize=10,
     )
     fig.colorbar(image, ax=ax, label="SDI")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdi_pipeline.files.atomic import write_text_atomic
 from sdi_pipeline.formats.results import Results
 from sdi_pipeline.inputs import build
 from sdi_pipeline.report.plots import (
@@ -84,6 +85,23 @@ def distinct_top(
     return list(lines.values())
 
 
+def trajectory_rows(
+    res: Results, query: int, key: Callable[[int], Hashable], top: int = 12
+) -> tuple[np.ndarray, list[str]]:
+    """The SDI trajectories (rows, slots) of ``query``'s ``top`` distinct training inputs by
+    TracIn -- the printed summary's ranking, copies grouped the same way -- and a label per
+    row (``train #131 (+2 identical)``). Needs the full SDI tensor (``res.has_sdi``)."""
+    lines = distinct_top(res.topk(query), key, top)
+    rows = np.zeros((len(lines), len(res.slot_names)))
+    for r, line in enumerate(lines):
+        rows[r] = res.sdi[line.index, query]
+    labels = [
+        f"train #{line.index}" + (f" (+{len(line.identical)} identical)" if line.identical else "")
+        for line in lines
+    ]
+    return rows, labels
+
+
 def format_example(line: DistinctExample, text: str, shown: int = 3) -> str:
     """``train #131 (+2 identical: #314, #288) +3.400e-07  <text>``."""
     label = f"train #{line.index}"
@@ -135,7 +153,7 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
             # The whole stored top-k: identical copies fill it, k distinct lines are wanted.
             listing(f"top {k} overall (TracIn)", res.topk(j), res.n_train)
             listing(f"top {k} at {res.slot_names[peak]}", res.topk(j, step=peak), res.n_train)
-        plots = write_plots(run, res)
+        plots = write_plots(run, res, key)
     print(f"\nplots: {', '.join(str(p) for p in plots)}")
     print(f"results: {run.results_path}")
     # The interpreter that ran this (the project's .venv), so the command works as shown.
@@ -153,25 +171,52 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
     )
 
 
-def write_plots(run: RunDir, res: Results) -> list[Path]:
-    """Per-step energy and signed share across queries, and one query's trajectories."""
+# Bump when what a plot shows changes, so that runs already merged draw it again
+# (2: the trajectories plot groups identical inputs, as the summary does).
+PLOTS_VERSION = 2
+
+
+def write_plots(run: RunDir, res: Results, key: Callable[[int], Hashable]) -> list[Path]:
+    """Per-step energy and signed share across queries, and query 0's trajectories (its
+    distinct top inputs, identical ones -- equal ``key`` of their index -- on one row).
+
+    A plot written after results.h5 was, by plotting code of this :data:`PLOTS_VERSION`
+    (``plots/.version``), is kept as it is: a rerun with nothing new redraws nothing."""
     folder = run.path / "plots"
     names = res.slot_names
-    paths = [plot_step_profiles(res.energy(), res.signed_share(), names, folder / "sdi_steps.png")]
+    merged = run.results_path.stat().st_mtime_ns
+    stamp = folder / ".version"
+    current = stamp.is_file() and stamp.read_text().strip() == str(PLOTS_VERSION)
+    paths: list[Path] = []
+
+    def draw(path: Path, plot: Callable[[], Path]) -> None:
+        fresh = current and path.is_file() and path.stat().st_mtime_ns >= merged
+        paths.append(path if fresh else plot())
+
+    steps = folder / "sdi_steps.png"
+    draw(steps, lambda: plot_step_profiles(res.energy(), res.signed_share(), names, steps))
     if res.has_sdi:  # trajectories need the full SDI tensor (see merge.sdi_max_gb)
-        first_query = np.asarray(res.sdi[:, :1])
         trajectories = folder / "sdi_trajectories_query0.png"
-        paths.append(plot_trajectories(first_query, names, 0, trajectories))
+        draw(
+            trajectories,
+            lambda: plot_trajectories(*trajectory_rows(res, 0, key), names, 0, trajectories),
+        )
     if res.has_tokens:
         positions = res.token_positions[0]
         energy = folder / "sdi_tokens_query0.png"
         title = "query 0: Σ_i |SDI| per loop step and token"
-        paths.append(plot_token_map(res.token_map(0), names, positions, energy, title))
+        draw(energy, lambda: plot_token_map(res.token_map(0), names, positions, energy, title))
         (top, _score), *_ = res.topk(0, 1)
         if res.has_sdi_tokens:
             path = folder / f"sdi_tokens_query0_train{top}.png"
-            title = f"query 0, its top training example #{top}: SDI per loop step and token"
-            paths.append(plot_token_map(res.token_map(0, top), names, positions, path, title))
+            title_top = f"query 0, its top training example #{top}: SDI per loop step and token"
+            draw(
+                path,
+                lambda: plot_token_map(res.token_map(0, top), names, positions, path, title_top),
+            )
     if res.has_loop_trace:
-        paths.append(loop_dynamics_figure(res, folder / "loop_dynamics.png"))
+        dynamics = folder / "loop_dynamics.png"
+        draw(dynamics, lambda: loop_dynamics_figure(res, dynamics))
+    if not current:
+        write_text_atomic(stamp, f"{PLOTS_VERSION}\n")
     return paths

@@ -15,11 +15,12 @@ logger warns in the job's log and carries on disabled rather than failing the jo
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -265,7 +266,8 @@ class WandbLogger:
             # live until run.log returns; keep them inside the run dir, not in $TMPDIR/cwd.
             (self.run.path / "wandb").mkdir(exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.run.path / "wandb") as tmp:
-                data.update(_plots(wandb, res, energy, share, Path(tmp)))
+                key = _example_keys(self.run.load_config()) if res.has_sdi else None
+                data.update(_plots(wandb, res, energy, share, Path(tmp), key))
                 wrun.log(data)
         wrun.summary.update(summary)
 
@@ -383,22 +385,37 @@ def _tracin_histogram(
     return counts, edges, {"min": lo, "max": hi, "mean": mean, "std": std}
 
 
+def _example_keys(cfg: DictConfig) -> Callable[[int], Hashable]:
+    """Identity of training example ``i`` (its tokens and target), read on first use."""
+    from sdi_pipeline.inputs.build import build_dataset
+    from sdi_pipeline.report.summary import example_key
+
+    train = build_dataset(cfg, "train")
+    return functools.cache(lambda i: example_key(train[i]))
+
+
 def _plots(
-    wandb: Any, res: Results, energy: np.ndarray, share: np.ndarray, folder: Path
+    wandb: Any,
+    res: Results,
+    energy: np.ndarray,
+    share: np.ndarray,
+    folder: Path,
+    key: Callable[[int], Hashable] | None,
 ) -> dict[str, Any]:
-    """Step-profile plot, trajectory heatmaps (with the full SDI stored) and the loop-dynamics
-    figure (with a loop trace), as wandb.Images."""
+    """Step-profile plot, trajectory heatmaps (with the full SDI stored: each query's distinct
+    top inputs by TracIn, copies -- equal ``key`` -- on one row, as the printed summary lists
+    them) and the loop-dynamics figure (with a loop trace), as wandb.Images."""
     from sdi_pipeline.report import plots
+    from sdi_pipeline.report.summary import trajectory_rows
 
     slots = list(res.slot_names)
     out: dict[str, Any] = {}
     profile = plots.plot_step_profiles(energy, share, slots, folder / "step_profiles.png")
     out["sdi/step_profiles"] = wandb.Image(str(profile))
-    if res.has_sdi:
-        # Only the first queries' (N, q, S) slice, read in one pass over the file's chunks.
-        first = np.asarray(res.sdi[:, :TRAJECTORY_QUERIES, :])
-        for j in range(first.shape[1]):
-            path = plots.plot_trajectories(first, slots, j, folder / f"trajectories-{j}.png")
+    if res.has_sdi and key is not None:
+        for j in range(min(TRAJECTORY_QUERIES, res.n_query)):
+            rows, labels = trajectory_rows(res, j, key)
+            path = plots.plot_trajectories(rows, labels, slots, j, folder / f"trajectories-{j}.png")
             out[f"sdi/trajectories/query_{j:05d}"] = wandb.Image(str(path))
     if res.has_loop_trace:
         path = plots.loop_dynamics_figure(res, folder / "loop_dynamics.png")

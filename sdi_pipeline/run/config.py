@@ -41,9 +41,15 @@ QUERY_SIDE_KEYS = (("data", "query"), ("merge",), ("analysis", "query_tokens"),
 
 @dataclass
 class RunConfig:
-    """Where the run lives: ``<root>/<name>/<id>``; ``id`` defaults to the config hash."""
+    """Where the run lives: ``<root>/<name>/<id>``; ``id`` defaults to the config hash.
 
-    name: str = "toy-parity"
+    ``name`` null: ``sdi-attribute`` names the run after the model (see
+    :func:`sdi_pipeline.launch.compose.run_name`); a config built otherwise gets ``run``."""
+
+    name: str | None = field(
+        default=None,
+        metadata={"help": "the run's folder under run.root: the model group's name by default"},
+    )
     root: str = "runs"
     id: str | None = None
 
@@ -52,13 +58,21 @@ class RunConfig:
 class CheckpointsConfig:
     """Checkpoints (files or directories, paths or globs, in order) and their TracIn weights."""
 
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = field(
+        default_factory=list,
+        metadata={"help": "checkpoint files or folders, in order; globs sort checkpoint-900 "
+                          "before checkpoint-1000"},
+    )  # fmt: skip
     # Optional node called once by the launcher before the paths are resolved (e.g. to
     # train the toy model's checkpoints if they do not exist yet).
     prepare: Any = None
     # One eta per resolved checkpoint; null reads each from the checkpoint (a Trainer
     # checkpoint's logged learning rate, else the optimizer's lr, else 1).
-    etas: list[float] | None = None
+    etas: list[float] | None = field(
+        default=None,
+        metadata={"help": "eta per checkpoint; null: a Trainer's logged learning rate, else the "
+                          "optimizer's, else 1"},
+    )  # fmt: skip
     # Allow full unpickling (torch.load weights_only=False): only for files you trust.
     trust: bool = False
 
@@ -80,7 +94,10 @@ class DataConfig:
 class SketchConfig:
     """The sketch: size, seed, Linear kernel, stored precision, and train-side steps."""
 
-    m: int = 1024
+    m: int = field(
+        default=1024,
+        metadata={"help": "sketch size: 4*m bytes per example and loop step; error ~ 1/sqrt(m)"},
+    )
     seed: int = 0
     kernel: str = "auto"
     dtype: str = "float32"
@@ -95,7 +112,10 @@ class SketchConfig:
 class AnalysisConfig:
     """What is analysed: the looped modules and the per-example loss."""
 
-    targets: list[str] = field(default_factory=lambda: ["block"])
+    targets: list[str] = field(
+        default_factory=lambda: ["block"],
+        metadata={"help": "the looped modules (names or globs over named_modules())"},
+    )
     expected_steps: int | None = None
     # A callable loss_fn(model, batch) -> (B,) losses, e.g. {_target_: pkg.fn, _partial_: true};
     # or (B, L) per-token losses summing to them, which query_tokens needs.
@@ -281,6 +301,8 @@ def structured(data: Any) -> DictConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {explain(err, base)}") from err
     assert isinstance(merged, DictConfig)
+    if merged.run.name is None:
+        merged.run.name = "run"
     validate(merged)
     return merged
 

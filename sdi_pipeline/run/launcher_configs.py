@@ -23,7 +23,9 @@ class LocalLauncherConfig:
     """Run the query job, ``workers`` worker processes and the merge on this machine."""
 
     name: str = "local"
-    workers: int = 2
+    workers: int = field(
+        default=2, metadata={"help": "worker processes on this machine (cores split evenly)"}
+    )
     # Torch threads per worker; null splits this machine's cores evenly between workers.
     threads_per_worker: int | None = None
 
