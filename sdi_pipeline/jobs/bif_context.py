@@ -151,13 +151,13 @@ class BifJob:
     def settings(self) -> dict[str, Any]:
         """The scoring settings a shard records."""
         b = self.cfg.bif
-        return {
-            "correlation": str(b.correlation),
-            "chain_reduction": str(b.chain_reduction),
-            "covariance": bool(b.covariance),
-            "query_tokens": bool(b.query_tokens),
-            "topk": int(self.cfg.merge.topk),
-        }
+        return bif_settings(
+            str(b.correlation),
+            str(b.chain_reduction),
+            bool(b.covariance),
+            bool(b.query_tokens),
+            int(self.cfg.merge.topk),
+        )
 
 
 def unit_depends(query_meta: Mapping[str, Any], unit: BifUnit, data_sha: str) -> dict[str, Any]:
@@ -211,20 +211,49 @@ class QueryTraces:
 
 
 def query_traces(
-    file: BifFile, eta: float, settings: Mapping[str, Any], *, pairs: bool
+    loss: torch.Tensor,
+    loop: torch.Tensor | None,
+    eta: float,
+    digest: str,
+    settings: Mapping[str, Any],
 ) -> QueryTraces:
-    """Standardise a query file's traces as ``settings`` ask (``pairs``: the token-pair
-    BIF needs the per-token z-traces too)."""
+    """Standardise query traces (C, D, M, K) (and per loop step (C, D, M, τ)) as
+    ``settings`` ask; a query file's ``digest`` names them."""
     reduce, cov = settings["chain_reduction"], settings["covariance"]
-    samples = chain_samples(torch.from_numpy(file.arrays["traces/loss"]), reduce)
+    samples = chain_samples(loss, reduce)
     z_seq = standardize(samples.mean(dim=1, keepdim=True), covariance=cov)
+    pairs = settings["correlation"] == "token"
     per_token = samples.shape[1] > 1 and (settings["query_tokens"] or pairs)
     z_tokens = standardize(samples, covariance=cov) if per_token else None
     z_loop = None
-    if "traces/loop" in file.arrays:
-        loop = chain_samples(torch.from_numpy(file.arrays["traces/loop"]), reduce)
-        z_loop = standardize(loop, covariance=cov)
-    return QueryTraces(eta, str(file.meta["content_digest"]), z_seq, z_tokens, z_loop)
+    if loop is not None:
+        z_loop = standardize(chain_samples(loop, reduce), covariance=cov)
+    return QueryTraces(eta, digest, z_seq, z_tokens, z_loop)
+
+
+def file_query_traces(file: BifFile, settings: Mapping[str, Any]) -> QueryTraces:
+    """:func:`query_traces` of a ``bif-query`` file."""
+    loop = file.arrays.get("traces/loop")
+    return query_traces(
+        torch.from_numpy(file.arrays["traces/loss"]),
+        None if loop is None else torch.from_numpy(loop),
+        float(file.meta["eta"]),
+        str(file.meta["content_digest"]),
+        settings,
+    )
+
+
+def bif_settings(
+    correlation: str, chain_reduction: str, covariance: bool, query_tokens: bool, topk: int
+) -> dict[str, Any]:
+    """The scoring settings, as shards record them."""
+    return {
+        "correlation": correlation,
+        "chain_reduction": chain_reduction,
+        "covariance": covariance,
+        "query_tokens": query_tokens,
+        "topk": topk,
+    }
 
 
 def score_traces(

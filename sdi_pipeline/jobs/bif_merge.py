@@ -164,6 +164,7 @@ def _sibling_tracin(cfg: DictConfig, res: Results) -> np.ndarray | None:
     """TracIn (N, M) of the SDI run of this very config (method=sdi: the same data,
     checkpoints and model) when it is merged and current, for the ranking comparison."""
     sdi = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    assert isinstance(sdi, DictConfig)
     sdi.method = "sdi"
     sdi.run.id = None
     path = run_path(sdi).parent / config_hash(sdi) / "results.h5"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdi_pipeline.engine.sgld import LossRecorder, initial_loss
+from sdi_pipeline.engine.sgld import LossRecorder, RecordFn, initial_loss
 from sdi_pipeline.errors import DataError, SDIError
 from sdi_pipeline.files.digests import record_digest
 from sdi_pipeline.formats.traces import BIF_FORMAT_VERSION, read_bif_file, write_bif_file
@@ -108,7 +108,7 @@ def _record(
         raise DataError(f"checkpoint {k} changed while it was read: run the command again")
     init = initial_loss(ctx.model, train, ctx.loss, sgld, job.collate)
     batches = job.batches(query, 0, len(query))
-    fns = {"loss": ctx.loss}
+    fns: dict[str, RecordFn] = {"loss": ctx.loss}
     loop = job.loop_fn()
     if loop is not None:
         fns["loop"] = loop

@@ -29,7 +29,7 @@ from sdi_pipeline.jobs.bif_context import (
     QueryTraces,
     block_topk,
     block_units,
-    query_traces,
+    file_query_traces,
     score_traces,
     unit_depends,
     unit_problem,
@@ -61,7 +61,6 @@ def load_queries(job: BifJob) -> QueryFiles:
     or checkpoint (the merge checks the data they were recorded from)."""
     ctx = job.ctx
     metas, losses, traces = [], [], []
-    pairs = ctx.cfg.bif.correlation == "token"
     for k in range(len(ctx.checkpoints)):
         path = ctx.run.bif_query_path(k)
         if not path.exists():
@@ -80,8 +79,7 @@ def load_queries(job: BifJob) -> QueryFiles:
             )
         metas.append(file.meta)
         losses.append(torch.from_numpy(file.arrays["step_losses"]))
-        eta = float(file.meta["eta"])
-        traces.append(query_traces(file, eta, job.settings(), pairs=pairs))
+        traces.append(file_query_traces(file, job.settings()))
     return QueryFiles(metas, losses, traces)
 
 
