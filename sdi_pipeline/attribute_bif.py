@@ -88,6 +88,7 @@ def attribute_bif(
     covariance: bool = False,
     query_tokens: bool = True,
     trust_checkpoints: bool = False,
+    threads: int | None = 1,
 ) -> BifAttribution:
     """BIF of the examples of ``train`` on those of ``query`` (map-style datasets).
 
@@ -99,7 +100,38 @@ def attribute_bif(
     recording batches, kept the same so that the numbers are the pipeline's exactly.
     ``loop_trace`` (``analysis.loop_trace``) adds the BIF per loop step of the queries'
     readout; ``correlation="token"`` the token pairs; the rest as the ``bif`` config keys.
+    ``threads`` (torch threads while it runs; None: as set) is ``bif.threads``: CPU results
+    depend on the thread count, so the pipeline's numbers are reproduced at its count.
     """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _attribute_bif(
+            model, checkpoints, train, query, loss_fn, sgld, collate, batch_size, block_size,
+            loop_trace, correlation, chain_reduction, covariance, query_tokens, trust_checkpoints,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _attribute_bif(
+    model: nn.Module,
+    checkpoints: Sequence[CheckpointSpec | str | Path],
+    train: Any,
+    query: Any,
+    loss_fn: LossFn,
+    sgld: SGLDConfig,
+    collate: Callable[[list[Any]], Any] | None,
+    batch_size: int,
+    block_size: int,
+    loop_trace: Callable[[nn.Module, Any], Any] | None,
+    correlation: str,
+    chain_reduction: str,
+    covariance: bool,
+    query_tokens: bool,
+    trust_checkpoints: bool,
+) -> BifAttribution:
     if correlation not in ("sequence", "token") or chain_reduction not in ("stack", "mean"):
         raise ConfigError(
             f"correlation must be sequence or token and chain_reduction stack or mean, got "

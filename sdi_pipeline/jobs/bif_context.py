@@ -93,6 +93,9 @@ class BifJob:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
+        # One thread count in every job: CPU kernels sum in an order that depends on it, and
+        # a worker's replay must reproduce the query job's chain to the bit.
+        torch.set_num_threads(int(ctx.cfg.bif.threads))
         self.sgld = sgld_config(ctx.cfg)
         self.sgld.check()
         self.collate = ctx._collate or default_collate

@@ -140,6 +140,9 @@ class BifConfig:
     bounding_box_size: float | None = None
     seed: int = 100
     init_loss_batches: int = 32
+    # Torch threads of every BIF job (overrides runtime.threads): CPU sums depend on the
+    # thread count, and a chain must replay bit for bit in every worker, at any world size.
+    threads: int = 1
     # sequence: (N, M) from position-averaged traces; token: also every (train token, query
     # token) pair (N, M, T, T), refused above max_gb.
     correlation: str = "sequence"
@@ -296,7 +299,7 @@ def validate(cfg: DictConfig) -> None:
 def validate_bif(cfg: DictConfig) -> None:
     """The bif section's values, one line each (SGLDConfig.check repeats them in the jobs)."""
     b = cfg.bif
-    for name in ("chains", "draws", "steps_bw_draws", "batch_size", "init_loss_batches"):
+    for name in ("chains", "draws", "steps_bw_draws", "batch_size", "init_loss_batches", "threads"):
         if b[name] < 1:
             raise ConfigError(f"bif.{name} must be at least 1, got {b[name]}")
     if b.burnin < 0:
