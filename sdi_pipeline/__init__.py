@@ -4,6 +4,7 @@ The public API, imported on first use so that ``import sdi_pipeline`` (and openi
 with :class:`Results`) does not load torch or Hydra:
 
 - :func:`attribute`: SDI / TracIn in one process; :class:`CheckpointSpec` a checkpoint and eta;
+- :func:`attribute_bif`: BIF (SGLD loss-trace correlations) in one process; :class:`SGLDConfig`;
 - :class:`StepFeaturizer` per-example per-step gradient features; :class:`SketchSpec` the sketch;
 - :class:`Results`: a merged run's results.h5.
 
@@ -20,7 +21,9 @@ from sdi_pipeline import moved
 
 if TYPE_CHECKING:
     from sdi_pipeline.attribute import Attribution, attribute
+    from sdi_pipeline.attribute_bif import BifAttribution, attribute_bif
     from sdi_pipeline.engine.featurizer import StepFeatures, StepFeaturizer
+    from sdi_pipeline.engine.sgld import SGLDConfig
     from sdi_pipeline.engine.spec import SketchSpec
     from sdi_pipeline.errors import SDIError
     from sdi_pipeline.formats.results import Results
@@ -31,6 +34,9 @@ moved.install()
 _EXPORTS = {
     "attribute": "sdi_pipeline.attribute",
     "Attribution": "sdi_pipeline.attribute",
+    "attribute_bif": "sdi_pipeline.attribute_bif",
+    "BifAttribution": "sdi_pipeline.attribute_bif",
+    "SGLDConfig": "sdi_pipeline.engine.sgld",
     "CheckpointSpec": "sdi_pipeline.inputs.checkpoints",
     "StepFeaturizer": "sdi_pipeline.engine.featurizer",
     "StepFeatures": "sdi_pipeline.engine.featurizer",
@@ -40,13 +46,16 @@ _EXPORTS = {
 }
 __all__ = [
     "Attribution",
+    "BifAttribution",
     "CheckpointSpec",
     "Results",
     "SDIError",
+    "SGLDConfig",
     "SketchSpec",
     "StepFeatures",
     "StepFeaturizer",
     "attribute",
+    "attribute_bif",
 ]
 
 

@@ -59,7 +59,7 @@ def test_the_readme_has_the_commands_this_test_expects() -> None:
         "sdi-merge",
         "sdi-status",
     } <= programs
-    assert len([c for lang, c in BLOCKS if lang == "python"]) == 2
+    assert len([c for lang, c in BLOCKS if lang == "python"]) == 3
 
 
 def test_the_commands_after_the_set_up_run_in_a_fresh_shell() -> None:
@@ -149,7 +149,7 @@ def test_by_hand_commands_run_on_a_finished_run(tmp_path) -> None:
 
 
 def test_python_blocks_run(tmp_path, monkeypatch) -> None:
-    results_block, api_block = [body for lang, body in BLOCKS if lang == "python"]
+    results_block, api_block, _bif_block = [body for lang, body in BLOCKS if lang == "python"]
     run = run_all(toy_config(tmp_path), workers=1)
     monkeypatch.chdir(tmp_path)
     exec(results_block.replace('"runs/toy-parity"', repr(str(run.path.parent))), {})
@@ -169,6 +169,26 @@ def test_python_blocks_run(tmp_path, monkeypatch) -> None:
     exec(api_block, namespace)
     assert namespace["result"].sdi.shape == (12, 12, 4)
     assert isinstance(namespace["feats"].values, torch.Tensor)
+
+
+def test_bif_python_block_runs(tmp_path, monkeypatch) -> None:
+    *_, bif_block = [body for lang, body in BLOCKS if lang == "python"]
+    cfg = toy_config(tmp_path, bif={"chains": 2, "draws": 3, "batch_size": 8, "lr": 1e-3})
+    cfg["method"] = "bif"
+    run = run_all(cfg, workers=1)
+    monkeypatch.chdir(tmp_path)
+    src = sorted((tmp_path / "ckpts").glob("ckpt-*.pt"))[0]
+    (tmp_path / "ckpt.pt").write_bytes(src.read_bytes())
+    data = make_parity_dataset(40, n_bits=6, seed=3)  # the block's SGLD batch is 32
+    namespace = {
+        "run_dir": run.path,
+        "model": run_model(run),
+        "train_ds": data,
+        "query_ds": data,
+        "loss_fn": parity_loss,
+    }
+    exec(bif_block, namespace)
+    assert namespace["out"].bif.shape == (40, 40)
 
 
 def run_model(run) -> torch.nn.Module:

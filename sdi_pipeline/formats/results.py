@@ -97,6 +97,8 @@ class Results:
         self.k = int(str(attrs["topk"]))
         #: Which target modules went to which slots, in words.
         self.assignment = str(attrs["assignment"])
+        #: "sdi" (TracIn / SDI) or "bif" (Bayesian influence from SGLD loss traces).
+        self.method = str(attrs.get("method", "sdi"))
 
     @classmethod
     def open(cls, path: str | Path, *, allow_stale: bool = False) -> Results:
@@ -135,7 +137,68 @@ class Results:
     @property
     def tracin(self) -> h5py.Dataset:
         """(N_train, N_query) TracIn, read lazily (slice it)."""
+        if "tracin" not in self._f:
+            raise RunDirError(f"{self.path} is a method={self.method} run: it has no TracIn")
         return self._f["tracin"]  # type: ignore[return-value]
+
+    @property
+    def has_bif(self) -> bool:
+        """Whether the run holds BIF (method=bif)."""
+        return "bif" in self._f
+
+    def _bif(self, name: str, how: str) -> h5py.Dataset:
+        if not self.has_bif:
+            raise RunDirError(f"{self.path} has no BIF: run sdi-attribute method=bif")
+        if name not in self._f["bif"]:  # type: ignore[operator]
+            raise RunDirError(f"{self.path} has no bif/{name}: {how}")
+        return self._f[f"bif/{name}"]  # type: ignore[return-value]
+
+    @property
+    def bif(self) -> h5py.Dataset:
+        """(N_train, N_query) BIF summed over checkpoints with eta, read lazily."""
+        return self._bif("scores", "")
+
+    @property
+    def bif_checkpoints(self) -> h5py.Dataset:
+        """(N_train, checkpoints, N_query) BIF at each checkpoint (not weighted)."""
+        return self._bif("checkpoints", "")
+
+    @property
+    def bif_query_tokens(self) -> h5py.Dataset:
+        """(N_train, N_query, T) BIF per query token (a per-token loss, bif.query_tokens)."""
+        return self._bif("query_tokens", "it needs a per-token loss (B, T) and bif.query_tokens")
+
+    @property
+    def bif_loop_steps(self) -> h5py.Dataset:
+        """(N_train, N_query, τ) BIF of each query's loss read out after every loop step."""
+        return self._bif("loop_steps", "run with analysis.loop_trace set")
+
+    @property
+    def bif_token_pairs(self) -> h5py.Dataset:
+        """(N_train, N_query, T, T) BIF of every (train token, query token) pair."""
+        return self._bif("token_pairs", "run with bif.correlation=token and a per-token loss")
+
+    def bif_topk_arrays(self, sign: Sign) -> tuple[np.ndarray, np.ndarray]:
+        """All queries' stored BIF top-k: (indices, scores), each (M, k)."""
+        indices = np.asarray(self._bif(f"topk/{sign}/indices", ""))
+        return indices, np.asarray(self._bif(f"topk/{sign}/scores", ""))
+
+    def llc(self) -> dict[str, np.ndarray]:
+        """The local learning coefficient per checkpoint: ``per_chain`` (K, C), ``mean`` and
+        ``std`` (K,), ``init_loss`` (K,) and the chains' minibatch losses ``step_losses``
+        (K, C, steps) they are estimated from."""
+        per_chain = np.asarray(self._bif("llc", ""))
+        return {
+            "per_chain": per_chain,
+            "mean": per_chain.mean(axis=1),
+            "std": per_chain.std(axis=1),
+            "init_loss": np.asarray(self._bif("init_loss", "")),
+            "step_losses": np.asarray(self._bif("step_losses", "")),
+        }
+
+    def bif_query_traces(self) -> np.ndarray:
+        """(K, C, D, M): each query's loss at every draw of every chain (over positions)."""
+        return np.asarray(self._bif("query_traces", ""))
 
     @property
     def has_sdi(self) -> bool:
@@ -224,16 +287,28 @@ class Results:
         step: int | str | None = None,
         sign: Sign = "positive",
         token: int | None = None,
+        method: str = "sdi",
     ) -> list[tuple[int, float]]:
         """(train index, score) of the top-k training examples for ``query``.
 
         By TracIn when ``step`` is None, else by SDI at that slot (index or name such as
         ``"step 3"``); with ``token`` (index into the query's chosen tokens), by SDI at that
-        slot and token. ``sign="negative"`` gives the most negative first.
+        slot and token. ``method="bif"`` ranks by BIF (no step or token).
+        ``sign="negative"`` gives the most negative first.
         """
         if sign not in ("positive", "negative"):
             raise ConfigError(f"sign must be 'positive' or 'negative', got {sign!r}")
+        if method not in ("sdi", "bif"):
+            raise ConfigError(f"method must be 'sdi' or 'bif', got {method!r}")
         self._check_query(query)
+        if method == "bif":
+            if step is not None or token is not None:
+                raise ConfigError("topk(method='bif') ranks by BIF: it takes no step or token")
+            indices, values = self.bif_topk_arrays(sign)
+            idx, scores = indices[query], values[query]
+            if k is not None and k > len(idx):
+                raise ConfigError(f"only the top {len(idx)} were kept (merge.topk); asked for {k}")
+            return [(int(i), float(s)) for i, s in zip(idx[:k], scores[:k], strict=True)]
         slot = self._slot(step)
         if token is not None:
             n_tokens = self.token_positions.shape[1]
@@ -391,6 +466,8 @@ class Results:
         rows = slice(None) if train is None else train
         if not isinstance(rows, slice):
             raise ConfigError(f"train must be a slice of training rows, got {type(rows).__name__}")
+        if self.method == "bif":
+            return self._bif_xarray(xr, rows)
         data: dict[str, Any] = {
             "tracin": (("train", "query"), np.asarray(self.tracin[rows])),
             "energy": (("query", "step"), self.energy()),
@@ -428,6 +505,38 @@ class Results:
             "etas": list(self.etas),
             "checkpoints": list(self.checkpoints),
         }
+        return xr.Dataset(data, coords=coords, attrs=attrs)
+
+    def _bif_xarray(self, xr: Any, rows: slice) -> Any:
+        """A BIF run's Dataset: ``bif`` (train, query), ``bif_checkpoints`` (train,
+        checkpoint, query), the views it kept (``bif_query_tokens`` (…, token),
+        ``bif_loop_steps`` (…, loop_step), ``bif_token_pairs`` (…, train_token, token)) and
+        ``llc`` (checkpoint, chain)."""
+        group = self._f["bif"]
+        assert isinstance(group, h5py.Group)
+        data: dict[str, Any] = {
+            "bif": (("train", "query"), np.asarray(self.bif[rows])),
+            "bif_checkpoints": (
+                ("train", "checkpoint", "query"),
+                np.asarray(self.bif_checkpoints[rows]),
+            ),
+            "llc": (("checkpoint", "chain"), np.asarray(group["llc"])),
+        }
+        views = {
+            "query_tokens": ("train", "query", "token"),
+            "loop_steps": ("train", "query", "loop_step"),
+            "token_pairs": ("train", "query", "train_token", "token"),
+        }
+        for name, dims in views.items():
+            if name in group:
+                data[f"bif_{name}"] = (dims, np.asarray(group[name][rows]))  # type: ignore[index]
+        coords = {
+            "train": np.arange(self.n_train)[rows],
+            "query": np.arange(self.n_query),
+            "checkpoint": np.arange(len(self.checkpoints)),
+        }
+        attrs = {"config_hash": self.config_hash, "method": "bif", "etas": list(self.etas),
+                 "checkpoints": list(self.checkpoints)}  # fmt: skip
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
     def topk_frame(self, scope: str = "overall", sign: Sign = "positive") -> Any:
@@ -549,6 +658,13 @@ class ResultsWriter:
             {"units": len(names), "examples": int(sum(s.get("examples", 0) for s in stats))}
         )
 
+    def write_bif(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """``bif/<name>`` datasets that are not stitched from shards: the stored top-k
+        (``topk/<sign>/...``), the LLC and the chains' traces."""
+        group = self._f.require_group("bif")
+        for name, values in arrays.items():
+            _checked(group, name, values)
+
     def write_inputs(
         self,
         *,
@@ -559,6 +675,7 @@ class ResultsWriter:
         checkpoints: Sequence[str],
         checkpoint_sha256: Sequence[str],
         data_files: Mapping[str, Any],
+        bif_query: Sequence[str] = (),
     ) -> None:
         """What the results are made from: each unit's, score shard's and query file's content
         digest, the checkpoints and their sha256, the data files' identities
@@ -575,6 +692,7 @@ class ResultsWriter:
             ("shard_names", blocks),
             ("shard_digests", [shards[b] for b in blocks]),
             ("query_digests", list(query)),
+            ("bif_query_digests", list(bif_query)),
             ("checkpoint_paths", list(checkpoints)),
             ("checkpoint_sha256", list(checkpoint_sha256)),
         ):

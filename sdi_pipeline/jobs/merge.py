@@ -50,6 +50,7 @@ from sdi_pipeline.formats.sketches import (
 from sdi_pipeline.inputs import build
 from sdi_pipeline.inputs.content import block_digest
 from sdi_pipeline.jobs import scores
+from sdi_pipeline.jobs.bif_merge import bif_merge
 from sdi_pipeline.jobs.logs import log, setup_logging
 from sdi_pipeline.jobs.scoring import (
     BlockScorer,
@@ -498,6 +499,8 @@ def run_merge(run_dir: str | Path) -> int:
     if removed:
         log.info("removed %d temporary file(s) of killed writers", len(removed))
     cfg = run.load_config()
+    if cfg.method == "bif":
+        return bif_merge(run)
     # Before the data is read and hashed: a file changed during the merge shows as changed.
     data_files = record_data_files(cfg.data)
     train = build.build_dataset(cfg, "train")

@@ -15,6 +15,7 @@ from sdi_pipeline.formats.sketches import (
 )
 from sdi_pipeline.inputs import build
 from sdi_pipeline.inputs.content import block_digest
+from sdi_pipeline.jobs.bif_query import bif_query
 from sdi_pipeline.jobs.context import (
     EXIT_INTERRUPTED,
     Interrupted,
@@ -34,6 +35,8 @@ def run_query(run_dir: str | Path) -> int:
     start_job(run_dir, "query")
     ctx = JobContext.open(run_dir)
     with ctx.signals_stop(), WandbLogger(ctx.cfg, ctx.run, "query", "query") as wandb_log:
+        if ctx.cfg.method == "bif":
+            return bif_query(ctx, wandb_log)
         return _query(ctx, wandb_log)
 
 

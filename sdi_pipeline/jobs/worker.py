@@ -27,6 +27,7 @@ from sdi_pipeline.formats.sketches import (
     write_sketch_file,
 )
 from sdi_pipeline.inputs import build
+from sdi_pipeline.jobs.bif_worker import bif_work
 from sdi_pipeline.jobs.context import (
     EXIT_INTERRUPTED,
     Interrupted,
@@ -64,6 +65,8 @@ def run_worker(run_dir: str | Path, rank: int, world_size: int) -> int:
 
 
 def _work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger) -> int:
+    if ctx.cfg.method == "bif":
+        return bif_work(ctx, rank, world_size, wandb_log)
     run = ctx.run
     train = build.build_dataset(ctx.cfg, "train")
     run.check_train_size(len(train))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdi_pipeline.errors import ConfigError, RunDirError, SDIError
@@ -85,6 +86,9 @@ def check_calls(cfg: DictConfig, pre: Preflight) -> None:
     ctx = pre.ctx
     query = build.build_dataset(cfg, "query")
     ctx.progress = False
+    if cfg.method == "bif":
+        _preflight_bif(ctx, build.build_dataset(cfg, "train"), query)
+        return
     try:
         batch = min(len(query), int(cfg.data.batch_size))
         feats, _ = ctx.sketch(query, 0, batch, "preflight", "query")
@@ -105,6 +109,66 @@ def check_calls(cfg: DictConfig, pre: Preflight) -> None:
             f"[sdi] loop trace: answer-token states (d={trace.states.shape[2]}) and logit "
             f"margins after each of {trace.margins.shape[1]} loop steps",
             flush=True,
+        )
+
+
+def _preflight_bif(ctx: Any, train: Any, query: Any) -> None:
+    """What method=bif can refuse before any chain runs: the sampler settings, the SGLD
+    minibatch against the training set, the loss's shape on real data, the output size."""
+    from sdi_pipeline.engine.sgld import initial_loss
+    from sdi_pipeline.jobs.bif_context import BifJob
+
+    cfg = ctx.cfg
+    job = BifJob(ctx)  # SGLDConfig.check: one line per bad setting
+    sgld = job.sgld
+    if sgld.batch_size > len(train):
+        raise ConfigError(
+            f"bif.batch_size={sgld.batch_size} is larger than the {len(train)} training examples "
+            f"the chains sample from: use bif.batch_size <= {len(train)}"
+        )
+    samples = sgld.num_draws * (sgld.num_chains if cfg.bif.chain_reduction == "stack" else 1)
+    try:
+        batch = job.batches(query, 0, min(len(query), int(cfg.data.batch_size)))[0]
+        loss = ctx.loss(ctx.model, batch)
+        init = initial_loss(ctx.model, train, ctx.loss, sgld, job.collate)
+        loop_fn = job.loop_fn()
+        loop = None if loop_fn is None else loop_fn(ctx.model, batch)
+    except SDIError:
+        raise
+    except Exception as err:  # the user's model, loss or collate failing on real data
+        first = " ".join(str(err).split())[:300]
+        raise ConfigError(
+            f"the loss of the first query batch failed ({type(err).__name__}: {first}): check "
+            "the model, analysis.loss and data.collate against the data"
+        ) from err
+    if not isinstance(loss, torch.Tensor) or loss.dim() not in (1, 2):
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError(
+            f"analysis.loss must return per-example (B,) or per-token (B, T) losses, got {shape}"
+        )
+    tokens = loss.shape[1] if loss.dim() == 2 else 1
+    if cfg.bif.correlation == "token" and tokens == 1:
+        raise ConfigError(
+            "bif.correlation=token pairs train and query tokens: analysis.loss must return "
+            "per-token losses (B, T) (e.g. per_token: true), or use bif.correlation=sequence"
+        )
+    steps = 0 if loop is None else int(loop.shape[1])
+    per_row = 1 + len(ctx.checkpoints)
+    per_row += tokens if (tokens > 1 and cfg.bif.query_tokens) else 0
+    per_row += steps + (tokens * tokens if cfg.bif.correlation == "token" else 0)
+    size = len(train) * len(query) * per_row * 4 / 2**30
+    print(
+        f"[sdi] BIF: {sgld.num_chains} chains x {sgld.num_draws} draws ({sgld.num_steps} SGLD "
+        f"steps each, n_beta={sgld.n_beta:.4g}) = {samples} samples per trace; loss at "
+        f"checkpoint 0: {init:.4g}; {tokens} position(s) per query"
+        + (f", {steps} loop steps" if steps else "")
+        + f"; BIF datasets {len(train)} x {len(query)} x {per_row} = {size:.3g} GiB",
+        flush=True,
+    )
+    if size > float(cfg.bif.max_gb):
+        raise ConfigError(
+            f"the BIF datasets would take {size:.3g} GiB > bif.max_gb={cfg.bif.max_gb}: use "
+            "bif.correlation=sequence, bif.query_tokens=false, fewer queries, or raise the limit"
         )
 
 
@@ -140,6 +204,8 @@ def up_to_date(path: Path, cfg: DictConfig, pre: Preflight) -> str | None:
     from sdi_pipeline.run.freshness import DONE, check_unit, explain_stale, query_digests
     from sdi_pipeline.run.rundir import RunDir, run_blocks
 
+    if cfg.method != "sdi":
+        return None  # BIF units and traces are checked by its jobs, which skip what is done
     run = RunDir(path)
     ctx = pre.ctx
     try:
@@ -299,7 +365,8 @@ def run(argv: list[str]) -> int:
         run_dir = prepare_run(cfg)
         run_dir.record_train_size(pre.n_train)
         print(f"[sdi] run dir {run_dir.path} ({pre.n_train} training examples)", flush=True)
-        found = reconcile(run_dir, pre)
+        # BIF units and query traces are checked by the jobs themselves.
+        found = reconcile(run_dir, pre) if cfg.method == "sdi" else []
         if found:
             print(
                 f"[sdi] {len(found)} file(s) no longer match their inputs and will be recomputed"

@@ -158,6 +158,8 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
     # Here, not at the top: the launcher table (read by config validation) stays cheap.
     import torch
 
+    from sdi_pipeline.jobs.bif_worker import bif_block_done
+
     workers = int(cfg.launcher.workers)
     cores = os.cpu_count() or 1
     threads = int(cfg.launcher.threads_per_worker or max(1, cores // workers))
@@ -180,7 +182,15 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
             if code != 0:
                 return _failed(run, "query", code)
             queries = query_digests(run, len(cfg.checkpoints.paths))
-            todo = sum(not block_done(run, b, store_train, queries) for b in blocks)
+
+            def done(block: Block) -> bool:
+                if cfg.method == "bif":
+                    return bif_block_done(
+                        run, block, len(cfg.checkpoints.paths), int(cfg.bif.chains)
+                    )
+                return block_done(run, block, store_train, queries)
+
+            todo = sum(not done(b) for b in blocks)
             print(
                 f"[sdi] {workers} workers x {threads} threads"
                 + (f" on {len(set(devices))} GPUs ({','.join(devices)})" if devices else "")
@@ -194,7 +204,7 @@ def launch_local(run: RunDir, cfg: DictConfig, n_train: int) -> int:
                     env["CUDA_VISIBLE_DEVICES"] = devices[rank]
                 cmd = job_command("worker", run, f"rank={rank}", f"world_size={workers}")
                 procs.append(jobs.start(f"worker-{rank:04d}", cmd, env))
-            _follow(blocks, procs, lambda b: block_done(run, b, store_train, queries))
+            _follow(blocks, procs, done)
             failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
             if failed:
                 for rank, code in failed:

@@ -240,3 +240,61 @@ def loop_dynamics_figure(res: Results, path: str | Path, query: int = 0, lines: 
     return plot_loop_dynamics(
         sdi, labels, res.loop_margins(), coords, explained, path, sdi_title=title, highlight=query
     )
+
+
+def plot_chain_losses(step_losses: np.ndarray, init_loss: np.ndarray, path: str | Path) -> Path:
+    """The SGLD chains' minibatch losses, step by step, at each checkpoint (K, C, steps),
+    with the loss at the checkpoint (the LLC's reference) dashed."""
+    plt = _pyplot()
+    n_ckpt = step_losses.shape[0]
+    fig, axes = plt.subplots(1, n_ckpt, figsize=(4.5 * n_ckpt, 3.5), squeeze=False,
+                             constrained_layout=True)  # fmt: skip
+    for k, ax in enumerate(axes[0]):
+        for c, losses in enumerate(step_losses[k]):
+            ax.plot(losses, lw=0.8, label=f"chain {c}")
+        ax.axhline(float(init_loss[k]), color="k", ls="--", lw=0.8, label="at the checkpoint")
+        ax.set_title(f"checkpoint {k}")
+        ax.set_xlabel("SGLD step")
+        ax.set_ylabel("minibatch loss")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float]:
+    """Spearman rank correlation of two score vectors over the training examples, and the
+    overlap of their top-k sets (a fraction)."""
+    ranks_a = np.argsort(np.argsort(-a, kind="stable"), kind="stable").astype(np.float64)
+    ranks_b = np.argsort(np.argsort(-b, kind="stable"), kind="stable").astype(np.float64)
+    rho = float(np.corrcoef(ranks_a, ranks_b)[0, 1]) if len(a) > 1 else float("nan")
+    k = min(k, len(a))
+    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return rho, len(top_a & top_b) / max(k, 1)
+
+
+def plot_bif_vs_tracin(bif: np.ndarray, tracin: np.ndarray, path: str | Path, k: int = 10) -> Path:
+    """Per query: the Spearman correlation of the BIF and TracIn rankings of the training
+    examples and their top-k overlap; both (N, M) over the same examples and queries."""
+    plt = _pyplot()
+    stats = np.array([rank_agreement(bif[:, j], tracin[:, j], k) for j in range(bif.shape[1])])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(stats) + 2), 3.5), constrained_layout=True)
+    x = np.arange(len(stats))
+    ax.bar(x - 0.2, stats[:, 0], width=0.4, label="Spearman ρ (BIF vs TracIn)")
+    ax.bar(x + 0.2, stats[:, 1], width=0.4, label=f"top-{k} overlap")
+    ax.set_xlabel("query")
+    ax.set_ylim(-1, 1)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def bif_figures(res: Results, folder: str | Path, tracin: np.ndarray | None = None) -> list[Path]:
+    """A BIF run's plots into ``folder``: the chains' losses, and with ``tracin`` (N, M) of
+    the same data the BIF-vs-TracIn ranking comparison."""
+    out = Path(folder)
+    llc = res.llc()
+    paths = [plot_chain_losses(llc["step_losses"], llc["init_loss"], out / "bif_chains.png")]
+    if tracin is not None:
+        bif = np.asarray(res.bif[:])
+        paths.append(plot_bif_vs_tracin(bif, tracin, out / "bif_vs_tracin.png", k=min(res.k, 10)))
+    return paths

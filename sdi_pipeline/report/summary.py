@@ -142,6 +142,9 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
 
     print(f"\nloss: {loss}")
     with Results.open(run.path) as res:
+        if res.method == "bif":
+            _print_bif(res, query, listing, k)
+            return
         print(f"targets: {res.assignment}")
         energy = res.energy()
         loop = [s for s, name in enumerate(res.slot_names) if name.startswith("step ")]
@@ -169,6 +172,22 @@ def print_summary(run: RunDir, loss: str, k: int = 3) -> None:
         f"on a cluster:  {bin_dir}sdi-attribute launcher=slurm launcher.array_size=16 "
         "launcher.partition=..."
     )
+
+
+def _print_bif(res: Results, query: Any, listing: Any, k: int) -> None:
+    """A BIF run's summary: the LLC per checkpoint, each query's top examples by BIF."""
+    llc = res.llc()
+    for c, (mean, std) in enumerate(zip(llc["mean"], llc["std"], strict=True)):
+        print(
+            f"checkpoint {c}: LLC {mean:.4g} +- {std:.2g} over {llc['per_chain'].shape[1]} chains"
+        )
+    for j in range(res.n_query):
+        print(f"\nquery {j}: {describe_example(query[j])}")
+        listing(f"top {k} by BIF", res.topk(j, method="bif"), res.n_train)
+    folder = res.path.parent / "plots"
+    plots = sorted(folder.glob("bif_*.png")) if folder.is_dir() else []
+    print(f"\nplots: {', '.join(str(p) for p in plots)}")
+    print(f"results: {res.path}")
 
 
 # Bump when what a plot shows changes, so that runs already merged draw it again

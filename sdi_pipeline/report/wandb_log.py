@@ -205,6 +205,9 @@ class WandbLogger:
         with Results.open(path) as res:
             config["config_hash"] = res.config_hash
             wrun.config.update(config, allow_val_change=True)
+            if res.method == "bif":
+                self._log_bif(wandb, res)
+                return
             slots = res.slot_names
             energy, share = res.energy(), res.signed_share()
             diagnostics = res.diagnostics()
@@ -270,6 +273,40 @@ class WandbLogger:
                 data.update(_plots(wandb, res, energy, share, Path(tmp), key))
                 wrun.log(data)
         wrun.summary.update(summary)
+
+    def _log_bif(self, wandb: Any, res: Results) -> None:
+        """A BIF run: ``bif/histogram`` (all BIF scores), ``bif/topk/{positive,negative}``
+        tables, ``bif/llc`` (checkpoint, chain, value), ``bif/chains`` (the chains' losses
+        plot); summary ``n_train``, ``n_query``, ``topk``, ``bif/{min,max,mean,std}``,
+        ``llc/mean/<k>`` and ``llc/std/<k>`` per checkpoint."""
+        from sdi_pipeline.report import plots
+
+        assert self._run is not None
+        counts, edges, moments = _tracin_histogram(res.bif)
+        llc = res.llc()
+        data: dict[str, Any] = {
+            "bif/histogram": wandb.Histogram(np_histogram=(counts, edges)),
+            "bif/llc": _table(
+                wandb,
+                ["checkpoint", "chain", "value"],
+                [[k, c, float(v)] for (k, c), v in np.ndenumerate(llc["per_chain"])],
+            ),
+        }
+        for sign in ("positive", "negative"):
+            indices, scores = res.bif_topk_arrays(sign)
+            data[f"bif/topk/{sign}"] = _topk_table(wandb, indices, scores, None)
+        (self.run.path / "wandb").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.run.path / "wandb") as tmp:
+            chains = plots.plot_chain_losses(
+                llc["step_losses"], llc["init_loss"], Path(tmp) / "bif_chains.png"
+            )
+            data["bif/chains"] = wandb.Image(str(chains))
+            self._run.log(data)
+        summary: dict[str, Any] = {"n_train": res.n_train, "n_query": res.n_query, "topk": res.k}
+        summary |= {f"bif/{k}": v for k, v in moments.items()}
+        for k, (mean, std) in enumerate(zip(llc["mean"], llc["std"], strict=True)):
+            summary |= {f"llc/mean/{k}": float(mean), f"llc/std/{k}": float(std)}
+        self._run.summary.update(summary)
 
     # -- lifetime --------------------------------------------------------------------
 

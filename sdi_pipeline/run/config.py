@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -147,6 +148,43 @@ class MergeConfig:
 
 
 @dataclass
+class BifConfig:
+    """BIF (``method=bif``): SGLD around each checkpoint, loss traces, correlations.
+
+    Names follow devinterp's ``sample()``/``compute_bif`` (see README, "BIF").
+    """
+
+    lr: float = 1e-4
+    # Inverse temperature n*beta; null: devinterp's default batch_size / log(batch_size).
+    n_beta: float | None = None
+    chains: int = 4
+    draws: int = 50
+    burnin: int = 0
+    steps_bw_draws: int = 1
+    # SGLD minibatch (examples of data.train per step).
+    batch_size: int = 32
+    localization: float = 0.0
+    weight_decay: float = 0.0
+    noise_level: float = 1.0
+    bounding_box_size: float | None = None
+    seed: int = 100
+    init_loss_batches: int = 32
+    # Torch threads of every BIF job (overrides runtime.threads): CPU sums depend on the
+    # thread count, and a chain must replay bit for bit in every worker, at any world size.
+    threads: int = 1
+    # sequence: (N, M) from position-averaged traces; token: also every (train token, query
+    # token) pair (N, M, T, T), refused above max_gb.
+    correlation: str = "sequence"
+    # stack: the C*D draws of all chains are the samples; mean: the D draws averaged over chains.
+    chain_reduction: str = "stack"
+    covariance: bool = False
+    # BIF per query token (N, M, T) when the loss is per token (B, T): the default view.
+    query_tokens: bool = True
+    # Refuse a run whose BIF datasets would take more than this (GiB).
+    max_gb: float = 2.0
+
+
+@dataclass
 class RuntimeConfig:
     """How a job runs on its machine (not part of the hash)."""
 
@@ -191,6 +229,9 @@ class AttributionConfig:
     # (see structured()).
     launcher: Any = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # sdi: SDI / TracIn from sketched gradients; bif: Bayesian influence from SGLD loss traces.
+    method: str = "sdi"
+    bif: BifConfig = field(default_factory=BifConfig)
     schema_version: int = SCHEMA_VERSION
 
 
@@ -200,7 +241,11 @@ _CHOICES = {
     ("sketch", "train_steps"): ("full", "summed"),
     ("runtime", "device"): ("auto", "cpu", "cuda"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
+    ("bif", "correlation"): ("sequence", "token"),
+    ("bif", "chain_reduction"): ("stack", "mean"),
 }
+# The sections only method=bif reads: in the hash only then, so SDI run ids are unchanged.
+BIF_KEYS = ("method", "bif")
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -229,6 +274,10 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[section][key]
         if value not in allowed:
             raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.method not in ("sdi", "bif"):
+        raise ConfigError(f"method={cfg.method!r} is not one of sdi, bif")
+    if cfg.method == "bif":
+        validate_bif(cfg)
     positive = {
         "sketch.m": cfg.sketch.m,
         "data.batch_size": cfg.data.batch_size,
@@ -276,6 +325,36 @@ def validate(cfg: DictConfig) -> None:
     LAUNCHER_SCHEMAS[cfg.launcher.name].validate(cfg)
 
 
+def validate_bif(cfg: DictConfig) -> None:
+    """The bif section's values, one line each (SGLDConfig.check repeats them in the jobs)."""
+    b = cfg.bif
+    for name in ("chains", "draws", "steps_bw_draws", "batch_size", "init_loss_batches", "threads"):
+        if b[name] < 1:
+            raise ConfigError(f"bif.{name} must be at least 1, got {b[name]}")
+    if b.burnin < 0:
+        raise ConfigError(f"bif.burnin must be 0 or more, got {b.burnin}")
+    for name in ("lr", "localization", "weight_decay", "noise_level"):
+        if not (math.isfinite(b[name]) and b[name] >= 0):
+            raise ConfigError(f"bif.{name} must be a finite number >= 0, got {b[name]}")
+    if b.lr == 0:
+        raise ConfigError("bif.lr is 0: the chains would not move; set e.g. bif.lr=1e-4")
+    if b.n_beta is not None and not (math.isfinite(b.n_beta) and b.n_beta > 0):
+        raise ConfigError(f"bif.n_beta must be a positive number or null, got {b.n_beta}")
+    if b.bounding_box_size is not None and not b.bounding_box_size > 0:
+        raise ConfigError(f"bif.bounding_box_size must be > 0 or null, got {b.bounding_box_size}")
+    samples = b.draws * (b.chains if b.chain_reduction == "stack" else 1)
+    need = 2 if b.covariance else 3
+    if samples < need:
+        what = "covariance" if b.covariance else "correlation"
+        raise ConfigError(
+            f"bif: {samples} samples per trace (bif.draws={b.draws}, bif.chains={b.chains}, "
+            f"chain_reduction={b.chain_reduction}) but a {what} needs at least {need}: raise "
+            "bif.draws"
+        )
+    if not b.max_gb > 0:
+        raise ConfigError(f"bif.max_gb must be positive, got {b.max_gb}")
+
+
 def explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     """One line for a config error; for an unknown key, the valid keys and near matches."""
     full_key = str(getattr(err, "full_key", "") or "")
@@ -312,6 +391,9 @@ def attribution_view(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     view = {str(k): v for k, v in data.items() if k not in NON_ATTRIBUTION_KEYS}
+    if view.get("method", "sdi") == "sdi":
+        for key in BIF_KEYS:
+            view.pop(key, None)
     for group, key in NON_ATTRIBUTION_FIELDS:
         if isinstance(view.get(group), dict):
             view[group].pop(key, None)

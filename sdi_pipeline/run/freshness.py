@@ -200,6 +200,7 @@ def results_inputs(f: h5py.File) -> dict[str, Any] | None:
         "units": dict(zip(strings("unit_names"), strings("unit_digests"), strict=False)),
         "shards": dict(zip(strings("shard_names"), strings("shard_digests"), strict=False)),
         "query": strings("query_digests"),
+        "bif_query": strings("bif_query_digests"),
         "checkpoints": strings("checkpoint_paths"),
         "checkpoint_sha256": strings("checkpoint_sha256"),
         "config_hash": str(group.attrs.get("config_hash", "")),
@@ -305,6 +306,13 @@ def results_staleness(results: Path, inputs: Mapping[str, Any] | None) -> list[s
             attrs = {}
         if attrs.get("content_digest") != digest:
             reasons.append(f"the query sketches of checkpoint {k} changed since the merge")
+    for k, digest in enumerate(inputs.get("bif_query", [])):
+        try:
+            attrs = read_attrs(run.bif_query_path(k), "content_digest")
+        except RunDirError:
+            attrs = {}
+        if attrs.get("content_digest") != digest:
+            reasons.append(f"the BIF query traces of checkpoint {k} changed since the merge")
     return reasons
 
 

@@ -8,6 +8,8 @@
         units/ckpt-000_block-00017.h5 ...            train sketches, one file per unit
         completions/ckpt-000_block-00017             a unit is done when its marker exists
         scores/block-00017.h5 ...                    a block's scores against the query set
+        query/bif-ckpt-000.h5, units/bif-ckpt-000_chain-000_block-00017.h5,
+        scores/bif-block-00017.h5                    method=bif: traces and BIF shards
         leases/block-00017                           the job computing the block now
         failures/  logs/  commands/                  failed units, job logs, command lines
         results.h5                                   the merge's output
@@ -42,6 +44,21 @@ def block_name(block: int) -> str:
 
 def query_lease_name(ckpt: int) -> str:
     return f"query-ckpt-{ckpt:03d}"
+
+
+def bif_unit_name(ckpt: int, chain: int, block: int) -> str:
+    """A BIF unit: one SGLD chain at one checkpoint, recorded on one block of examples."""
+    return f"bif-ckpt-{ckpt:03d}_chain-{chain:03d}_block-{block:05d}"
+
+
+def bif_block_name(block: int) -> str:
+    """A block's BIF score shard's and lease's name."""
+    return f"bif-block-{block:05d}"
+
+
+def bif_query_name(ckpt: int) -> str:
+    """The query loss traces of one checkpoint: their file's stem and lease's name."""
+    return f"bif-ckpt-{ckpt:03d}"
 
 
 class RunPaths:
@@ -144,6 +161,14 @@ class RunPaths:
 
     def query_path(self, ckpt: int) -> Path:
         return self.query_dir / f"ckpt-{ckpt:03d}.h5"
+
+    def bif_query_path(self, ckpt: int) -> Path:
+        """The query loss traces (all chains) of checkpoint ``ckpt`` (method=bif)."""
+        return self.query_dir / f"{bif_query_name(ckpt)}.h5"
+
+    def bif_shard_path(self, block: int) -> Path:
+        """Block ``block``'s BIF scores against the query traces (method=bif)."""
+        return self.scores_dir / f"{bif_block_name(block)}.h5"
 
     def read_marker(self, name: str) -> dict[str, Any] | None:
         """The completion marker of unit ``name`` (None if there is none).

@@ -2,6 +2,7 @@
 side by side on the same model, data and settings.
 
     .venv/bin/python tools/bench/bench_bif.py [--threads 2] [--chains 2] [--draws 20] [--repeats 3]
+        [--pipeline-workers 1,2] [--only-pipeline]
 
 A small causal transformer LM (2 layers, d_model 64, vocab 64, sequences of 33 tokens),
 256 training sequences, batch 16, one draw per step (no burn-in), 64 observed sequences whose
@@ -9,11 +10,17 @@ per-token losses are recorded at every draw. devinterp's sample() writes its zar
 its users get); ours keeps the traces in memory. Then token-wise and sequence BIF of the
 observed sequences on themselves from the same traces. Timings are medians of interleaved
 repeats; run it alone: other processes on the machine distort them. Needs the dev extras.
+
+Then the pipeline's throughput: ``sdi-attribute method=bif`` on the toy parity model (its
+checkpoints are trained into a temporary folder first, about a minute) with the local
+launcher at each of ``--pipeline-workers`` world sizes: wall time of the whole command
+(preflight, query job, workers, merge) and of the workers' units as their markers record them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -91,7 +98,12 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipeline-workers", default="1,2")
+    parser.add_argument("--only-pipeline", action="store_true")
     args = parser.parse_args()
+    if args.only_pipeline:
+        pipeline_throughput(args)
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # devinterp's deprecation and temp-dir warnings
 
@@ -176,6 +188,41 @@ def main() -> None:
             f"BIF {method:8s} {N_OBS}x{N_OBS} from {draws} samples: devinterp "
             f"{1e3 * statistics.median(t_dev):8.1f} ms, sdi_pipeline "
             f"{1e3 * statistics.median(t_ours):8.1f} ms"
+        )
+    pipeline_throughput(args)
+
+
+def pipeline_throughput(args: argparse.Namespace) -> None:
+    """``sdi-attribute method=bif`` on the toy model at each world size (see the docstring)."""
+    from sdi_pipeline.launch.attribute_cli import run as attribute_main
+    from sdi_pipeline.toy.checkpoints import ensure_toy_checkpoints
+
+    root = Path(tempfile.mkdtemp(prefix="bench_bif_pipeline_"))
+    ensure_toy_checkpoints(str(root / "ckpts"))
+    chains, draws = args.chains, args.draws
+    print(f"pipeline, toy parity model, {chains} chains x {draws} draws per checkpoint:")
+    for workers in [int(w) for w in args.pipeline_workers.split(",")]:
+        overrides = [
+            f"checkpoints.paths=[{root / 'ckpts'}/ckpt-*.pt]",
+            "checkpoints.prepare=null",
+            f"run.root={root / f'runs-{workers}'}",
+            "method=bif",
+            f"bif.chains={chains}",
+            f"bif.draws={draws}",
+            "runtime.progress=false",
+            "wandb=disabled",
+            f"launcher.workers={workers}",
+        ]
+        started = time.perf_counter()
+        assert attribute_main(overrides) == 0
+        seconds = time.perf_counter() - started
+        run = next((root / f"runs-{workers}" / "toy-parity").iterdir())
+        markers = [json.loads(p.read_text()) for p in (run / "completions").glob("bif-*")]
+        unit_s = sum(m["seconds"] for m in markers)
+        rows = sum(m["examples"] for m in markers)
+        print(
+            f"  W={workers}: {seconds:6.1f} s end to end; {len(markers)} units, "
+            f"{unit_s:6.1f} s of unit time ({rows / max(unit_s, 1e-9):8.1f} example-chains/s)"
         )
 
 
