@@ -56,6 +56,8 @@ def common_options() -> str:
         ("data.train.path=FILE", "training sequences (.npy, .pt, .h5, jsonl, save_to_disk)"),
         ("data.query.path=FILE", "the queries, in the same formats"),
         ("checkpoints=files", f"your own checkpoint files (groups: {_groups('checkpoints')})"),
+        ("method=NAME", "sdi (default): per-loop-step TracIn; bif: the Bayesian influence "
+                        "function from SGLD loss traces (bif.* keys, README 'BIF')"),
     ]  # fmt: skip
     for key, schema, name in FIELDS:
         if key == "launcher.workers":
