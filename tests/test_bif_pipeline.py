@@ -20,6 +20,7 @@ from sdi_pipeline.jobs.query import run_query
 from sdi_pipeline.jobs.worker import run_worker
 from sdi_pipeline.launch.attribute_cli import main
 from sdi_pipeline.launch.attribute_cli import run as attribute_main
+from sdi_pipeline.launch.status import format_status, run_status
 from sdi_pipeline.run.config import config_hash, structured
 from sdi_pipeline.run.rundir import RunDir, prepare_run
 from sdi_pipeline.toy.parity import parity_loss
@@ -139,6 +140,13 @@ def test_units_lost_in_a_kill_are_recomputed_to_the_same_results(tmp_path) -> No
     (run.completions_dir / units[7].stem).unlink()  # killed between its file and marker
     shards = sorted(run.scores_dir.glob("bif-*.h5"))
     shards[0].unlink()
+    # sdi-status counts BIF units, traces and shards, cheaply and with verify=true.
+    for verify in (False, True):
+        status = run_status(run, verify=verify)
+        assert (len(status.done), len(status.missing), len(status.corrupt)) == (9, 2, 1)
+        assert (len(status.query_done), len(status.scored), len(status.unscored)) == (2, 2, 1)
+        assert units[5].stem in status.corrupt
+    assert "query traces: 2 of 2 checkpoints" in format_status(run, status)
     with pytest.raises(Exception, match="not done or stale"):
         run_merge(run.path)
     assert run_worker(run.path, 0, 1) == 0

@@ -33,7 +33,7 @@ from sdi_pipeline.run.freshness import (
     query_digests,
     read_attrs,
 )
-from sdi_pipeline.run.layout import block_name
+from sdi_pipeline.run.layout import bif_block_name, block_name
 from sdi_pipeline.run.leases import read_holder
 from sdi_pipeline.run.rundir import RunDir, run_blocks, run_units
 
@@ -42,6 +42,7 @@ FIX = "run the same sdi-attribute command again (or its sdi-worker / sdi-query):
 
 @dataclass
 class RunStatus:
+    method: str = "sdi"  # sdi: sketches; bif: loss traces (units: a chain on a block)
     done: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     failed: dict[str, dict] = field(default_factory=dict)
@@ -103,6 +104,8 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
     paths = list(cfg.checkpoints.paths)
     shas = checkpoint_digests(run, paths)
     status.missing_checkpoints = [p for p, sha in zip(paths, shas, strict=True) if sha is None]
+    if cfg.method == "bif":
+        return _bif_status(run, cfg, n_train, status)
     audit = _Audit(run, cfg, n_train) if verify else None
     for k in range(len(paths)):
         path = run.query_path(k)
@@ -165,6 +168,55 @@ def run_status(run: RunDir, verify: bool = False) -> RunStatus:
                 status.missing.append(unit.name)
     if verify and status.merged and status.stale:
         status.results_stale.append("units it was made from are stale now (their inputs changed)")
+    return status
+
+
+def _bif_status(run: RunDir, cfg: Any, n_train: int, status: RunStatus) -> RunStatus:
+    """method=bif: its query traces (one file per checkpoint), its units (a chain at a
+    checkpoint recorded on a block: markers and file sizes; verify=true: each file's record
+    against the chain and the block's examples as they are now) and its BIF shards."""
+    from sdi_pipeline.jobs.bif_context import BifJob, block_units
+    from sdi_pipeline.jobs.bif_worker import block_state, load_queries
+    from sdi_pipeline.jobs.context import JobContext
+
+    status.method = "bif"
+    n_ckpt = len(cfg.checkpoints.paths)
+    for k in range(n_ckpt):
+        path = run.bif_query_path(k)
+        if not path.exists():
+            status.query_missing.append(k)
+            continue
+        try:
+            read_attrs(path, "content_digest")
+            status.query_done.append(k)
+        except SDIError as err:
+            status.query_bad[k] = str(err)
+    audit: tuple[Any, Any, Any] | None = None
+    if status.verified and not status.query_missing and not status.query_bad:
+        job = BifJob(JobContext(cfg, run))
+        audit = (job, build.build_dataset(cfg, "train"), load_queries(job))
+    timeout = float(cfg.runtime.lease_timeout_s)
+    for block in run_blocks(cfg, n_train):
+        name = bif_block_name(block.index)
+        scored = status.scored if run.bif_shard_path(block.index).exists() else status.unscored
+        scored.append(name)
+        units = block_units(block, n_ckpt, int(cfg.bif.chains))
+        # verify=true: each unit's record against the chain and the block's data now.
+        current = block_state(*audit, block)[2] if audit is not None else [""] * len(units)
+        holder = read_holder(run.lease_path(name))
+        live = holder is not None and holder.gone(timeout) is None
+        for unit, why in zip(units, current, strict=True):
+            check = check_unit(run, unit.name, read_header=False)
+            if check.state == CORRUPT:
+                status.corrupt[unit.name] = check.why
+            elif check.state == DONE and why:
+                status.stale[unit.name] = why
+            elif check.state == DONE:
+                status.done.append(unit.name)
+            elif live and holder is not None:
+                status.running[unit.name] = f"{holder.describe()}, heartbeat {holder.age_s:.0f}s"
+            else:
+                status.missing.append(unit.name)
     return status
 
 
@@ -263,14 +315,19 @@ def format_status(run: RunDir, status: RunStatus) -> str:
     verified = " [verified: checksums and data]" if status.verified else ""
     lines = [
         f"run {run.path}",
-        f"  query sketches: {len(status.query_done)} of {n_query} checkpoints{bad_query}",
+        f"  query {'traces' if status.method == 'bif' else 'sketches'}: "
+        f"{len(status.query_done)} of {n_query} checkpoints{bad_query}",
         f"  units: {len(status.done)} done, {len(status.missing)} missing, "
         f"{len(status.failed)} failed, {len(status.stale)} stale, {len(status.corrupt)} corrupt, "
         f"{len(status.running)} running (of {total}){verified}"
         if status.store_train
         else f"  units: not stored (sketch.store_train=false), {len(status.failed)} failed",
         f"  scores: {len(status.scored)} of {len(status.scored) + len(status.unscored)} blocks "
-        "scored against the current query sketches"
+        + (
+            "scored (BIF shards)"
+            if status.method == "bif"
+            else "scored against the current query sketches"
+        )
         + (f", {len(status.bad_shards)} damaged" if status.bad_shards else ""),
     ]
     for name, why in sorted(status.bad_shards.items()):
