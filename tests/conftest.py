@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -40,6 +41,17 @@ def _kernel_cost_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     cache = tmp_path_factory.mktemp("kernel-costs")
     (cache / "native").symlink_to(libraries, target_is_directory=True)
     os.environ[CACHE_ENV] = str(cache)
+
+
+@pytest.fixture(autouse=True)
+def _no_job_logging_left() -> None:
+    """Each test starts as a new process does: the log handlers a job run in-process put on
+    the package's logger (its log file, stderr) are closed after the test."""
+    yield
+    logger = logging.getLogger("sdi_pipeline")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
 
 
 # The numeric tests that take the ``device`` fixture run on the CPU always and on CUDA where

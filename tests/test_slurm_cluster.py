@@ -102,8 +102,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _attribute(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+    # kernel=auto picks the dense or FFT Linear kernel from timings measured per host and
+    # thread count (1-thread SLURM tasks, 2-thread local workers): the two agree to float
+    # rounding only. One kernel here, so SLURM and local results compare bit for bit.
     proc = subprocess.run(
-        [str(BIN / "sdi-attribute"), *cli_overrides(tmp_path, *extra)],
+        [str(BIN / "sdi-attribute"), *cli_overrides(tmp_path, "sketch.kernel=dense", *extra)],
         cwd=tmp_path, env=env or _env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
