@@ -200,7 +200,10 @@ def test_launcher_runs_query_array_and_dependent_merge(cluster, tmp_path, local_
     assert rows[merge]["Start"] >= max(r["End"] for j, r in rows.items() if j != merge)
     _assert_same_results(run.results_path, local_results)
     again = _attribute(tmp_path, *SLURM, "launcher.array_size=3")
-    assert "nothing to submit" in again and "top 3 overall (TracIn)" in again, again
+    # Up to date: nothing is submitted (the launcher is not even asked), the summary shows.
+    assert "up to date" in again and "nothing to run" in again, again
+    assert "top 3 overall (TracIn)" in again, again
+    assert _submitted(run) == jobs
     assert (run.path / "plots" / "sdi_steps.png").exists()
 
 
