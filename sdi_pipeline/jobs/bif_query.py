@@ -17,7 +17,7 @@ from sdi_pipeline.formats.traces import BIF_FORMAT_VERSION, read_bif_file, write
 from sdi_pipeline.inputs import build
 from sdi_pipeline.inputs.content import block_digest
 from sdi_pipeline.jobs.bif_context import BifJob
-from sdi_pipeline.jobs.context import EXIT_INTERRUPTED, JobContext, poll_seconds
+from sdi_pipeline.jobs.context import EXIT_INTERRUPTED, JobContext, until_done
 from sdi_pipeline.jobs.logs import as_job_error, log
 from sdi_pipeline.report.wandb_log import WandbLogger
 from sdi_pipeline.run.freshness import explain_stale
@@ -61,41 +61,31 @@ def bif_query(ctx: JobContext, wandb_log: WandbLogger) -> int:
     log.info("hashing the %d training examples the chains sample from", len(train))
     train_sha = block_digest(train, 0, len(train))
     query_sha = block_digest(query, 0, len(query), "query")
-    pending = list(range(len(ctx.checkpoints)))
-    while pending:
-        still = []
-        for k in pending:
-            path = ctx.run.bif_query_path(k)
-            current = query_depends(job, k, train_sha, query_sha)
-            why = query_problem(path, current)
-            if not why:
-                log.info("query traces for checkpoint %d exist: %s", k, path)
-                continue
-            if why != "missing":
-                log.warning("stale: %s: %s; recomputing", path.name, why)
-            lease = acquire(
-                ctx.run.lease_path(bif_query_name(k)), "query", ctx.lease_timeout, log=log
-            )
-            if isinstance(lease, Holder):
-                log.info("query traces of checkpoint %d: %s has them", k, lease.describe())
-                still.append(k)
-                continue
-            with lease:
-                try:
-                    if query_problem(path, current):
-                        _record(job, train, query, k, current, wandb_log)
-                except SDIError:
-                    raise
-                except Exception as err:
-                    raise as_job_error(err, f"the query traces of checkpoint {k}", "query") from err
-            if ctx.stop.is_set():
-                return EXIT_INTERRUPTED
-        pending = still
-        if pending:
-            if ctx.stop.is_set():
-                return EXIT_INTERRUPTED
-            time.sleep(poll_seconds(ctx))
-    return 0
+
+    def attempt(k: int) -> Holder | int:
+        path = ctx.run.bif_query_path(k)
+        current = query_depends(job, k, train_sha, query_sha)
+        why = query_problem(path, current)
+        if not why:
+            log.info("query traces for checkpoint %d exist: %s", k, path)
+            return 0
+        if why != "missing":
+            log.warning("stale: %s: %s; recomputing", path.name, why)
+        lease = acquire(ctx.run.lease_path(bif_query_name(k)), "query", ctx.lease_timeout, log=log)
+        if isinstance(lease, Holder):
+            log.info("query traces of checkpoint %d: %s has them", k, lease.describe())
+            return lease
+        with lease:
+            try:
+                if query_problem(path, current):
+                    _record(job, train, query, k, current, wandb_log)
+            except SDIError:
+                raise
+            except Exception as err:
+                raise as_job_error(err, f"the query traces of checkpoint {k}", "query") from err
+        return EXIT_INTERRUPTED if ctx.stop.is_set() else 0
+
+    return until_done(ctx, list(range(len(ctx.checkpoints))), attempt)
 
 
 def _record(

@@ -34,7 +34,7 @@ from sdi_pipeline.jobs.bif_context import (
     unit_depends,
     unit_problem,
 )
-from sdi_pipeline.jobs.context import EXIT_INTERRUPTED, JobContext, poll_seconds
+from sdi_pipeline.jobs.context import EXIT_INTERRUPTED, JobContext, until_done
 from sdi_pipeline.jobs.logs import as_job_error, log, peak_rss_mb
 from sdi_pipeline.report.wandb_log import WandbLogger
 from sdi_pipeline.run.freshness import explain_stale
@@ -120,20 +120,11 @@ def bif_work(ctx: JobContext, rank: int, world_size: int, wandb_log: WandbLogger
         rank, world_size, socket.gethostname(), ctx.device, len(mine), len(ctx.checkpoints),
         job.sgld.num_chains,
     )  # fmt: skip
-    pending = list(mine)
-    while pending:
-        still = []
-        for block in pending:
-            outcome = _attempt(job, train, queries, block, rank, world_size, wandb_log)
-            if isinstance(outcome, Holder):
-                still.append(block)
-            elif outcome == EXIT_INTERRUPTED:
-                return EXIT_INTERRUPTED
-        pending = still
-        if pending:
-            if ctx.stop.is_set():
-                return EXIT_INTERRUPTED
-            time.sleep(poll_seconds(ctx))
+    code = until_done(
+        ctx, mine, lambda block: _attempt(job, train, queries, block, rank, world_size, wandb_log)
+    )
+    if code:
+        return code
     log.info("rank %d/%d: all %d blocks done", rank, world_size, len(mine))
     return 0
 

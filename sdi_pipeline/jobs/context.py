@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -58,7 +59,10 @@ from sdi_pipeline.run.freshness import (
     explain_stale,
     read_attrs,
 )
+from sdi_pipeline.run.leases import Holder
 from sdi_pipeline.run.rundir import RunDir, Unit
+
+T = TypeVar("T")
 
 # Exit status of a job stopped by SIGTERM/SIGINT before finishing its work (EX_TEMPFAIL).
 EXIT_INTERRUPTED = 75
@@ -367,6 +371,28 @@ def start_job(run_dir: str | Path, name: str) -> RunDir:
 def poll_seconds(ctx: JobContext) -> float:
     """How often a job waiting for units leased by others looks again."""
     return min(5.0, max(0.2, ctx.lease_timeout / 20))
+
+
+def until_done(ctx: JobContext, items: list[T], attempt: Callable[[T], Holder | int]) -> int:
+    """Attempt each item; one leased by another live job (``attempt`` returns its Holder) is
+    attempted again after a pause, until none is left: its owner finishes it, or its lease
+    runs out and this job takes it over. EXIT_INTERRUPTED as soon as an attempt was stopped
+    or a stop is requested while waiting; 0 when every item is done."""
+    pending = list(items)
+    while pending:
+        still = []
+        for item in pending:
+            outcome = attempt(item)
+            if isinstance(outcome, Holder):
+                still.append(item)
+            elif outcome == EXIT_INTERRUPTED:
+                return EXIT_INTERRUPTED
+        pending = still
+        if pending:
+            if ctx.stop.is_set():
+                return EXIT_INTERRUPTED
+            time.sleep(poll_seconds(ctx))
+    return 0
 
 
 def ranked_job(

@@ -20,9 +20,9 @@ from sdi_pipeline.jobs.context import (
     EXIT_INTERRUPTED,
     Interrupted,
     JobContext,
-    poll_seconds,
     query_fresh,
     start_job,
+    until_done,
 )
 from sdi_pipeline.jobs.logs import as_job_error, log
 from sdi_pipeline.report.wandb_log import WandbLogger
@@ -43,26 +43,18 @@ def run_query(run_dir: str | Path) -> int:
 def _query(ctx: JobContext, wandb_log: WandbLogger) -> int:
     query = build.build_dataset(ctx.cfg, "query")
     query_sha = block_digest(query, 0, len(query), "query")
-    pending = list(range(len(ctx.checkpoints)))
-    while pending:
-        still = []
-        for k in pending:
-            outcome = _query_checkpoint(ctx, query, query_sha, k, wandb_log)
-            if isinstance(outcome, Holder):
-                log.info(
-                    "query sketches of checkpoint %d are being computed by %s: waiting",
-                    k,
-                    outcome.describe(),
-                )
-                still.append(k)
-            elif outcome == EXIT_INTERRUPTED:
-                return EXIT_INTERRUPTED
-        pending = still
-        if pending:
-            if ctx.stop.is_set():
-                return EXIT_INTERRUPTED
-            time.sleep(poll_seconds(ctx))
-    return 0
+
+    def attempt(k: int) -> Holder | int:
+        outcome = _query_checkpoint(ctx, query, query_sha, k, wandb_log)
+        if isinstance(outcome, Holder):
+            log.info(
+                "query sketches of checkpoint %d are being computed by %s: waiting",
+                k,
+                outcome.describe(),
+            )
+        return outcome
+
+    return until_done(ctx, list(range(len(ctx.checkpoints))), attempt)
 
 
 def _query_checkpoint(
