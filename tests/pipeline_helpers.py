@@ -153,6 +153,14 @@ def cli_overrides(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+def token_overrides(tmp_path: Path, train: Path, query: Path, *extra: str) -> list[str]:
+    """:func:`cli_overrides` with ``data=tokens`` on these files, every example of each."""
+    return cli_overrides(
+        tmp_path, "data=tokens", f"data.train.path={train}", f"data.query.path={query}",
+        "data.train.limit=null", "data.query.limit=null", *extra,
+    )  # fmt: skip
+
+
 class NoisyData(Dataset):
     """A data set whose examples change every time they are read (random augmentation)."""
 

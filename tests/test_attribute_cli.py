@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import cli_overrides, write_toy_checkpoints
+from pipeline_helpers import cli_overrides, token_overrides, write_toy_checkpoints
 from torch.utils.data import DataLoader
 
 from sdi_pipeline.attribute import attribute
@@ -248,14 +248,8 @@ def test_a_training_set_that_changed_size_is_refused_by_every_job(tmp_path) -> N
     rows = np.arange(60).reshape(6, 10) % 3
     np.save(tmp_path / "train.npy", rows)
     np.save(tmp_path / "query.npy", rows[:2])
-    overrides = cli_overrides(
-        tmp_path,
-        "launcher=prepare",
-        "data=tokens",
-        f"data.train.path={tmp_path}/train.npy",
-        f"data.query.path={tmp_path}/query.npy",
-        "data.train.limit=null",
-        "data.query.limit=null",
+    overrides = token_overrides(
+        tmp_path, tmp_path / "train.npy", tmp_path / "query.npy", "launcher=prepare"
     )
     assert attribute_main(overrides) == 0
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
@@ -283,16 +277,10 @@ def test_a_rerun_with_nothing_new_starts_no_job_and_a_changed_example_is_seen(
     rows = np.arange(60).reshape(6, 10) % 3
     np.save(tmp_path / "train.npy", rows)
     np.save(tmp_path / "query.npy", rows[:2])
-    overrides = cli_overrides(
-        tmp_path,
-        "launcher.workers=1",
-        "data=tokens",
-        f"data.train.path={tmp_path}/train.npy",
-        f"data.query.path={tmp_path}/query.npy",
-        "data.train.limit=null",
-        "data.query.limit=null",
-        "data.block_size=3",
-    )
+    overrides = token_overrides(
+        tmp_path, tmp_path / "train.npy", tmp_path / "query.npy",
+        "launcher.workers=1", "data.block_size=3",
+    )  # fmt: skip
     assert attribute_main(overrides) == 0
     (run_path,) = (tmp_path / "runs" / "toy-parity").iterdir()
     run = RunDir(run_path)

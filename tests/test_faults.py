@@ -26,7 +26,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_model
-from pipeline_helpers import cli_overrides, run_all, toy_config, write_toy_checkpoints
+from pipeline_helpers import (
+    cli_overrides,
+    run_all,
+    token_overrides,
+    toy_config,
+    write_toy_checkpoints,
+)
 
 from sdi_pipeline.errors import ConfigError, MergeRefused, RunDirError, SDIError
 from sdi_pipeline.formats.results import Results
@@ -1095,10 +1101,7 @@ def test_token_ids_the_model_cannot_take_are_named_by_row(
         edit(train if which == "train" else query)
     np.save(tmp_path / "train.npy", train)
     np.save(tmp_path / "query.npy", query)
-    argv = cli_overrides(
-        tmp_path, "data=tokens", f"data.train.path={tmp_path}/train.npy",
-        f"data.query.path={tmp_path}/query.npy", "data.train.limit=null", "data.query.limit=null",
-    )  # fmt: skip
+    argv = token_overrides(tmp_path, tmp_path / "train.npy", tmp_path / "query.npy")
     line = refused(capsys, monkeypatch, attribute_cli.main, argv)
     expected = message.format(train=tmp_path / "train.npy", query=tmp_path / "query.npy")
     assert expected in line, line
@@ -1110,10 +1113,7 @@ def test_a_bad_id_in_a_jsonl_query_names_its_line(tmp_path, capsys, monkeypatch)
     np.save(tmp_path / "train.npy", train)
     rows = [[0, 1, 2], [1, 1], [2, 0, 1], [0, -4, 1]]
     (tmp_path / "query.jsonl").write_text("\n".join(json.dumps({"input_ids": r}) for r in rows))
-    argv = cli_overrides(
-        tmp_path, "data=tokens", f"data.train.path={tmp_path}/train.npy",
-        f"data.query.path={tmp_path}/query.jsonl", "data.train.limit=null", "data.query.limit=null",
-    )  # fmt: skip
+    argv = token_overrides(tmp_path, tmp_path / "train.npy", tmp_path / "query.jsonl")
     line = refused(capsys, monkeypatch, attribute_cli.main, argv)
     assert (
         f"data.query row 3 ({tmp_path / 'query.jsonl'} line 4) holds the negative token id -4"
@@ -1133,10 +1133,7 @@ def test_an_example_the_loss_cannot_use_is_named_before_anything_runs(
     rows[21] = row
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows) + "\n")
-    argv = cli_overrides(
-        tmp_path, "data=tokens", f"data.train.path={path}", f"data.query.path={tmp_path}/query.npy",
-        "data.train.limit=null", "data.query.limit=null", "launcher=prepare",
-    )  # fmt: skip
+    argv = token_overrides(tmp_path, path, tmp_path / "query.npy", "launcher=prepare")
     line = refused(capsys, monkeypatch, attribute_cli.main, argv)
     assert line == (
         f"error: data.train row 21 ({path} line 22) cannot be used: next_token_loss: the example "

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from pipeline_helpers import cli_overrides
+from pipeline_helpers import cli_overrides, token_overrides
 
 from sdi_pipeline.errors import ConfigError
 from sdi_pipeline.inputs.build import instantiate_node
@@ -60,15 +60,8 @@ def user_setup(tmp_path: Path) -> tuple[list[str], str]:
     (conf / "experiment").mkdir()
     (conf / "experiment" / "sq.yaml").write_text(EXPERIMENT_GROUP)
     (conf / "mylosses.py").write_text(LOSSES)
-    overrides = cli_overrides(
-        tmp_path,
-        "launcher=prepare",
-        "data=tokens",
-        f"data.train.path={tmp_path}/tokens.npy",
-        f"data.query.path={tmp_path}/tokens.npy",
-        "data.train.limit=null",
-        "data.query.limit=null",
-    )
+    tokens = tmp_path / "tokens.npy"
+    overrides = token_overrides(tmp_path, tokens, tokens, "launcher=prepare")
     return overrides, str(conf)
 
 
